@@ -1,0 +1,1 @@
+"""Pieces shared by train.py, test.py and the packages: errors, checkpoint reading, CLI helpers."""

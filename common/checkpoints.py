@@ -1,0 +1,114 @@
+"""Reading checkpoints safely: ours (Lightning) or a course state dict, never arbitrary pickles."""
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from models import build_model, infer_architecture, load_weights
+
+# Attribute name of the backbone inside ImageClassifier, hence the key prefix in its state dict.
+BACKBONE_PREFIX = "backbone."
+
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint file holds, enough to rebuild and load the backbone."""
+
+    path: Path
+    kind: str  # "lightning" (written by train.py) or "state_dict" (course torch.save of a model)
+    model_name: str
+    num_classes: int
+    model_options: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        origin = "checkpoint of this project" if self.kind == "lightning" else "course state dict"
+        return f"{self.model_name} ({self.num_classes} classes), {origin}"
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, turning every failure into one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}; check the path (train.py prints where it saved them)")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass a checkpoint file such as {path}/checkpoints/best.ckpt")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): it was not written completely; use another one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        offending = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the pickled global {offending.group(1)}" if offending else "pickled Python objects"
+        raise UserError(
+            f"refusing to load {path}: it contains {what}, which could run code; "
+            "only plain weights are accepted (re-save it with torch.save(model.state_dict()) if you trust it)"
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError... for damaged files
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {reason}") from None
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix): value for key, value in state_dict.items()}
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()
+    )
+
+
+def load_checkpoint(path: str | Path, expected_model: str | None = None) -> CheckpointContents:
+    """Read one of our checkpoints or a course state dict and say which network it holds.
+
+    ``expected_model``, when given, must match the checkpoint's architecture.
+    """
+    path = Path(path)
+    obj = read_checkpoint_file(path)
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    if isinstance(hparams, dict) and "model_name" in hparams and _is_state_dict(obj.get("state_dict")):
+        backbone_keys = {k: v for k, v in obj["state_dict"].items() if k.startswith(BACKBONE_PREFIX)}
+        contents = CheckpointContents(
+            path=path,
+            kind="lightning",
+            model_name=hparams["model_name"],
+            num_classes=int(hparams.get("num_classes", 10)),
+            model_options=dict(hparams.get("model_options") or {}),
+            state_dict=_strip_prefix(backbone_keys, BACKBONE_PREFIX),
+            hparams=dict(hparams),
+        )
+    elif _is_state_dict(obj):
+        model_name, options = infer_architecture(obj, source=str(path))
+        num_classes = options.pop("num_classes")
+        contents = CheckpointContents(path, "state_dict", model_name, num_classes, options, obj)
+    else:
+        raise UserError(
+            f"{path} is neither a checkpoint of this project nor a model state dict "
+            "(torch.save(model.state_dict())); pass a .ckpt written by train.py or a course checkpoint"
+        )
+    if expected_model is not None and expected_model != contents.model_name:
+        raise UserError(
+            f"{path} holds a {contents.model_name} network, not {expected_model}; "
+            f"use --model {contents.model_name} or another checkpoint"
+        )
+    return contents
+
+
+def build_backbone(contents: CheckpointContents, num_classes: int | None = None) -> nn.Module:
+    """The backbone of ``contents`` with its weights loaded (strictly, legacy ``layer5`` aside)."""
+    if num_classes is not None and num_classes != contents.num_classes:
+        raise UserError(
+            f"{contents.path} has a {contents.num_classes}-class output layer, the data has {num_classes} classes"
+        )
+    model = build_model(contents.model_name, contents.num_classes, **contents.model_options)
+    load_weights(model, contents.state_dict, source=str(contents.path))
+    return model

@@ -1,0 +1,184 @@
+"""CIFAR-10 as a LightningDataModule: held-out validation split, per-image augmentation, loaders.
+
+Reading the data from disk lives in ``sources``; this module only decides which images go where
+and how they are transformed on their way into the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from common.errors import UserError
+from datamodules.sources import CLASSES, Split, check_data_dir, ensure_downloaded, load_split
+
+# Per-channel statistics of the CIFAR-10 training set, as the course normalised with them.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+
+
+def train_transform() -> v2.Compose:
+    """The course's training augmentation, on one uint8 3,32,32 tensor -> normalised float32."""
+    return v2.Compose(
+        [
+            v2.RandomCrop(32, padding=4),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def eval_transform() -> v2.Compose:
+    """Normalisation only, for validation and test images."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+class TransformedTensorDataset(Dataset):
+    """Images (uint8 N,3,32,32) and labels held in memory, transformed one item at a time."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def holdout_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomly pick ``val_size`` of ``n`` indices for validation: (train indices, val indices).
+
+    Uses its own generator so the split depends on ``seed`` alone, not on whatever else consumed
+    the global RNG first. Train indices stay in random order, so taking the first few of them
+    gives a class-balanced sample even when the source is sorted by class.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    return order[val_size:], order[:val_size]
+
+
+class CIFAR10DataModule(L.LightningDataModule):
+    """CIFAR-10 train / validation / test loaders for a Trainer.
+
+    The validation images are held out from the training split, so the test split is only
+    touched by testing. ``train_limit`` keeps only that many training images, for quick runs.
+    """
+
+    classes: tuple[str, ...] = CLASSES
+    num_classes: int = len(CLASSES)
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 100,
+        eval_batch_size: int = 500,
+        val_size: int = 5000,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_limit: int | None = None,
+        cache_dir: Path | None = None,
+        download: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        _require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
+        _require(eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {eval_batch_size}")
+        _require(val_size >= 0, f"val_size must be 0 or more, got {val_size}")
+        _require(num_workers >= 0, f"num_workers must be 0 or more, got {num_workers}")
+        _require(
+            train_limit is None or train_limit >= 1,
+            f"train_limit must be at least 1 (or unset for all images), got {train_limit}",
+        )
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_limit = train_limit
+        self.cache_dir = cache_dir
+        self.download = download
+        self.pin_memory = pin_memory
+        self.train_set: TransformedTensorDataset | None = None
+        self.val_set: TransformedTensorDataset | None = None
+        self.test_set: TransformedTensorDataset | None = None
+
+    def prepare_data(self) -> None:
+        # Lightning runs this once per node, so a download never races between processes.
+        check_data_dir(self.data_dir, self.download)
+        if self.download:
+            ensure_downloaded(self.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            self._setup_train_val()
+        if stage in ("test", None) and self.test_set is None:
+            images, labels = self._load("test")
+            self.test_set = TransformedTensorDataset(images, labels, eval_transform())
+
+    def _setup_train_val(self) -> None:
+        images, labels = self._load("train")
+        _require(
+            self.val_size < len(images),
+            f"val_size {self.val_size} leaves no training images: the training split at "
+            f"{self.data_dir} has {len(images)}; choose a smaller validation size",
+        )
+        train_idx, val_idx = holdout_split(len(images), self.val_size, self.seed)
+        if self.train_limit is not None:
+            train_idx = train_idx[: self.train_limit]
+        self.train_set = TransformedTensorDataset(
+            images[train_idx], labels[train_idx], train_transform()
+        )
+        self.val_set = TransformedTensorDataset(images[val_idx], labels[val_idx], eval_transform())
+
+    def _load(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_split(self.data_dir, split, cache_dir=self.cache_dir, download=self.download)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._ready(self.train_set, "fit"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        val_set = self._ready(self.val_set, "fit")
+        # An empty list tells Lightning there is nothing to validate on (val_size=0).
+        return self._loader(val_set, self.eval_batch_size, shuffle=False) if len(val_set) else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._ready(self.test_set, "test"), self.eval_batch_size, shuffle=False)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @staticmethod
+    def _ready(dataset: TransformedTensorDataset | None, stage: str) -> TransformedTensorDataset:
+        if dataset is None:
+            raise RuntimeError(f"call setup({stage!r}) before asking for this dataloader")
+        return dataset
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)

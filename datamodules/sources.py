@@ -1,0 +1,508 @@
+"""Read CIFAR-10 from disk, whichever of the supported layouts ``data_dir`` holds.
+
+Supported layouts, detected from ``data_dir``:
+
+* the official python archive: a folder holding ``cifar-10-batches-py/`` (what torchvision's
+  download leaves behind), or that folder itself;
+* an image-folder tree ``train/<class>/*`` and ``test/<class>/*``, at ``data_dir`` or in the one
+  sub-folder of ``data_dir`` that holds such a tree;
+* a ``.tar.gz`` / ``.tgz`` / ``.tar`` of such a tree (optionally under one top-level folder), or a
+  folder holding exactly one such archive. Members are read straight from the archive.
+
+Image files are decoded once per split and cached as ``.npz`` (see ``_load_cached``) because
+decoding 60,000 files takes several seconds, far longer than reading the arrays back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterator, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10
+from torchvision.datasets import utils as tv_utils
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+Split = Literal["train", "test"]
+SourceKind = Literal["python", "folder", "archive"]
+
+_PYTHON_FOLDER = "cifar-10-batches-py"
+_PYTHON_BATCHES: dict[str, tuple[str, ...]] = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
+_ALL_BATCHES = _PYTHON_BATCHES["train"] + _PYTHON_BATCHES["test"]
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+)
+_SPLITS = ("train", "test")
+_CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
+
+# Bump when decoding changes, so caches written by older code are not reused.
+_CACHE_VERSION = 1
+
+_LAYOUTS = (
+    "an image-folder tree (train/<class>/*, test/<class>/*), a .tar.gz of one, "
+    "or a folder holding cifar-10-batches-py"
+)
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: SourceKind
+    # python: the cifar-10-batches-py folder; folder: the folder holding train/ and test/;
+    # archive: the archive file.
+    path: Path
+
+
+def default_cache_dir() -> Path:
+    """The decoded-image cache folder: ``$XDG_CACHE_HOME/cifar10-lightning`` or ``~/.cache/...``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cifar10-lightning"
+
+
+def describe_source(data_dir: str | Path) -> str:
+    """A short human description of what ``data_dir`` holds, for logs."""
+    source = _detect(Path(data_dir))
+    if source is None:
+        return f"no data yet at {data_dir}"
+    label = {
+        "python": "CIFAR-10 python archive",
+        "folder": "image-folder tree",
+        "archive": "image-folder archive",
+    }[source.kind]
+    return f"{label} {source.path}"
+
+
+def check_data_dir(data_dir: str | Path, download: bool) -> None:
+    """Fail fast with a UserError when ``data_dir`` cannot provide CIFAR-10.
+
+    Only looks at folder names and file headers, so it is cheap enough to run before building
+    models. A missing or empty folder is fine when ``download`` is set: it will be fetched.
+    """
+    path = Path(data_dir)
+    source = _detect(path)
+    if source is None:
+        if not download:
+            raise _missing_data_error(path)
+        return
+    if source.kind == "archive" and not _looks_like_tar(source.path):
+        raise _corrupt_archive_error(source.path, "not a tar archive")
+    if source.kind == "python":
+        for name in _ALL_BATCHES:
+            if not (source.path / name).is_file():
+                raise _missing_batch_error(source.path / name)
+
+
+def ensure_downloaded(data_dir: str | Path) -> None:
+    """Fetch the official python archive into ``data_dir`` if that folder is missing or empty."""
+    path = Path(data_dir)
+    if _detect(path) is not None:
+        return
+    try:
+        # What CIFAR10(root, download=True) does, minus loading the arrays: fetch the official
+        # tarball, check its md5 and extract cifar-10-batches-py/ into data_dir.
+        tv_utils.download_and_extract_archive(
+            CIFAR10.url, str(path), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
+        )
+    except (OSError, RuntimeError, tarfile.TarError) as exc:
+        # The folder held no data before, so any tarball is our partial download; left behind it
+        # would be taken for a local copy on the next run.
+        (path / CIFAR10.filename).unlink(missing_ok=True)
+        raise UserError(
+            f"could not download CIFAR-10 into {data_dir} (no network?): pass --data-dir pointing "
+            f"at a local copy: {_LAYOUTS}"
+        ) from exc
+
+
+def load_split(
+    data_dir: str | Path,
+    split: Split,
+    cache_dir: Path | None = None,
+    download: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one split as (images uint8 N,3,32,32 contiguous, labels int64 N).
+
+    ``download`` fetches the official archive when ``data_dir`` is missing or empty. Image files
+    are decoded once and cached in ``cache_dir`` (default: ``default_cache_dir()``).
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = Path(data_dir)
+    if download:
+        ensure_downloaded(path)
+    source = _detect(path)
+    if source is None:
+        raise _missing_data_error(path)
+    if source.kind == "python":
+        images, labels = _read_python_split(source.path, split)
+    else:
+        images, labels = _load_cached(source, split, cache_dir or default_cache_dir())
+    return (
+        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        torch.from_numpy(labels),
+    )
+
+
+# --- detection -------------------------------------------------------------------------------
+
+
+def _detect(path: Path) -> _Source | None:
+    """The source ``path`` holds, or None when it is missing or an empty folder (downloadable)."""
+    if not path.exists():
+        if _is_archive_name(path):
+            # A missing archive is a typo or a moved file, never a place to download into.
+            raise UserError(f"archive not found: {path}; check the path given to --data-dir")
+        return None
+    if path.is_file():
+        if _is_archive_name(path):
+            return _Source("archive", path.resolve())
+        raise UserError(f"{path} is not a CIFAR-10 source: pass --data-dir pointing at {_LAYOUTS}")
+
+    children = [c for c in path.iterdir() if not _is_hidden(c.name)]
+    if not children:
+        return None
+    if path.name == _PYTHON_FOLDER or any((path / name).is_file() for name in _ALL_BATCHES):
+        return _Source("python", path.resolve())
+    if (path / _PYTHON_FOLDER).is_dir():
+        return _Source("python", (path / _PYTHON_FOLDER).resolve())
+    if _is_tree(path):
+        return _Source("folder", path.resolve())
+    if any(c.name in _CLASS_INDEX for c in children):
+        raise UserError(
+            f"{path} holds class folders directly, one level too deep: pass --data-dir pointing "
+            f"at its parent {path.resolve().parent}, which must hold train/ and test/"
+        )
+    trees = [c for c in children if c.is_dir() and _is_tree(c)]
+    if len(trees) == 1:
+        return _Source("folder", trees[0].resolve())
+    if len(trees) > 1:
+        names = ", ".join(sorted(t.name for t in trees))
+        raise UserError(
+            f"{path} holds several image-folder trees ({names}): pass --data-dir pointing at one"
+        )
+    archives = [c for c in children if c.is_file() and _is_archive_name(c)]
+    if len(archives) == 1:
+        return _Source("archive", archives[0].resolve())
+    if len(archives) > 1:
+        names = ", ".join(sorted(a.name for a in archives))
+        raise UserError(f"{path} holds several archives ({names}): pass --data-dir pointing at one")
+    raise UserError(f"no CIFAR-10 data found in {path}: pass --data-dir pointing at {_LAYOUTS}")
+
+
+def _is_tree(path: Path) -> bool:
+    return any((path / split).is_dir() for split in _SPLITS)
+
+
+def _is_archive_name(path: Path) -> bool:
+    return path.name.lower().endswith(_ARCHIVE_SUFFIXES)
+
+
+def _is_hidden(name: str) -> bool:
+    # Skips .DS_Store, macOS "._x.jpg" resource forks and __MACOSX folders that archivers add.
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in _IMAGE_SUFFIXES and not _is_hidden(name)
+
+
+def _looks_like_tar(path: Path) -> bool:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            return tar.next() is not None
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        return False
+
+
+def _missing_data_error(path: Path) -> UserError:
+    return UserError(
+        f"no CIFAR-10 data at {path}: pass --data-dir pointing at {_LAYOUTS}, or enable downloading"
+    )
+
+
+def _corrupt_archive_error(path: Path, why: object) -> UserError:
+    return UserError(
+        f"cannot read archive {path} ({why}): it is corrupted or truncated; copy it again"
+    )
+
+
+# --- official python archive -----------------------------------------------------------------
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what the official batch files contain: dicts, lists, bytes, numpy arrays.
+
+    The batches are pickles and a pickle can run arbitrary code on load. We only open files the
+    user pointed us at, as torchvision does, but refusing every other global on top costs nothing.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            # Python 3 pickles bytes this way under protocol 2.
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_python_split(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    # Read with pickle rather than torchvision.datasets.CIFAR10: torchvision checks the md5 of
+    # every batch file, so it rejects any copy that is not byte-identical to the official one.
+    images, labels = [], []
+    for name in _PYTHON_BATCHES[split]:
+        batch_images, batch_labels = _read_python_batch(folder / name)
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise _missing_batch_error(path)
+    try:
+        with path.open("rb") as f:
+            entry = _ArrayUnpickler(f, encoding="bytes").load()
+        data = np.asarray(_field(entry, "data"), dtype=np.uint8)
+        labels = np.asarray(_field(entry, "labels"), dtype=np.int64)
+    # A damaged pickle can fail in many ways (EOFError, UnpicklingError, KeyError, ValueError,
+    # ...), all of which mean the same thing here.
+    except Exception as exc:
+        raise _corrupt_batch_error(path, exc) from exc
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise _corrupt_batch_error(path, "unexpected array shapes")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise _corrupt_batch_error(path, "labels outside 0..9")
+    # Rows are channel-major (1024 red, 1024 green, 1024 blue); we keep images as N,H,W,C.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+_BATCH_FIX = "re-extract cifar-10-python.tar.gz there, or delete the folder to download it again"
+
+
+def _missing_batch_error(path: Path) -> UserError:
+    return UserError(f"missing CIFAR-10 batch file {path}: {_BATCH_FIX}")
+
+
+def _corrupt_batch_error(path: Path, why: object) -> UserError:
+    return UserError(f"corrupted CIFAR-10 batch file {path} ({why}): {_BATCH_FIX}")
+
+
+def _field(entry: dict, key: str) -> object:
+    # Files written by Python 2 (the official ones) load with bytes keys, others with str keys.
+    return entry[key.encode()] if key.encode() in entry else entry[key]
+
+
+# --- image files: folder tree and tar archive -----------------------------------------------
+
+
+def _load_cached(source: _Source, split: Split, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    cache_file = cache_dir / f"{source.path.name}-{split}-{_cache_key(source, split)}.npz"
+    cached = _read_cache(cache_file)
+    if cached is not None:
+        return cached
+    if source.kind == "folder":
+        images, labels = _decode_folder(source.path, split)
+    else:
+        images, labels = _decode_archive(source.path, split)
+    _write_cache(cache_file, images, labels)
+    return images, labels
+
+
+def _cache_key(source: _Source, split: Split) -> str:
+    digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.kind}|{source.path}|{split}".encode())
+    if source.kind == "archive":
+        stat = source.path.stat()
+        digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    else:
+        # A folder's own mtime does not change when files deeper down do, so key on every file.
+        for path in sorted((source.path / split).rglob("*")):
+            stat = path.stat()
+            name = path.relative_to(source.path)
+            digest.update(f"|{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, or None when there are none or they are unusable (then we rebuild)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images, labels = npz["x"], npz["y"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, exc)
+        return None
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[1:] != (32, 32, 3)
+        or labels.dtype != np.int64
+        or labels.shape != (len(images),)
+    ):
+        log.warning("ignoring malformed cache %s; rebuilding it", path)
+        return None
+    return images, labels
+
+
+def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    # Write to a temporary file in the same folder, then rename over the target: the rename is
+    # atomic, so a run killed mid-write leaves at most a stray temp file, never a truncated cache.
+    # Failing to cache only costs time next run, so it warns instead of stopping this one.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        log.warning("cannot write cache %s (%s); decoding again next run", path, exc)
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x=images, y=labels)
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        log.warning("cannot write cache %s (%s); decoding again next run", path, exc)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _decode_image(data: BinaryIO, name: str) -> np.ndarray:
+    """Decode one image file to a 32,32,3 uint8 array; ``name`` is how errors refer to it."""
+    try:
+        with Image.open(data) as image:
+            if image.size != (32, 32):
+                raise UserError(
+                    f"image {name} is {image.size[0]}x{image.size[1]}, CIFAR-10 images are 32x32: "
+                    "resize or remove it"
+                )
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot decode image {name} ({exc}): replace or remove the file") from exc
+
+
+def _stack(decoded: list[tuple[int, str, np.ndarray]], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Order images by (class, file name) so every layout yields the same order, then stack."""
+    decoded.sort(key=lambda item: item[:2])
+    labels = np.array([label for label, _, _ in decoded], dtype=np.int64)
+    present = set(labels.tolist())
+    missing = [name for i, name in enumerate(CLASSES) if i not in present]
+    if missing:
+        raise UserError(
+            f"no images for class(es) {', '.join(missing)} in {where}: every class needs images"
+        )
+    return np.stack([image for _, _, image in decoded]), labels
+
+
+def _decode_folder(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(
+            f"missing folder {split_dir}: an image-folder tree needs train/<class> and "
+            "test/<class>"
+        )
+    unknown = sorted(
+        c.name
+        for c in split_dir.iterdir()
+        if c.is_dir() and not _is_hidden(c.name) and c.name not in _CLASS_INDEX
+    )
+    if unknown:
+        raise UserError(
+            f"unexpected folder(s) {', '.join(unknown)} in {split_dir}: class folders must be "
+            f"named {', '.join(CLASSES)}"
+        )
+    missing = [name for name in CLASSES if not (split_dir / name).is_dir()]
+    if missing:
+        raise UserError(f"missing class folder(s) {', '.join(missing)} in {split_dir}: add them")
+    decoded = []
+    for label, name in enumerate(CLASSES):
+        for file in (split_dir / name).iterdir():
+            if _is_image_name(file.name) and file.is_file():
+                with file.open("rb") as f:
+                    decoded.append((label, file.name, _decode_image(f, str(file))))
+    return _stack(decoded, str(split_dir))
+
+
+def _decode_archive(archive: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    decoded = []
+    try:
+        for label, name, data in _archive_images(archive, split):
+            image = _decode_image(io.BytesIO(data), f"{archive}:{name}")
+            decoded.append((label, PurePosixPath(name).name, image))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise _corrupt_archive_error(archive, exc) from exc
+    if not decoded:
+        raise _corrupt_archive_error(archive, f"no images under {split}/<class>/")
+    return _stack(decoded, f"{archive}:{split}/")
+
+
+def _archive_images(archive: Path, split: Split) -> Iterator[tuple[int, str, bytes]]:
+    """Yield (label, member name, bytes) for the split's images, reading the archive once."""
+    top: str | None = None
+    # Stream mode reads the compressed file front to back without seeking, the fast path for gzip.
+    with tarfile.open(archive, "r|*") as tar:
+        for member in tar:
+            parts = [p for p in PurePosixPath(member.name).parts if p not in (".", "")]
+            if not member.isfile() or any(_is_hidden(p) for p in parts):
+                continue
+            if _PYTHON_FOLDER in parts:
+                raise UserError(
+                    f"{archive} is the official python archive, not an image-folder tree: "
+                    f"extract it (tar xzf {archive}) and pass --data-dir pointing at the "
+                    "extracted folder"
+                )
+            if len(parts) == 4:
+                if top is None:
+                    top = parts[0]
+                elif parts[0] != top:
+                    raise UserError(
+                        f"{archive} holds several top-level folders ({top}, {parts[0]}): "
+                        "pack a single image-folder tree"
+                    )
+                parts = parts[1:]
+            if len(parts) != 3 or parts[0] != split or not _is_image_name(parts[2]):
+                continue
+            if parts[1] not in _CLASS_INDEX:
+                raise UserError(
+                    f"unexpected folder {split}/{parts[1]} in {archive}: class folders must be "
+                    f"named {', '.join(CLASSES)}"
+                )
+            extracted = tar.extractfile(member)
+            assert extracted is not None  # member.isfile() guarantees a file object
+            yield _CLASS_INDEX[parts[1]], member.name, extracted.read()

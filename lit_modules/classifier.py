@@ -1,0 +1,142 @@
+"""The LightningModule: any backbone, the course's loss/optimiser/schedule, metrics per stage."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("step", "cosine", "onecycle", "none")
+
+
+class ImageClassifier(L.LightningModule):
+    """Trains an injected backbone with cross-entropy; defaults are the course recipe.
+
+    ``model_name``, ``model_options`` and ``num_classes`` are not used for training: they are
+    saved as plain hyper-parameters so that a checkpoint alone is enough to rebuild the backbone
+    (``common.checkpoints`` reads them back with ``weights_only=True``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        model_name: str,
+        num_classes: int = 10,
+        model_options: dict[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        scheduler: str = "step",
+        step_size: int = 20,
+        gamma: float = 1 / 3,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.save_hyperparameters(
+            {
+                "model_name": model_name,
+                "num_classes": num_classes,
+                "model_options": dict(model_options or {}),
+                "class_names": class_names,
+                "optimizer": optimizer,
+                "lr": lr,
+                "momentum": momentum,
+                "nesterov": nesterov,
+                "weight_decay": weight_decay,
+                "scheduler": scheduler,
+                "step_size": step_size,
+                "gamma": gamma,
+                "label_smoothing": label_smoothing,
+            }
+        )
+        self.backbone = backbone
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # Metric objects are per stage so that their states never mix (lightning-hydra-template).
+        top_k = min(5, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes)
+        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k)
+        self.test_acc = MulticlassAccuracy(num_classes)
+        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k)
+        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("loss/train", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("acc/train", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.val_acc_top5(logits, labels)
+        self.log("loss/val", self.criterion(logits, labels), sync_dist=True, prog_bar=True)
+        self.log("acc/val", self.val_acc, prog_bar=True)
+        self.log("acc_top5/val", self.val_acc_top5)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.test_acc_top5(logits, labels)
+        self.test_acc_per_class.update(logits, labels)
+        self.log("loss/test", self.criterion(logits, labels), sync_dist=True)
+        self.log("acc/test", self.test_acc)
+        self.log("acc_top5/test", self.test_acc_top5)
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_acc_per_class.compute()
+        for name, value in zip(self.hparams.class_names, per_class):
+            self.log(f"acc_per_class/test/{name}", value)
+        self.test_acc_per_class.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = self.backbone.parameters()
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+
+        if hp.scheduler == "none":
+            return {"optimizer": optimizer}
+        if hp.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_size, gamma=hp.gamma)
+            interval = "epoch"
+        else:
+            # Per-step schedules need the run length, which only the trainer knows.
+            total_steps = int(self.trainer.estimated_stepping_batches)
+            if hp.scheduler == "onecycle":
+                scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total_steps)
+            else:
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+            interval = "step"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}

@@ -1,0 +1,166 @@
+"""Loading plain state dicts (the course's ``torch.save(model.state_dict())`` files and ours).
+
+Every problem a user can fix (wrong file, other architecture, other number of classes, corrupt
+values) is raised as :class:`common.errors.UserError` with a one-line message naming the source,
+so the command-line tools print it without a traceback.
+
+The one tolerated mismatch, the ``layer5.*`` keys of an unused block that old copies of the course
+skeleton defined, is reported through the ``logging`` module (logger ``models.weights``, level
+WARNING) rather than ``warnings``: it is a message for the person running the tool, not for the
+developer, and logging prints it once per load without a file:line prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# DataParallel/DDP save under "module.", torch.compile under "_orig_mod."; both can nest.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+LEGACY_PREFIX = "layer5."
+_PREVIEW = 3
+
+_NOT_COURSE = "does not hold a VGG16 or ResNet50 state dict of the course architectures"
+# Residual blocks of the course ResNet, e.g. "layer3.2." from "layer3.2.layer.0.0.weight",
+# and the blocks that carry a shortcut module.
+_BLOCK_KEY = re.compile(r"^(layer[2-4]\.\d+\.)layer\.")
+_SHORTCUT_KEY = re.compile(r"^(layer[2-4]\.\d+\.)(?:downsize|make_equal_channel)\.")
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+    return key
+
+
+def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a new state dict with the ``module.`` / ``_orig_mod.`` prefixes removed from its keys.
+
+    Raises UserError if two keys collapse onto one name, since silently keeping either would
+    load weights the user did not mean.
+    """
+    out: OrderedDict[str, Any] = OrderedDict()
+    for key, value in state_dict.items():
+        name = _strip_wrappers(key)
+        if name in out:
+            raise UserError(f"the state dict holds '{name}' twice, with and without a wrapper")
+        out[name] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        # Module versions drive load_state_dict's migrations, so they follow the keys. Their keys
+        # are module paths without the trailing dot ("" for the root), hence the added dot.
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (_strip_wrappers(path + ".")[:-1], version) for path, version in metadata.items()
+        )
+    return out
+
+
+def _require_state_dict(obj: object, source: str) -> None:
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise UserError(
+            f"{source} is not a state dict (expected a mapping of parameter names to tensors)"
+        )
+
+
+def _num_classes(weight: object, in_features: int, source: str) -> int:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != in_features:
+        raise UserError(f"{source} {_NOT_COURSE}")
+    return int(weight.shape[0])
+
+
+def infer_architecture(
+    state_dict: Mapping[str, Any], source: str = "the file"
+) -> tuple[str, dict[str, Any]]:
+    """Return ``(model name, build_model kwargs)`` for a state dict, judged from its keys alone.
+
+    ``kwargs`` always holds ``num_classes``; it holds ``identity_shortcut=True`` only for a ResNet
+    saved with that option. The weights themselves are validated later by :func:`load_weights`.
+    """
+    _require_state_dict(state_dict, source)
+    sd = normalize_keys(state_dict)
+    if "features.0.weight" in sd and "classifier.5.weight" in sd:
+        name = "vgg16_bn" if "features.1.running_mean" in sd else "vgg16"
+        return name, {"num_classes": _num_classes(sd["classifier.5.weight"], 512, source)}
+    if "layer1.0.weight" in sd and "fc.weight" in sd:
+        kwargs: dict[str, Any] = {"num_classes": _num_classes(sd["fc.weight"], 1024, source)}
+        blocks = {m.group(1) for m in map(_BLOCK_KEY.match, sd) if m}
+        with_shortcut = {m.group(1) for m in map(_SHORTCUT_KEY.match, sd) if m}
+        if blocks - with_shortcut:
+            kwargs["identity_shortcut"] = True
+        return "resnet50", kwargs
+    raise UserError(f"{source} {_NOT_COURSE}")
+
+
+def _preview(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_PREVIEW])
+    return shown + ", ..." if len(keys) > _PREVIEW else shown
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> list[str]:
+    problems = []
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    if missing:
+        problems.append(f"missing {_plural(len(missing), 'key')} ({_preview(missing)})")
+    if unexpected:
+        problems.append(f"unexpected {_plural(len(unexpected), 'key')} ({_preview(unexpected)})")
+    wrong = []
+    for key, value in given.items():
+        if key not in expected:
+            continue
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif value.shape != expected[key].shape:
+            wrong.append(
+                f"size mismatch for {key}: checkpoint {list(value.shape)}, "
+                f"model {list(expected[key].shape)}"
+            )
+    problems.extend(wrong[:_PREVIEW])
+    if len(wrong) > _PREVIEW:
+        problems.append(f"and {_plural(len(wrong) - _PREVIEW, 'more mismatched tensor')}")
+    return problems
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str) -> list[str]:
+    """Load ``state_dict`` into ``model`` with strict semantics; return the ignored legacy keys.
+
+    Wrapper prefixes are removed and ``layer5.*`` keys (the unused block of old course skeletons)
+    are dropped and reported with one WARNING log line. Any other difference in keys or shapes,
+    and any NaN/inf in a floating tensor, raises UserError naming ``source``; the model is left
+    untouched in that case.
+    """
+    _require_state_dict(state_dict, source)
+    sd = normalize_keys(state_dict)
+    ignored = [key for key in sd if key.startswith(LEGACY_PREFIX)]
+    for key in ignored:
+        del sd[key]
+
+    problems = _mismatches(model.state_dict(), sd)
+    if problems:
+        raise UserError(f"cannot load {source}: " + "; ".join(problems))
+    for key, value in sd.items():
+        if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+            raise UserError(f"cannot load {source}: tensor {key} holds NaN or infinite values")
+
+    model.load_state_dict(sd, strict=True)
+    if ignored:
+        logger.warning(
+            "ignored %d layer5.* keys of the old course skeleton in %s", len(ignored), source
+        )
+    return ignored

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Trains ResNet50 briefly on the CPU on a few thousand real CIFAR-10 images, tests the best checkpoint
+# on all 10,000 real test images with test.py, and fails unless accuracy is well above chance.
+#   bash scripts/real_data_check.sh [DATA] [MIN_ACCURACY]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=${1:-../shared/data/cifar10-jpeg.tar.gz}
+min_accuracy=${2:-0.30}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+python train.py --model resnet50 --accelerator cpu --data-dir "$data" --train-limit 4000 --val-size 1000 \
+    --epochs 3 --output-dir "$out/runs" --workers 0
+python test.py --ckpt "$out/runs/resnet50/version_0/checkpoints/best.ckpt" --data-dir "$data" \
+    --accelerator cpu --workers 0 --json "$out/result.json"
+python - "$out/result.json" "$min_accuracy" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+accuracy, floor = result["accuracy"], float(sys.argv[2])
+assert result["images"] == 10000, f"tested {result['images']} images, expected all 10000"
+assert accuracy >= floor, f"real-data accuracy {accuracy:.4f} is below {floor} (chance is 0.10)"
+print(f"real-data check passed: {100 * accuracy:.2f} % on {result['images']} real test images (floor {100 * floor:.0f} %)")
+PY

@@ -1,0 +1,73 @@
+"""Fixtures shared by the end-to-end tests: offline, private cache, tiny data, in-process CLI runs."""
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from fakedata import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 5
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach the network; loopback stays open for DDP's process group."""
+    connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address: object) -> object:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"network disabled in tests (tried {host})")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image-folder CIFAR-10 of 120 training and 50 test images."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny") / "cifar10", TRAIN_PER_CLASS, TEST_PER_CLASS)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import train.py or test.py by path (``import test`` would find the standard library's)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run ``train`` or ``test`` in-process exactly as its ``__main__`` does; return code and output."""
+    from common.cli import run_main
+
+    def run(script: str, *args: str) -> CliResult:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(load_script(script).main, list(args))
+        captured = capsys.readouterr()
+        sys.stdout.flush()
+        return CliResult(int(exit_info.value.code or 0), captured.out, captured.err)
+
+    return run
+

@@ -1,0 +1,88 @@
+"""The LightningModule: the course recipe's optimiser and schedule, and that a step learns."""
+import pytest
+import torch
+
+from lit_modules import ImageClassifier
+from models import build_model
+
+
+def make_module(**recipe) -> ImageClassifier:
+    torch.manual_seed(0)
+    return ImageClassifier(build_model("vgg16"), model_name="vgg16", **recipe)
+
+
+def test_defaults_are_the_course_recipe():
+    module = make_module()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert isinstance(module.criterion, torch.nn.CrossEntropyLoss)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    assert config["lr_scheduler"]["interval"] == "epoch"
+
+
+def test_learning_rate_is_divided_by_three_every_20_epochs():
+    config = make_module().configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[19] == pytest.approx(1e-3)
+    assert lrs[20] == pytest.approx(1e-3 / 3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 9)
+
+
+def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch():
+    module = make_module()
+    optimizer = module.configure_optimizers()["optimizer"]
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(16, 3, 32, 32, generator=generator), torch.arange(16) % 10
+    module.train()
+
+    def loss_with_fixed_dropout() -> torch.Tensor:
+        torch.manual_seed(2)  # the same dropout masks before and after the step
+        return module.criterion(module(images), labels)
+
+    before = loss_with_fixed_dropout()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss_with_fixed_dropout()
+    assert after.item() < before.item()
+
+
+def test_hyperparameters_are_plain_values_enough_to_rebuild_the_backbone():
+    module = ImageClassifier(
+        build_model("resnet50", identity_shortcut=True),
+        model_name="resnet50",
+        model_options={"identity_shortcut": True},
+        class_names=[f"c{i}" for i in range(10)],
+    )
+    hparams = dict(module.hparams)
+    assert "backbone" not in hparams
+    assert hparams["model_name"] == "resnet50" and hparams["model_options"] == {"identity_shortcut": True}
+    allowed = (str, int, float, bool, type(None), list, dict)
+    assert all(isinstance(value, allowed) for value in hparams.values())
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_per_step_schedules_need_and_use_the_trainer_length(scheduler):
+    module = make_module(optimizer="sgd", nesterov=True, scheduler=scheduler, lr=0.1)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 100
+
+    module.trainer = FakeTrainer()  # type: ignore[assignment]
+    config = module.configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.SGD) and config["optimizer"].param_groups[0]["nesterov"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert config["lr_scheduler"]["scheduler"].total_steps if scheduler == "onecycle" else True
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_module(optimizer="lbfgs")
