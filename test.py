@@ -19,6 +19,7 @@ from rich.table import Table
 from common.checkpoints import build_backbone, load_checkpoint
 from common.cli import Parser, add_data_args, add_hardware_args, quiet_lightning, resolve_hardware, run_main
 from common.files import atomic_write_text
+from common.speed import prepare_backbone, use_channels_last
 from datamodules import CIFAR10DataModule, check_data_dir, describe_source
 from lit_modules import ImageClassifier
 from models import MODEL_NAMES
@@ -40,15 +41,19 @@ def evaluate(args: Any) -> dict[str, Any]:
     hardware = resolve_hardware(args.accelerator, args.devices, args.precision)
     check_data_dir(args.data_dir, download=True)
     contents = load_checkpoint(args.ckpt, expected_model=args.model)
+    channels_last = use_channels_last(args.channels_last, hardware.accelerator)
     datamodule = CIFAR10DataModule(
         data_dir=args.data_dir,
         eval_batch_size=args.eval_batch_size,
         num_workers=args.workers,
         cache_dir=args.cache_dir,
         download=True,
+        data_path=args.data_path,
+        channels_last=channels_last,
     )
+    backbone = build_backbone(contents, num_classes=datamodule.num_classes)
     module = ImageClassifier(
-        build_backbone(contents, num_classes=datamodule.num_classes),
+        prepare_backbone(backbone, channels_last=channels_last, compile=False),
         model_name=contents.model_name,
         num_classes=contents.num_classes,
         model_options=contents.model_options,
@@ -71,7 +76,7 @@ def evaluate(args: Any) -> dict[str, Any]:
         "model": contents.model_name,
         "checkpoint_kind": contents.kind,
         "data": describe_source(args.data_dir),
-        "images": len(datamodule.test_dataloader().dataset),
+        "images": len(datamodule.test_set),
         "accuracy": metrics["acc/test"],
         "top5_accuracy": metrics["acc_top5/test"],
         "loss": metrics["loss/test"],

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from common.checkpoints import build_backbone, load_checkpoint
@@ -32,10 +32,19 @@ from common.cli import (
     run_main,
 )
 from common.config import config_to_argv, read_config, write_config
+from common.speed import prepare_backbone, use_channels_last
 from common.errors import UserError
 from datamodules import CIFAR10DataModule, check_data_dir, describe_source
 from lit_modules import OPTIMIZERS, SCHEDULERS, ImageClassifier
 from lit_modules.callbacks import NamedCheckpoint
+from lit_modules.progress import ThrottledProgressBar
+from lit_modules.reliability import (
+    REQUEUE_SIGNALS,
+    AtomicCheckpointIO,
+    FiniteLossGuard,
+    PreemptionCheckpoint,
+    ResumableRNG,
+)
 from models import MODEL_NAMES, build_model
 
 DEFAULT_MODEL = "vgg16"
@@ -60,16 +69,18 @@ def build_parser() -> Parser:
         help="resnet50: identity shortcut where shapes match, instead of the course's projection everywhere",
     )
     group.add_argument("--epochs", type=positive_int, default=None, help="default: 250 for vgg16, 285 for resnet50")
-    group.add_argument("--batch-size", type=positive_int, default=100, help="per device")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=100, help="per device: each step trains on batch x devices x nodes"
+    )
     group.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (peak for onecycle)")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimiser")
     group.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="sgd only")
-    group.add_argument("--weight-decay", type=float, default=0.0)
-    group.add_argument("--scheduler", choices=SCHEDULERS, default="step")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (decoupled for adamw)")
+    group.add_argument("--scheduler", choices=SCHEDULERS, default="step", help="step: per epoch; cosine, onecycle: per step")
     group.add_argument("--step-size", type=positive_int, default=20, help="step scheduler: epochs between decays")
     group.add_argument("--gamma", type=positive_float, default=1 / 3, help="step scheduler: decay factor")
-    group.add_argument("--label-smoothing", type=float, default=0.0)
+    group.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
 
     add_data_args(parser)
     group = parser.add_argument_group("data split")
@@ -77,23 +88,35 @@ def build_parser() -> Parser:
     group.add_argument("--train-limit", type=positive_int, default=None, help="train on only the first N images")
 
     add_hardware_args(parser)
+    parser.add_argument_group("speed").add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the network; the first steps (and the first evaluation) are spent compiling",
+    )
     group = parser.add_argument_group("scale-out")
-    group.add_argument("--num-nodes", type=positive_int, default=1)
+    group.add_argument("--num-nodes", type=positive_int, default=1, help="machines, for multi-node DDP")
     group.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
 
     group = parser.add_argument_group("run and checkpoints")
     group.add_argument("--output-dir", default="runs", help="runs go to OUTPUT_DIR/MODEL/version_N")
-    group.add_argument("--seed", type=non_negative_int, default=0)
+    group.add_argument("--seed", type=non_negative_int, default=0, help="seeds weights, split, shuffling, augmentation")
     group.add_argument("--resume", metavar="PATH|last", help="continue a run from a checkpoint; last: newest run")
     group.add_argument("--weights", metavar="PATH", help="start from these weights (course state dict or .ckpt)")
     group.add_argument("--checkpoint-every", type=positive_int, default=20, help="keep a checkpoint every N epochs")
     group.add_argument("--log-every-n-steps", type=positive_int, default=50, help="training curves' resolution")
+    group.add_argument(
+        "--requeue-signal",
+        choices=REQUEUE_SIGNALS,
+        default=None,
+        help="also save last.ckpt and exit 143 on this signal, as on SIGTERM (e.g. SLURM --signal=USR1@90)",
+    )
 
     group = parser.add_argument_group("quick runs (Lightning's limits)")
     group.add_argument("--fast-dev-run", type=non_negative_int, default=0, help="run N batches of each stage, no output")
-    group.add_argument("--limit-train-batches", type=batch_limit, default=None)
-    group.add_argument("--limit-val-batches", type=batch_limit, default=None)
-    group.add_argument("--limit-test-batches", type=batch_limit, default=None)
+    group.add_argument("--limit-train-batches", type=batch_limit, default=None, help="batches (int) or fraction per epoch")
+    group.add_argument("--limit-val-batches", type=batch_limit, default=None, help="as --limit-train-batches")
+    group.add_argument("--limit-test-batches", type=batch_limit, default=None, help="as --limit-train-batches")
     return parser
 
 
@@ -152,6 +175,7 @@ def next_version(run_root: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     hardware = resolve_hardware(args.accelerator, args.devices, args.precision)
+    channels_last = use_channels_last(args.channels_last, hardware.accelerator)
     check_data_dir(args.data_dir, download=True)
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume, output_dir, args.model)
@@ -177,12 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_limit=args.train_limit,
         cache_dir=args.cache_dir,
         download=True,
+        data_path=args.data_path,
+        channels_last=channels_last,
     )
     datamodule.prepare_data()  # a failed download must not leave an empty run folder behind
     if args.weights and not resume:
         backbone = build_backbone(start, num_classes=datamodule.num_classes)
     else:
         backbone = build_model(model_name, datamodule.num_classes, **model_options)
+    backbone = prepare_backbone(backbone, channels_last=channels_last, compile=args.compile)
     module = ImageClassifier(
         backbone,
         model_name=model_name,
@@ -238,7 +265,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision=hardware.precision,
         max_epochs=args.epochs,
         logger=logger,
-        callbacks=[best, latest, periodic, LearningRateMonitor(), RichProgressBar()],
+        callbacks=[
+            best,
+            latest,
+            periodic,
+            LearningRateMonitor(),
+            ThrottledProgressBar(),
+            # Reliability (lit_modules/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume.
+            FiniteLossGuard(),
+            PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=args.requeue_signal),
+            ResumableRNG(),
+        ],
+        plugins=[AtomicCheckpointIO()],
         fast_dev_run=args.fast_dev_run,
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from models import build_model, infer_architecture, load_weights
+from models import build_model, infer_architecture, load_weights, normalize_keys
 
 # Attribute name of the backbone inside ImageClassifier, hence the key prefix in its state dict.
 BACKBONE_PREFIX = "backbone."
@@ -67,6 +67,17 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+def _require_data(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    # Tensors saved from the meta device (a model built with device="meta", never materialised)
+    # load as shapes without values: they would pass every key and shape check.
+    hollow = [key for key, value in state_dict.items() if value.device.type == "meta"]
+    if hollow:
+        raise UserError(
+            f"{path} holds {len(hollow)} tensor(s) without values (saved from the meta device, e.g. {hollow[0]}); "
+            "save the weights of a materialised model"
+        )
+
+
 def load_checkpoint(path: str | Path, expected_model: str | None = None) -> CheckpointContents:
     """Read one of our checkpoints or a course state dict and say which network it holds.
 
@@ -76,7 +87,10 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None) -> Chec
     obj = read_checkpoint_file(path)
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     if isinstance(hparams, dict) and "model_name" in hparams and _is_state_dict(obj.get("state_dict")):
-        backbone_keys = {k: v for k, v in obj["state_dict"].items() if k.startswith(BACKBONE_PREFIX)}
+        # A module wrapped by DDP ("module.") or torch.compile ("_orig_mod.") before Lightning saw
+        # it puts those prefixes in front of "backbone."; ones inside it load_weights removes.
+        state_dict = normalize_keys(obj["state_dict"])
+        backbone_keys = {k: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
         contents = CheckpointContents(
             path=path,
             kind="lightning",
@@ -95,6 +109,7 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None) -> Chec
             f"{path} is neither a checkpoint of this project nor a model state dict "
             "(torch.save(model.state_dict())); pass a .ckpt written by train.py or a course checkpoint"
         )
+    _require_data(contents.state_dict, path)
     if expected_model is not None and expected_model != contents.model_name:
         raise UserError(
             f"{path} holds a {contents.model_name} network, not {expected_model}; "

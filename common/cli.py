@@ -11,11 +11,26 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from common.errors import UserError
+from datamodules.device_batches import DATA_PATHS
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
+# What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
+# "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
+PREEMPTED_EXIT_CODE = 143
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None or its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,7 +41,7 @@ class Parser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
         self.error_source: str | None = None
 
@@ -91,7 +106,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "an image-folder tree (train/<class>/*, test/<class>/*) or a .tar.gz of one",
     )
     group.add_argument("--eval-batch-size", type=positive_int, default=500, help="batch size of validation and test")
-    group.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    group.add_argument(
+        "--data-path",
+        choices=DATA_PATHS,
+        default="auto",
+        help="device: whole batches augmented on the training device (datamodules/device_batches.py); "
+        "loader: a DataLoader augmenting image by image on the CPU; auto: device on CUDA and CPU",
+    )
+    group.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes (--data-path loader)")
     group.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: ~/.cache)")
 
 
@@ -101,6 +123,12 @@ def add_hardware_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--devices", default="auto", help="number of devices, a list such as 0,1, or auto")
     group.add_argument(
         "--precision", default="auto", choices=PRECISIONS, help="auto: bf16-mixed on GPUs that support it, else 32-true"
+    )
+    group.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format for the model and its batches (default: on with CUDA)",
     )
 
 
@@ -161,13 +189,21 @@ def quiet_lightning() -> None:
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2."""
+    """Run an entry point; a UserError becomes one line on stderr and exit code 2.
+
+    Lightning turns SIGTERM into ``SIGTERMException``, a SystemExit with code 0; it is mapped to
+    :data:`PREEMPTED_EXIT_CODE` instead, so that a scheduler never takes a stopped run for a
+    finished one.
+    """
     prog = Path(sys.argv[0]).name if argv is None else "cli"
     try:
         code = main(argv)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        print(f"{prog}: stopped by a termination signal (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

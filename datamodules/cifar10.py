@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from common.errors import UserError
+from datamodules.device_batches import DATA_PATHS, EvalBatches, TrainBatches, resolve_data_path
 from datamodules.sources import CLASSES, Split, check_data_dir, ensure_downloaded, load_split
 
 # Per-channel statistics of the CIFAR-10 training set, as the course normalised with them.
@@ -95,8 +96,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         cache_dir: Path | None = None,
         download: bool = True,
         pin_memory: bool = False,
+        data_path: str = "auto",
+        channels_last: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
+        _require(data_path in DATA_PATHS, f"data_path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
         _require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
         _require(eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {eval_batch_size}")
         _require(val_size >= 0, f"val_size must be 0 or more, got {val_size}")
@@ -115,6 +120,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.download = download
         self.pin_memory = pin_memory
+        # The device path (datamodules.device_batches) builds batches on the Trainer's root
+        # device; ``device`` stands in for it when no Trainer is attached (default: the CPU).
+        self.data_path = data_path
+        self.channels_last = channels_last
+        self.device = device
         self.train_set: TransformedTensorDataset | None = None
         self.val_set: TransformedTensorDataset | None = None
         self.test_set: TransformedTensorDataset | None = None
@@ -150,16 +160,53 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _load(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         return load_split(self.data_dir, split, cache_dir=self.cache_dir, download=self.download)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._ready(self.train_set, "fit"), self.batch_size, shuffle=True)
+    def train_dataloader(self) -> DataLoader | TrainBatches:
+        train_set = self._ready(self.train_set, "fit")
+        device, rank, world_size = self._placement()
+        if resolve_data_path(self.data_path, device) == "device":
+            return TrainBatches(
+                train_set.images,
+                train_set.labels,
+                self.batch_size,
+                seed=self.seed,
+                mean=MEAN,
+                std=STD,
+                device=device,
+                rank=rank,
+                world_size=world_size,
+                channels_last=self.channels_last,
+            )
+        return self._loader(train_set, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader | EvalBatches | list:
         val_set = self._ready(self.val_set, "fit")
         # An empty list tells Lightning there is nothing to validate on (val_size=0).
-        return self._loader(val_set, self.eval_batch_size, shuffle=False) if len(val_set) else []
+        return self._eval_loader(val_set) if len(val_set) else []
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._ready(self.test_set, "test"), self.eval_batch_size, shuffle=False)
+    def test_dataloader(self) -> DataLoader | EvalBatches:
+        return self._eval_loader(self._ready(self.test_set, "test"))
+
+    def _eval_loader(self, dataset: TransformedTensorDataset) -> DataLoader | EvalBatches:
+        device, rank, world_size = self._placement()
+        if resolve_data_path(self.data_path, device) == "device":
+            return EvalBatches(
+                dataset.images,
+                dataset.labels,
+                self.eval_batch_size,
+                mean=MEAN,
+                std=STD,
+                device=device,
+                rank=rank,
+                world_size=world_size,
+                channels_last=self.channels_last,
+            )
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+
+    def _placement(self) -> tuple[torch.device, int, int]:
+        """(device, global rank, world size) that batches are built for: the Trainer's, when attached."""
+        if self.trainer is None:
+            return torch.device(self.device or "cpu"), 0, 1
+        return self.trainer.strategy.root_device, self.trainer.global_rank, self.trainer.world_size
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -216,7 +216,43 @@ def _detect(path: Path) -> _Source | None:
     if len(archives) > 1:
         names = ", ".join(sorted(a.name for a in archives))
         raise UserError(f"{path} holds several archives ({names}): pass --data-dir pointing at one")
+    if path.resolve().name in _CLASS_INDEX and path.resolve().parent.name in _SPLITS:
+        raise UserError(
+            f"{path} is a class folder, two levels too deep: pass --data-dir pointing at "
+            f"{path.resolve().parent.parent}, which must hold train/ and test/"
+        )
+    nested = _find_nested_source(path)
+    if nested is not None:
+        raise UserError(
+            f"no CIFAR-10 data directly in {path}, but {nested} holds some: pass --data-dir {nested}"
+        )
     raise UserError(f"no CIFAR-10 data found in {path}: pass --data-dir pointing at {_LAYOUTS}")
+
+
+def _find_nested_source(path: Path, max_depth: int = 3, max_folders: int = 200) -> Path | None:
+    """A folder up to ``max_depth`` levels below ``path`` that holds a source, for a hint.
+
+    One level down is detected and used as is; deeper ones only in this error message, since
+    picking one of several nested copies silently could train on the wrong data. Breadth-first
+    and capped, so that a big unrelated folder costs a few hundred directory listings at most.
+    """
+    queue = [(path, 0)]
+    visited = 0
+    while queue and visited < max_folders:
+        folder, depth = queue.pop(0)
+        visited += 1
+        try:
+            children = sorted(c for c in folder.iterdir() if not _is_hidden(c.name))
+        except OSError:
+            continue
+        for child in children:
+            if child.is_dir() and (_is_tree(child) or child.name == _PYTHON_FOLDER):
+                return child if child.name != _PYTHON_FOLDER else folder
+            if child.is_file() and _is_archive_name(child):
+                return child
+            if child.is_dir() and depth + 1 < max_depth:
+                queue.append((child, depth + 1))
+    return None
 
 
 def _is_tree(path: Path) -> bool:
@@ -454,8 +490,14 @@ def _decode_folder(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     for label, name in enumerate(CLASSES):
         for file in (split_dir / name).iterdir():
             if _is_image_name(file.name) and file.is_file():
-                with file.open("rb") as f:
-                    decoded.append((label, file.name, _decode_image(f, str(file))))
+                try:
+                    data = file.read_bytes()
+                except OSError as exc:
+                    raise UserError(
+                        f"cannot read image {file} ({exc.strerror or exc}): fix its permissions "
+                        "or remove it"
+                    ) from exc
+                decoded.append((label, file.name, _decode_image(io.BytesIO(data), str(file))))
     return _stack(decoded, str(split_dir))
 
 

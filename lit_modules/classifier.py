@@ -66,7 +66,9 @@ class ImageClassifier(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # Metric objects are per stage so that their states never mix (lightning-hydra-template).
         top_k = min(5, num_classes)
-        self.train_acc = MulticlassAccuracy(num_classes)
+        # No input validation on the per-step metric: it calls torch.unique, which waits for the GPU
+        # at every step, and training labels come from load_split, always in range.
+        self.train_acc = MulticlassAccuracy(num_classes, validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k)
         self.test_acc = MulticlassAccuracy(num_classes)
@@ -80,8 +82,15 @@ class ImageClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        self.train_acc(logits, labels)
-        self.log("loss/train", loss, on_step=True, on_epoch=True, prog_bar=True)
+        # update(), not a call: only the epoch value is logged, so the per-batch accuracy that a
+        # call also computes would be wasted kernels.
+        self.train_acc.update(logits, labels)
+        # Two calls, because sync_dist applies to every value of a call: Lightning's sync puts a
+        # barrier before each all-reduce, which under DDP would stop the host at every step. The
+        # per-step curve is this process's batch; the epoch mean is over all processes, synced
+        # once at the epoch's end.
+        self.log("loss/train_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("loss/train_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("acc/train", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -107,7 +116,10 @@ class ImageClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         per_class = self.test_acc_per_class.compute()
         for name, value in zip(self.hparams.class_names, per_class):
-            self.log(f"acc_per_class/test/{name}", value)
+            # compute() already gathered every process's counts, so the values agree on all ranks
+            # and averaging them changes nothing; sync_dist says so to Lightning, which otherwise
+            # warns about unsynced epoch values under DDP.
+            self.log(f"acc_per_class/test/{name}", value, sync_dist=True)
         self.test_acc_per_class.reset()
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

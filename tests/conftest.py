@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from types import ModuleType
 
 import pytest
 
+import robustness
 from fakedata import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +56,9 @@ class CliResult:
     code: int
     out: str
     err: str
+    # What was run, so that tests/robustness.py can report the command.
+    script: str = ""
+    args: tuple[str, ...] = ()
 
 
 @pytest.fixture
@@ -67,7 +72,22 @@ def cli(capsys: pytest.CaptureFixture[str]):
             run_main(load_script(script).main, list(args))
         captured = capsys.readouterr()
         sys.stdout.flush()
-        return CliResult(int(exit_info.value.code or 0), captured.out, captured.err)
+        return CliResult(int(exit_info.value.code or 0), captured.out, captured.err, script, args)
 
     return run
 
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With ROBUSTNESS_REPORT=path set, write the table of bad inputs tried (tests/robustness.py)."""
+    target = os.environ.get(robustness.REPORT_ENV)
+    if not target or not (robustness.CASES or robustness.FILE_CHECKS):
+        return
+    descriptions = {}
+    for item in session.items:
+        doc = getattr(getattr(item, "function", None), "__doc__", None)
+        if doc:
+            descriptions[item.originalname] = doc.strip().splitlines()[0].rstrip(".")
+    recorded = robustness.recorded_tests()
+    tests = sorted({str(item.path.relative_to(ROOT)) for item in session.items if item.originalname in recorded})
+    command = f"{robustness.REPORT_ENV}={target} pytest {' '.join(tests)}"
+    robustness.write_report(Path(target), command, descriptions)

@@ -1,0 +1,151 @@
+"""Writing a trained backbone in formats other programs load: ONNX, TorchScript, safetensors.
+
+Every file carries the same metadata (network, classes, expected input), so whoever receives it
+can preprocess images correctly and, for safetensors, rebuild the network with ``build_model``.
+The format libraries are optional (``pip install -e ".[export]"``) and imported only when used.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import nn
+
+from common.checkpoints import CheckpointContents, load_checkpoint
+from common.errors import UserError
+from common.inference import IMAGE_SIZE
+from datamodules import MEAN, STD
+from models import infer_architecture
+
+# Format name -> suffix of the exported file. TorchScript gets a two-part suffix because a bare
+# ".pt" is also what course state dicts are called, and the export must never replace its source.
+FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+PRODUCER = "cifar10-lightning"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# torch.export specialises a dimension whose example size is 0 or 1, so the example batch holds 2.
+_EXAMPLE_BATCH = 2
+_INSTALL_HINT = 'install the export extras: pip install -e ".[export]"'
+
+
+def default_output(checkpoint: Path, fmt: str) -> Path:
+    """``runs/.../best.ckpt`` -> ``runs/.../best.onnx`` (or .torchscript.pt, .safetensors)."""
+    return checkpoint.with_name(checkpoint.stem + FORMATS[fmt])
+
+
+def export_metadata(contents: CheckpointContents, class_names: list[str]) -> dict[str, str]:
+    """String key/values (what ONNX and safetensors metadata can hold) describing the model."""
+    return {
+        "producer": PRODUCER,
+        "model_name": contents.model_name,
+        "num_classes": str(contents.num_classes),
+        "model_options": json.dumps(contents.model_options, sort_keys=True),
+        "class_names": json.dumps(class_names),
+        "input": f"{INPUT_NAME}: float32 N,3,{IMAGE_SIZE},{IMAGE_SIZE}, RGB scaled to [0, 1] then (x - mean) / std",
+        "mean": json.dumps(list(MEAN)),
+        "std": json.dumps(list(STD)),
+        "output": f"{OUTPUT_NAME}: float32 N,{contents.num_classes}, softmax gives the class probabilities",
+    }
+
+
+def _require_packages(fmt: str, *names: str) -> None:
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"--format {fmt} needs the package(s) {', '.join(missing)}: {_INSTALL_HINT}")
+
+
+def export_onnx(model: nn.Module, file: BinaryIO, metadata: dict[str, str]) -> None:
+    """ONNX with a dynamic batch axis: input "images" (N,3,32,32), output "logits" (N,classes).
+
+    Uses the torch.export-based exporter (PyTorch's default since 2.9, it needs onnxscript); the
+    TorchScript-based one still works in 2.14 but warns that it will be removed.
+    """
+    _require_packages("onnx", "onnx", "onnxscript")
+    example = torch.zeros(_EXAMPLE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
+    program = torch.onnx.export(
+        model.eval(),
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        verbose=False,
+    )
+    program.model.metadata_props.update(metadata)
+    # Our networks are ~60 MB, far below protobuf's 2 GB limit: one self-contained file.
+    file.write(program.model_proto.SerializeToString())
+
+
+def export_torchscript(model: nn.Module, file: BinaryIO, metadata: dict[str, str]) -> None:
+    """TorchScript by scripting, which keeps the ResNet's shortcut branches as real control flow.
+
+    The metadata goes into the archive as ``metadata.json`` (read it back with
+    ``torch.jit.load(path, _extra_files={"metadata.json": ""})``).
+    """
+    with warnings.catch_warnings():
+        # PyTorch 2.10+ deprecates TorchScript and warns once per scripted method; the user asked for it.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
+        scripted = torch.jit.script(model.eval())
+        torch.jit.save(scripted, file, _extra_files={"metadata.json": json.dumps(metadata)})
+
+
+def export_safetensors(model: nn.Module, file: BinaryIO, metadata: dict[str, str]) -> None:
+    """The backbone's state dict (the course's key names) with the metadata to rebuild it."""
+    _require_packages("safetensors", "safetensors")
+    from safetensors.torch import save
+
+    file.write(save(model.state_dict(), metadata=metadata))
+
+
+# Each writes the model into an open binary file, so common.files.atomic_write can wrap any of them.
+EXPORTERS: dict[str, Callable[[nn.Module, BinaryIO, dict[str, str]], None]] = {
+    "onnx": export_onnx,
+    "torchscript": export_torchscript,
+    "safetensors": export_safetensors,
+}
+
+
+def read_safetensors(path: str | Path) -> CheckpointContents:
+    """A safetensors state dict: ours (with metadata) or any other of the course architectures.
+
+    Without our metadata the network is recognised from the key names, as for a course state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
+    _require_packages("safetensors", "safetensors")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+    if "model_name" not in metadata:
+        model_name, options = infer_architecture(state_dict, source=str(path))
+        return CheckpointContents(path, "safetensors", model_name, options.pop("num_classes"), options, state_dict)
+    try:
+        hparams = {"class_names": json.loads(metadata["class_names"])} if "class_names" in metadata else {}
+        return CheckpointContents(
+            path=path,
+            kind="safetensors",
+            model_name=metadata["model_name"],
+            num_classes=int(metadata.get("num_classes", 10)),
+            model_options=dict(json.loads(metadata.get("model_options", "{}"))),
+            state_dict=state_dict,
+            hparams=hparams,
+        )
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path} has damaged metadata ({exc}); re-export it with export.py") from None
+
+
+def load_any_checkpoint(path: str | Path) -> CheckpointContents:
+    """``load_checkpoint``, plus ``.safetensors`` files such as export.py writes."""
+    if Path(path).suffix.lower() == ".safetensors":
+        return read_safetensors(path)
+    return load_checkpoint(path)

@@ -1,0 +1,154 @@
+"""Turning everyday image files into CIFAR-10 model input, and model output into probabilities.
+
+Shared by predict.py and the export tests, so that every path through which a picture reaches a
+network (checkpoint, ONNX, TorchScript, safetensors) sees exactly the same pixels.
+
+Any picture becomes one 3x32x32 image the way the training data looks:
+
+* EXIF orientation is applied first, so phone photos are not classified lying on their side;
+* transparent pixels are composited onto white rather than dropped, because ``convert("RGB")``
+  would expose whatever colour the file stores under them (often black);
+* the largest centred square is cropped before resizing. CIFAR-10 images are square with the
+  object centred and filling most of the frame; squashing a 4:3 or 16:9 picture into a square
+  would distort the shapes the network learned, while the crop only drops edges, where the
+  subject rarely is (the same rule as the usual ImageNet evaluation);
+* the square is resized to 32x32 with antialiasing (without it, downscaling a photo by 100x
+  aliases into noise), then normalised exactly like the test split (``eval_transform``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from common.checkpoints import CheckpointContents
+from common.errors import UserError
+from datamodules import CLASSES
+from datamodules.cifar10 import eval_transform
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGE_SIZE = 32
+# Background for transparent pixels: white, the usual backdrop of cut-out product photos and icons.
+_BACKGROUND = (255, 255, 255, 255)
+_resize = v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)
+_normalise = eval_transform()
+
+
+class UnreadableImageError(UserError):
+    """An image file that exists but cannot be decoded; predict.py skips these with a warning."""
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders into the image files to classify, in a stable order.
+
+    A file that is named explicitly is always used, whatever its suffix (Pillow recognises the
+    format from the content). A folder contributes every file with an image suffix below it, in
+    sorted order, skipping hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.thumbnails``).
+    A path named twice is classified once. A missing path or a folder without images is an error,
+    since both are almost always a typo.
+    """
+    found: list[Path] = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            images = sorted(
+                path
+                for path in given.rglob("*")
+                if path.suffix.lower() in IMAGE_SUFFIXES
+                and path.is_file()
+                and not any(part.startswith(".") for part in path.relative_to(given).parts)
+            )
+            if not images:
+                raise UserError(
+                    f"no images in folder {given} (looked for {', '.join(IMAGE_SUFFIXES)} files, subfolders included)"
+                )
+            found += images
+        elif given.exists():
+            found.append(given)
+        else:
+            raise UserError(f"no such file or folder: {given}")
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _BACKGROUND), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """One image file as a uint8 3x32x32 tensor (see the module docstring for how).
+
+    Raises UnreadableImageError, naming the file, when it cannot be decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            # Animated GIF/WebP: the first frame, which is what Image.open positions on.
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableImageError(f"cannot read image {path}: {reason}") from None
+    pixels = F.pil_to_tensor(rgb)
+    side = min(pixels.shape[-2:])
+    return _resize(F.center_crop(pixels, [side, side]))
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N,3,32,32 images -> float32 normalised with the CIFAR-10 training statistics."""
+    return _normalise(images)
+
+
+def load_images(
+    paths: Sequence[str | Path], on_unreadable: Callable[[UnreadableImageError], None] | None = None
+) -> tuple[torch.Tensor, list[Path]]:
+    """Model input (float32 N,3,32,32) for ``paths`` and the paths it holds, in the same order.
+
+    An unreadable image raises, unless ``on_unreadable`` is given: then it is called with the
+    error and the image is left out, which is why the paths that were loaded are returned too.
+    """
+    loaded: list[torch.Tensor] = []
+    kept: list[Path] = []
+    for path in paths:
+        try:
+            loaded.append(load_image(path))
+        except UnreadableImageError as exc:
+            if on_unreadable is None:
+                raise
+            on_unreadable(exc)
+            continue
+        kept.append(Path(path))
+    if not loaded:
+        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE), kept
+    return to_model_input(torch.stack(loaded)), kept
+
+
+@torch.inference_mode()
+def predict_probabilities(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Class probabilities (N, num_classes, float32 on the CPU) for normalised images.
+
+    Puts ``model`` in eval mode (dropout off, BatchNorm on its running statistics), since a
+    prediction must not depend on the other images of its batch. Each batch goes to the device
+    the model's parameters are on.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    batches = [model(batch.to(device)).float().softmax(dim=1).cpu() for batch in images.split(batch_size)]
+    return torch.cat(batches)
+
+
+def class_names(contents: CheckpointContents) -> list[str]:
+    """The class names a checkpoint was trained with: saved by train.py, else CIFAR-10's order."""
+    saved = contents.hparams.get("class_names")
+    if isinstance(saved, (list, tuple)) and len(saved) == contents.num_classes:
+        return [str(name) for name in saved]
+    if contents.num_classes == len(CLASSES):
+        return list(CLASSES)
+    return [f"class {i}" for i in range(contents.num_classes)]

@@ -1,0 +1,244 @@
+"""The device data path (datamodules/device_batches.py) against the classic per-image DataLoader path.
+
+The augmentation is checked on an image that reveals it: a constant image with one marker pixel
+that every crop keeps, so the marker's position in an augmented image gives back the crop
+offsets and the flip that were drawn.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from fakedata import make_image_folder
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.errors import UserError
+from datamodules import MEAN, STD, CIFAR10DataModule
+from datamodules.cifar10 import TransformedTensorDataset, eval_transform, train_transform
+from datamodules.device_batches import OFFSETS, PAD, EvalBatches, ShuffledShard, TrainBatches, resolve_data_path
+
+SIZE = 32
+MARKER = (10, 10)  # (row, column): inside every crop, since offsets move the image by at most PAD
+CELLS = OFFSETS * OFFSETS * 2  # (dy, dx, flip) combinations
+
+
+def marker_images(n: int) -> torch.Tensor:
+    images = torch.full((n, 3, SIZE, SIZE), 100, dtype=torch.uint8)
+    images[:, 0, MARKER[0], MARKER[1]] = 250
+    return images
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def reference_crop(image: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
+    """RandomCrop(32, padding=4) at offsets (dy, dx) into the zero-padded image, then the flip."""
+    crop = F.pad(image, (PAD, PAD, PAD, PAD))[:, dy : dy + SIZE, dx : dx + SIZE]
+    return crop.flip(-1) if flip else crop
+
+
+def decode(batch: torch.Tensor) -> torch.Tensor:
+    """(dy, dx, flip) of each augmented marker image, as one cell number in 0 .. CELLS - 1."""
+    red = batch[:, 0].flatten(1).argmax(1)
+    row, col = red // SIZE, red % SIZE
+    dy = MARKER[0] + PAD - row
+    flip = col > MARKER[1] + PAD  # unflipped, the marker lands in columns 6..14; flipped, 17..25
+    dx = torch.where(flip, col - (SIZE - 1 - MARKER[1] - PAD), MARKER[1] + PAD - col)
+    assert dy.min() >= 0 and dy.max() < OFFSETS and dx.min() >= 0 and dx.max() < OFFSETS
+    return (dy * OFFSETS + dx) * 2 + flip.long()
+
+
+def chi_square_limit(dof: int, z: float = 3.0902) -> float:
+    """The 0.999 quantile of chi-square with ``dof`` degrees of freedom (Wilson-Hilferty; z of 0.999)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def augmented_by_both_paths(n_images: int, epochs: int) -> dict[str, list[torch.Tensor]]:
+    """Every training batch of ``epochs`` epochs over ``n_images`` marker images, per path."""
+    images, labels = marker_images(n_images), torch.zeros(n_images, dtype=torch.long)
+    torch.manual_seed(0)  # the loader path draws from the global RNG
+    loader = DataLoader(TransformedTensorDataset(images, labels, train_transform()), batch_size=100, shuffle=True)
+    device = TrainBatches(images, labels, 100, seed=0, mean=MEAN, std=STD)
+    batches: dict[str, list[torch.Tensor]] = {"loader": [], "device": []}
+    for epoch in range(epochs):
+        device.sampler.set_epoch(epoch)
+        batches["loader"] += [x for x, _ in loader]
+        batches["device"] += [x for x, _ in device]
+    return batches
+
+
+def test_both_paths_crop_and_flip_alike() -> None:
+    batches = augmented_by_both_paths(n_images=400, epochs=10)
+    # The 162 images that the (dy, dx, flip) cells stand for, normalised as the paths do.
+    image = marker_images(1)[0]
+    expected = normalise(torch.stack([
+        reference_crop(image, dy, dx, bool(flip)) for dy in range(OFFSETS) for dx in range(OFFSETS) for flip in (0, 1)
+    ]))
+    counts = {}
+    for path, path_batches in batches.items():
+        cells = []
+        for batch in path_batches:
+            batch_cells = decode(batch)
+            # Each image is exactly its window of the zero-padded image, flipped or not.
+            torch.testing.assert_close(batch, expected[batch_cells])
+            cells.append(batch_cells)
+            # Drawn per image: a batch holds many different crops, not one shared by all.
+            assert len(batch_cells.unique()) > 50, path
+        counts[path] = torch.cat(cells).bincount(minlength=CELLS).double()
+
+    limit = chi_square_limit(CELLS - 1)
+    for path, count in counts.items():
+        total = count.sum()
+        assert total == 4000
+        uniform = ((count - total / CELLS) ** 2 / (total / CELLS)).sum()
+        assert uniform < limit, f"{path}: offsets and flips not uniform over the 162 cases (chi2 {uniform:.1f})"
+        flip_rate = count[1::2].sum() / total
+        assert abs(flip_rate - 0.5) < 0.03, f"{path}: flip rate {flip_rate:.3f}"
+        per_axis = count.view(OFFSETS, OFFSETS, 2).sum(dim=(1, 2)), count.view(OFFSETS, OFFSETS, 2).sum(dim=(0, 2))
+        for axis in per_axis:
+            assert (axis > 0).all()  # all 9 offsets 0..8 occur on each axis
+    both = counts["loader"] + counts["device"]
+    difference = ((counts["loader"] - counts["device"]) ** 2 / both.clamp(min=1)).sum()
+    assert difference < limit, f"the two paths' distributions differ (chi2 {difference:.1f})"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_batches_are_normalised_as_the_loader_path(channels_last: bool) -> None:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (53, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(53) % 10
+    loader = DataLoader(TransformedTensorDataset(images, labels, eval_transform()), batch_size=10)
+    device = EvalBatches(images, labels, 10, mean=MEAN, std=STD, channels_last=channels_last)
+    assert len(device) == len(loader) == 6
+    device_images = [x for x, _ in device]
+    assert all(x.is_contiguous(memory_format=torch.channels_last) == channels_last for x in device_images)
+    torch.testing.assert_close(torch.cat(device_images), torch.cat([x for x, _ in loader]))
+    assert torch.equal(torch.cat([y for _, y in device]), labels)
+
+
+def test_channels_last_train_batches_hold_the_same_values() -> None:
+    images = torch.randint(0, 256, (30, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(30)
+    plain = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD)
+    nhwc = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD, channels_last=True)
+    for (x, y), (x_nhwc, y_nhwc) in zip(plain, nhwc, strict=True):
+        assert x_nhwc.is_contiguous(memory_format=torch.channels_last) and x.is_contiguous()
+        assert torch.equal(x, x_nhwc) and torch.equal(y, y_nhwc)
+
+
+def epoch_order(batches: TrainBatches, epoch: int) -> list[int]:
+    """The image indices (the labels are 0 .. n-1) of one epoch, in the order they came."""
+    batches.sampler.set_epoch(epoch)
+    return torch.cat([y for _, y in batches]).tolist()
+
+
+def test_each_epoch_is_a_seeded_permutation_with_the_last_batch_kept() -> None:
+    n = 50
+    images, labels = marker_images(n), torch.arange(n)
+    batches = TrainBatches(images, labels, 16, seed=3, mean=MEAN, std=STD)
+    assert len(batches) == 4 and [len(y) for _, y in batches] == [16, 16, 16, 2]
+    first = epoch_order(batches, 0)
+    assert sorted(first) == list(range(n))
+    assert epoch_order(batches, 1) != first
+    torch.manual_seed(123)  # the draw depends on (seed, epoch) only, not on the global RNG
+    again = TrainBatches(images, labels, 16, seed=3, mean=MEAN, std=STD)
+    assert epoch_order(again, 1) == epoch_order(batches, 1) and epoch_order(again, 0) == first
+    assert epoch_order(TrainBatches(images, labels, 16, seed=4, mean=MEAN, std=STD), 0) != first
+
+
+def test_processes_take_disjoint_equal_shards_of_the_same_draw() -> None:
+    n, world = 50, 3
+    images, labels = marker_images(n), torch.arange(n)
+    single = ShuffledShard(n, seed=7)
+    single.set_epoch(2)
+    order, dy, dx, flip = single.draw()
+    crops = {int(i): (int(a), int(b), bool(f)) for i, a, b, f in zip(order, dy, dx, flip)}
+    seen: list[int] = []
+    for rank in range(world):
+        shard = TrainBatches(images, labels, 4, seed=7, mean=MEAN, std=STD, rank=rank, world_size=world)
+        assert len(shard) == math.ceil(16 / 4)  # 50 // 3 images each; the 2 left over skip this epoch
+        mine = epoch_order(shard, 2)
+        assert len(mine) == 16
+        seen += mine
+        # A shard's images get the crops they get on a single device: the draw is shared.
+        rank_order, rank_dy, rank_dx, rank_flip = shard.sampler.draw()
+        for i, a, b, f in zip(rank_order, rank_dy, rank_dx, rank_flip):
+            assert crops[int(i)] == (int(a), int(b), bool(f))
+    assert len(set(seen)) == len(seen) == 48
+
+
+def test_eval_shards_cover_every_image_once_in_equal_batch_counts() -> None:
+    n, world = 53, 4
+    images, labels = marker_images(n), torch.arange(n)
+    shards = [EvalBatches(images, labels, 5, mean=MEAN, std=STD, rank=r, world_size=world) for r in range(world)]
+    assert {len(shard) for shard in shards} == {3}  # ranks must run the same number of steps
+    seen = [y for shard in shards for _, batch in shard for y in batch.tolist()]
+    assert sorted(seen) == list(range(n))
+    assert max(len(y) for shard in shards for _, y in shard) <= 5
+    with pytest.raises(UserError, match="fewer images than batches"):
+        EvalBatches(images[:3], labels[:3], 1, mean=MEAN, std=STD, rank=0, world_size=2)
+
+
+def test_too_few_training_images_for_the_processes() -> None:
+    with pytest.raises(UserError, match="cannot be shared by 4 processes"):
+        TrainBatches(marker_images(3), torch.arange(3), 2, seed=0, mean=MEAN, std=STD, rank=0, world_size=4)
+
+
+class _Recorder(L.LightningModule):
+    """A linear model that remembers which labels each epoch trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3 * SIZE * SIZE, 1)
+        self.epochs: dict[int, list[int]] = {}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        self.epochs.setdefault(self.current_epoch, []).extend(labels.tolist())
+        return self.layer(images.flatten(1)).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_lightning_fit_loop_reseeds_every_epoch() -> None:
+    n = 30
+    images, labels = marker_images(n), torch.arange(n)
+    batches = TrainBatches(images, labels, 8, seed=9, mean=MEAN, std=STD)
+    model = _Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=batches)
+    assert trainer.num_training_batches == 4 and trainer.global_step == 12
+    reference = TrainBatches(images, labels, 8, seed=9, mean=MEAN, std=STD)
+    for epoch in range(3):
+        assert model.epochs[epoch] == epoch_order(reference, epoch)
+    assert model.epochs[0] != model.epochs[1]
+
+
+def test_the_datamodule_picks_the_path(tmp_path: Path) -> None:
+    tree = make_image_folder(tmp_path / "tree", 4, 3)
+
+    def loaders(data_path: str) -> tuple[object, object, object]:
+        dm = CIFAR10DataModule(tree, batch_size=8, eval_batch_size=7, val_size=10, cache_dir=tmp_path / "cache",
+                               download=False, data_path=data_path)
+        dm.setup()
+        return dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
+
+    train, val, test = loaders("device")
+    assert isinstance(train, TrainBatches) and isinstance(val, EvalBatches) and isinstance(test, EvalBatches)
+    assert all(isinstance(loader, DataLoader) for loader in loaders("loader"))
+    classic, device = loaders("loader"), loaders("device")
+    for name, a, b in zip(("val", "test"), classic[1:], device[1:]):
+        torch.testing.assert_close(torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b]), msg=name)
+    assert resolve_data_path("auto", torch.device("cuda")) == "device"
+    assert resolve_data_path("loader", torch.device("cuda")) == "loader"
+    with pytest.raises(UserError, match="data_path must be one of auto, device, loader"):
+        CIFAR10DataModule(tree, data_path="gpu")
