@@ -19,9 +19,10 @@ from rich.table import Table
 from common.checkpoints import build_backbone, load_checkpoint
 from common.cli import Parser, add_data_args, add_hardware_args, quiet_lightning, resolve_hardware, run_main
 from common.files import atomic_write_text
+from common.runs import require_run_dir, run_dashboards
 from common.speed import prepare_backbone, use_channels_last
 from datamodules import CIFAR10DataModule, check_data_dir, describe_source
-from lit_modules import ImageClassifier
+from lit_modules import TTA_MODES, ImageClassifier
 from models import MODEL_NAMES
 
 
@@ -32,6 +33,19 @@ def build_parser() -> Parser:
         "--model", choices=MODEL_NAMES, default=None, help="expected network (default: read from the checkpoint)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument(
+        "--log-to-run",
+        action="store_true",
+        help="also add the test metrics, confusion matrix and misclassified images to the TensorBoard "
+        "dashboards of the train.py run that --ckpt belongs to (runs/<model>/version_N/checkpoints/)",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default=None,
+        help="test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
+        "checkpoint's training run validated and tested with, as train.py reported it; none for course state dicts)",
+    )
     add_data_args(parser)
     add_hardware_args(parser)
     return parser
@@ -39,9 +53,12 @@ def build_parser() -> Parser:
 
 def evaluate(args: Any) -> dict[str, Any]:
     hardware = resolve_hardware(args.accelerator, args.devices, args.precision)
+    run_dir = require_run_dir(args.ckpt) if args.log_to_run else None
     check_data_dir(args.data_dir, download=True)
     contents = load_checkpoint(args.ckpt, expected_model=args.model)
-    channels_last = use_channels_last(args.channels_last, hardware.accelerator)
+    # A flag wins; otherwise the checkpoint is evaluated as its own run evaluated it.
+    tta = args.tta or contents.hparams.get("tta", "none")
+    channels_last = use_channels_last(args.channels_last, hardware)
     datamodule = CIFAR10DataModule(
         data_dir=args.data_dir,
         eval_batch_size=args.eval_batch_size,
@@ -58,7 +75,9 @@ def evaluate(args: Any) -> dict[str, Any]:
         num_classes=contents.num_classes,
         model_options=contents.model_options,
         class_names=datamodule.classes,
+        tta=tta,
     )
+    dashboards = [run_dashboards(run_dir, contents, datamodule.classes)] if run_dir else []
     quiet_lightning()
     # One device: a distributed sampler would pad the test set with repeated images.
     devices = 1 if hardware.devices in ("auto", -1) else hardware.devices
@@ -67,7 +86,7 @@ def evaluate(args: Any) -> dict[str, Any]:
         devices=devices,
         precision=hardware.precision,
         logger=False,
-        callbacks=[RichProgressBar()],
+        callbacks=[RichProgressBar(), *dashboards],
     )
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     per_class_prefix = "acc_per_class/test/"
@@ -75,6 +94,7 @@ def evaluate(args: Any) -> dict[str, Any]:
         "checkpoint": str(args.ckpt),
         "model": contents.model_name,
         "checkpoint_kind": contents.kind,
+        "tta": tta,
         "data": describe_source(args.data_dir),
         "images": len(datamodule.test_set),
         "accuracy": metrics["acc/test"],
@@ -83,11 +103,13 @@ def evaluate(args: Any) -> dict[str, Any]:
         "per_class_accuracy": {
             key.removeprefix(per_class_prefix): value for key, value in metrics.items() if key.startswith(per_class_prefix)
         },
+        "logged_to_run": str(run_dir) if run_dir else None,
     }
 
 
 def print_results(results: dict[str, Any]) -> None:
-    table = Table(title=f"{results['model']} on {results['images']:,} test images")
+    title = f"{results['model']} on {results['images']:,} test images"
+    table = Table(title=title, min_width=len(title))
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, accuracy in results["per_class_accuracy"].items():
@@ -97,7 +119,8 @@ def print_results(results: dict[str, Any]) -> None:
     table.add_row("all (top-5)", f"{100 * results['top5_accuracy']:.2f} %")
     console = Console()
     console.print(table)
-    console.print(f"checkpoint: {results['checkpoint']} ({results['checkpoint_kind']})")
+    # soft_wrap: a path cut over two lines cannot be copied back into a command.
+    console.print(f"checkpoint: {results['checkpoint']} ({results['checkpoint_kind']}), test-time augmentation: {results['tta']}", soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.json}")
+    if results["logged_to_run"]:
+        print(f"added to the run's dashboards: tensorboard --logdir {results['logged_to_run']}")
     return 0
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from common.checkpoints import build_backbone, load_checkpoint
 from common.cli import (
@@ -25,6 +25,7 @@ from common.cli import (
     add_hardware_args,
     batch_limit,
     non_negative_int,
+    open_fraction,
     positive_float,
     positive_int,
     quiet_lightning,
@@ -32,12 +33,16 @@ from common.cli import (
     run_main,
 )
 from common.config import config_to_argv, read_config, write_config
+from common.run_report import run_results, write_results_json
+from common.runs import CONFIG_NAME, log_final_hparams, run_dir_of, run_logger
 from common.speed import prepare_backbone, use_channels_last
 from common.errors import UserError
 from datamodules import CIFAR10DataModule, check_data_dir, describe_source
-from lit_modules import OPTIMIZERS, SCHEDULERS, ImageClassifier
+from lit_modules import OPTIMIZERS, SCHEDULERS, TTA_MODES, ImageClassifier
 from lit_modules.callbacks import NamedCheckpoint
+from lit_modules.dashboards import Dashboards
 from lit_modules.progress import ThrottledProgressBar
+from lit_modules.recipes import TimeToAccuracy, recipe_callbacks
 from lit_modules.reliability import (
     REQUEUE_SIGNALS,
     AtomicCheckpointIO,
@@ -50,7 +55,6 @@ from models import MODEL_NAMES, build_model
 DEFAULT_MODEL = "vgg16"
 # The course trained VGG16 for 250 epochs and ResNet50 for 285; that is the default run length.
 COURSE_EPOCHS = {"vgg16": 250, "vgg16_bn": 250, "resnet50": 285}
-CONFIG_NAME = "config.yaml"
 # Options that belong to one invocation, not to the recipe a resumed run should continue with.
 RUN_SPECIFIC = ("resume", "weights")
 RUN_VERSION_ENV = "CIFAR10_LIGHTNING_RUN_VERSION"
@@ -81,6 +85,22 @@ def build_parser() -> Parser:
     group.add_argument("--step-size", type=positive_int, default=20, help="step scheduler: epochs between decays")
     group.add_argument("--gamma", type=positive_float, default=1 / 3, help="step scheduler: decay factor")
     group.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    group.add_argument(
+        "--ema-decay",
+        type=open_fraction,
+        metavar="DECAY",
+        default=None,
+        help="keep an exponential moving average of the weights, updated every step with decay min(DECAY, "
+        "(1 + n) / (10 + n)) after n updates (e.g. 0.998); validation, the saved checkpoints and the final test "
+        "use the averaged weights (default: off)",
+    )
+    group.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default="none",
+        help="test-time augmentation of validation and test; flip: mean logits of each image and its mirror. "
+        "Saved in the checkpoints, where test.py takes it from unless given its own --tta",
+    )
 
     add_data_args(parser)
     group = parser.add_argument_group("data split")
@@ -104,6 +124,15 @@ def build_parser() -> Parser:
     group.add_argument("--resume", metavar="PATH|last", help="continue a run from a checkpoint; last: newest run")
     group.add_argument("--weights", metavar="PATH", help="start from these weights (course state dict or .ckpt)")
     group.add_argument("--checkpoint-every", type=positive_int, default=20, help="keep a checkpoint every N epochs")
+    group.add_argument("--results-json", metavar="PATH", help="also write the run's test results and timings as JSON")
+    group.add_argument(
+        "--time-to-accuracy",
+        type=open_fraction,
+        metavar="ACC",
+        default=None,
+        help="benchmark only: evaluate the TEST set after every epoch and record, in --results-json, the training "
+        "time at which its accuracy first reaches ACC (e.g. 0.93); model selection still uses validation only",
+    )
     group.add_argument("--log-every-n-steps", type=positive_int, default=50, help="training curves' resolution")
     group.add_argument(
         "--requeue-signal",
@@ -136,13 +165,6 @@ def resolve_resume(resume: str | None, output_dir: Path, model: str | None) -> P
     return found[-1]
 
 
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run folder that train.py wrote ``checkpoint`` into, or None for a checkpoint from elsewhere."""
-    folder = checkpoint.resolve().parent
-    run = folder.parent
-    return run if folder.name == "checkpoints" and (run / CONFIG_NAME).is_file() else None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Flags win over --config, which wins over a resumed run's saved config, then built-in defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -167,15 +189,34 @@ def _validated_argv(parser: Parser, config: dict[str, Any], source: str) -> list
     return argv
 
 
+def check_schedule_length(args: argparse.Namespace, resume: Path) -> None:
+    """Refuse to resume a per-step schedule with another run length than it was built for.
+
+    One-cycle and cosine schedules are sized from the epoch count when a run starts, and their
+    state comes back with the checkpoint: more epochs would step one-cycle past its end (a
+    PyTorch error) and run cosine on a wrong curve, fewer would cut it short.
+    """
+    run = run_dir_of(resume)
+    if args.scheduler not in ("onecycle", "cosine") or run is None or not (run / CONFIG_NAME).exists():
+        return
+    planned = read_config(run / CONFIG_NAME).get("epochs")
+    if planned is not None and planned != args.epochs:
+        raise UserError(
+            f"--epochs {args.epochs}: this run's {args.scheduler} schedule was built for {planned} epochs and "
+            f"cannot be stretched; resume with --epochs {planned}, or start a new run from it with --weights {resume}"
+        )
+
+
 def next_version(run_root: Path) -> str:
     taken = [int(p.name.split("_")[1]) for p in run_root.glob("version_*") if p.name.split("_")[1].isdigit()]
     return f"version_{max(taken, default=-1) + 1}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     hardware = resolve_hardware(args.accelerator, args.devices, args.precision)
-    channels_last = use_channels_last(args.channels_last, hardware.accelerator)
+    channels_last = use_channels_last(args.channels_last, hardware)
     check_data_dir(args.data_dir, download=True)
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume, output_dir, args.model)
@@ -188,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--identity-shortcut applies to resnet50 only")
     args.model = model_name
     args.epochs = args.epochs or COURSE_EPOCHS[model_name]
+    if resume:
+        check_schedule_length(args, resume)
 
     quiet_lightning()
     L.seed_everything(args.seed, workers=True, verbose=False)
@@ -225,17 +268,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_size=args.step_size,
         gamma=args.gamma,
         label_smoothing=args.label_smoothing,
+        tta=args.tta,
     )
 
     # A resumed run keeps writing into its own folder, so its curves continue where they stopped.
     resumed_run = run_dir_of(resume) if resume else None
     if resumed_run is not None:
-        save_dir, name, version = resumed_run.parent.parent, resumed_run.parent.name, resumed_run.name
+        version = resumed_run.name
+        logger = run_logger(resumed_run)
     else:
         # DDP workers re-run this script after rank 0 created the folder: they inherit its name.
-        save_dir, name = output_dir, model_name
         version = os.environ.get(RUN_VERSION_ENV) or next_version(output_dir / model_name)
-    logger = TensorBoardLogger(save_dir=save_dir, name=name, version=version, default_hp_metric=False)
+        logger = run_logger(output_dir / model_name / version)
     run_dir = Path(logger.log_dir)
     checkpoint_dir = run_dir / "checkpoints"
     best = NamedCheckpoint(
@@ -257,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_top_k=-1,
         auto_insert_metric_name=False,
     )
+    # Fast recipes (lit_modules/recipes.py): EMA of the weights, time-to-accuracy benchmark.
+    extras = recipe_callbacks(args.ema_decay, args.time_to_accuracy)
     trainer = L.Trainer(
         accelerator=hardware.accelerator,
         devices=hardware.devices,
@@ -270,11 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             latest,
             periodic,
             LearningRateMonitor(),
+            # Confusion matrices, per-class validation accuracy, misclassified test images.
+            Dashboards(datamodule.classes),
             ThrottledProgressBar(),
             # Reliability (lit_modules/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume.
             FiniteLossGuard(),
             PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=args.requeue_signal),
             ResumableRNG(),
+            *extras,
         ],
         plugins=[AtomicCheckpointIO()],
         fast_dev_run=args.fast_dev_run,
@@ -284,13 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_every_n_steps=args.log_every_n_steps,
         benchmark=hardware.accelerator == "gpu",
     )
+    resolved = {k: v for k, v in vars(args).items() if k != "config"}
+    resolved.update(accelerator=hardware.accelerator, precision=hardware.precision, resume=str(resume) if resume else None)
     if trainer.is_global_zero and not args.fast_dev_run:
-        resolved = {k: v for k, v in vars(args).items() if k != "config"}
-        resolved.update(accelerator=hardware.accelerator, precision=hardware.precision, resume=str(resume) if resume else None)
         write_config(resolved, run_dir / (CONFIG_NAME if resumed_run is None else "config.resumed.yaml"))
         print(f"run folder: {run_dir}  (tensorboard --logdir {run_dir})")
 
     os.environ[RUN_VERSION_ENV] = version
+    fit_started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     finally:
@@ -301,9 +351,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
         "last": latest.best_model_path or None,
     }
+    epochs_trained, test_started = trainer.current_epoch, time.perf_counter()
     results = trainer.test(module, datamodule=datamodule, ckpt_path=outcome["best"], weights_only=True, verbose=False)
+    if trainer.is_global_zero and outcome["best"]:
+        # Lightning counts epochs from 0 (epoch000.ckpt holds the first); people count from 1.
+        outcome["best_epoch"] = load_checkpoint(outcome["best"]).epoch + 1
+        tested = results[0] if results else {}
+        final = {
+            "hp/best_val_acc": outcome["best_score"],
+            "hp/best_epoch": outcome["best_epoch"],
+            "hp/test_acc": tested.get("acc/test"),
+            "hp/test_loss": tested.get("loss/test"),
+        }
+        log_final_hparams(logger, resolved, final, step=trainer.global_step)
     if trainer.is_global_zero:
         print_summary(args, run_dir, outcome, results[0] if results else {}, describe_source(args.data_dir))
+    if trainer.is_global_zero and args.results_json:
+        finished = time.perf_counter()
+        clock = next((callback for callback in extras if isinstance(callback, TimeToAccuracy)), None)
+        report = run_results(
+            args=vars(args),
+            hardware={"accelerator": hardware.accelerator, "precision": hardware.precision, "devices": trainer.world_size},
+            outcome=outcome,
+            test_metrics=results[0] if results else {},
+            epochs_trained=epochs_trained,
+            seconds={
+                "setup": fit_started - started,
+                "fit": test_started - fit_started,
+                "test": finished - test_started,
+                "total": finished - started,
+            },
+            time_to_accuracy=clock.report() if clock else None,
+            data=describe_source(args.data_dir),
+            argv=list(sys.argv[1:] if argv is None else argv),
+        )
+        write_results_json(args.results_json, report)
+        print(f"results written to {args.results_json}")
     return 0
 
 
@@ -314,6 +397,7 @@ def print_summary(
     if outcome["best"]:
         score = f", acc/val {100 * outcome['best_score']:.2f} %" if outcome["best_score"] is not None else ""
         lines += [
+            ("best epoch", f"{outcome['best_epoch']} of {args.epochs} (counting from 1){score}"),
             ("best checkpoint", f"{outcome['best']}{score}"),
             ("last checkpoint", outcome["last"]),
             ("config", str(run_dir / CONFIG_NAME)),

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup": args.warmup,
             "precision": hardware.precision,
             "data_path": resolve_data_path(args.data_path, _device(hardware.accelerator)),
-            "channels_last": use_channels_last(args.channels_last, hardware.accelerator),
+            "channels_last": use_channels_last(args.channels_last, hardware),
             "compile": args.compile,
             "workers": args.workers,
         },
@@ -266,7 +266,7 @@ def _pipeline(args: argparse.Namespace) -> tuple[str, str, torch.device, CIFAR10
     """What train.py builds for one device: (accelerator, precision, device, datamodule, module)."""
     hardware = resolve_hardware(args.accelerator, "1", args.precision)
     device = _device(hardware.accelerator)
-    channels_last = use_channels_last(args.channels_last, hardware.accelerator)
+    channels_last = use_channels_last(args.channels_last, hardware)
     quiet_lightning()
     L.seed_everything(0, verbose=False)
     datamodule = CIFAR10DataModule(

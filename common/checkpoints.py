@@ -28,6 +28,9 @@ class CheckpointContents:
     model_options: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     hparams: dict[str, Any] = field(default_factory=dict)
+    # Training progress when it was saved (ours only): Lightning's 0-based epoch and optimiser steps.
+    epoch: int | None = None
+    global_step: int | None = None
 
     def describe(self) -> str:
         origin = "checkpoint of this project" if self.kind == "lightning" else "course state dict"
@@ -99,6 +102,8 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None) -> Chec
             model_options=dict(hparams.get("model_options") or {}),
             state_dict=_strip_prefix(backbone_keys, BACKBONE_PREFIX),
             hparams=dict(hparams),
+            epoch=int(obj["epoch"]) if "epoch" in obj else None,
+            global_step=int(obj["global_step"]) if "global_step" in obj else None,
         )
     elif _is_state_dict(obj):
         model_name, options = infer_architecture(obj, source=str(path))

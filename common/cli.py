@@ -80,6 +80,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (an EMA decay, a target accuracy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def batch_limit(text: str) -> int | float:
     """Lightning's limit_*_batches: an int counts batches, a float in (0, 1] is a fraction."""
     try:

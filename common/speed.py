@@ -8,14 +8,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.cli import Hardware
 
-def use_channels_last(requested: bool | None, accelerator: str) -> bool:
-    """What ``--channels-last`` means on ``accelerator`` (as resolved by ``resolve_hardware``).
+
+def use_channels_last(requested: bool | None, hardware: Hardware) -> bool:
+    """What ``--channels-last`` means on ``hardware`` (as resolved by ``resolve_hardware``).
 
     Unset, it is on for CUDA GPUs, whose tensor-core convolutions (bf16 and fp16 in cuDNN) run in
-    NHWC: with NCHW tensors every convolution pays for layout transposes. The CPU keeps NCHW.
+    NHWC: with NCHW tensors every convolution pays for layout transposes. On the CPU it is on
+    only with a bf16 precision, where oneDNN's bf16 convolutions are faster in NHWC (resnet50,
+    batch 100, 2 cores: 284 -> 341 images/s); in fp32 it gains nothing there.
     """
-    return accelerator == "gpu" if requested is None else requested
+    if requested is not None:
+        return requested
+    return hardware.accelerator == "gpu" or (hardware.accelerator == "cpu" and hardware.precision.startswith("bf16"))
 
 
 def prepare_backbone(backbone: nn.Module, *, channels_last: bool, compile: bool) -> nn.Module:

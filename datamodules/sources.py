@@ -147,7 +147,7 @@ def ensure_downloaded(data_dir: str | Path) -> None:
 def load_split(
     data_dir: str | Path,
     split: Split,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     download: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split as (images uint8 N,3,32,32 contiguous, labels int64 N).
@@ -166,7 +166,8 @@ def load_split(
     if source.kind == "python":
         images, labels = _read_python_split(source.path, split)
     else:
-        images, labels = _load_cached(source, split, cache_dir or default_cache_dir())
+        # --cache-dir arrives as a string (configs are written back as YAML, which takes no Path).
+        images, labels = _load_cached(source, split, Path(cache_dir) if cache_dir else default_cache_dir())
     return (
         torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         torch.from_numpy(labels),

@@ -17,6 +17,12 @@ class ThrottledProgressBar(RichProgressBar):
     metrics read at most once per interval, so on a GPU running tens of steps a second the host
     waits a couple of times a second instead of at every step. Metrics shown at the end of an
     epoch, of validation and of testing are read fresh as usual.
+
+    Besides the logged metrics it shows the training throughput, ``img/s``: the images of all
+    processes trained between two of those reads, over the time between them. A read waits for
+    the device to finish the steps queued so far, so that time is the device's, not the host's
+    queueing; the measurement adds no wait of its own. Epochs are counted from 1, as the run's
+    summary counts them, and Lightning's ``v_num`` (the run's version number) is left out.
     """
 
     def __init__(self, metrics_interval: float = 0.5, **kwargs: Any) -> None:
@@ -25,11 +31,24 @@ class ThrottledProgressBar(RichProgressBar):
         self._in_train_batch_end = False
         self._metrics: dict[str, Any] | None = None
         self._read_at = float("-inf")
+        self._window_start = 0.0
+        self._window_images = 0
+        self._throughput: float | None = None
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        # A new window: the time since the last read holds validation and checkpointing.
+        self._window_start, self._window_images = time.monotonic(), 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # The batch's size is known on the host (a shape), so counting never waits for the device.
+        # Every process trains a batch of the same size at every step.
+        self._window_images += len(batch[0]) * trainer.world_size
         self._in_train_batch_end = True
         try:
-            super().on_train_batch_end(*args, **kwargs)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
             self._in_train_batch_end = False
 
@@ -49,6 +68,21 @@ class ThrottledProgressBar(RichProgressBar):
         now = time.monotonic()
         if self._in_train_batch_end and self._metrics is not None and now - self._read_at < self.metrics_interval:
             return self._metrics
-        self._metrics = super().get_metrics(trainer, pl_module)
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        if self._in_train_batch_end:
+            read = time.monotonic()  # after the read, which waited for the device
+            if self._window_images and read > self._window_start:
+                self._throughput = self._window_images / (read - self._window_start)
+            self._window_start, self._window_images = read, 0
+        if self._throughput is not None:
+            metrics["img/s"] = f"{self._throughput:,.0f}"
+        self._metrics = metrics
         self._read_at = now
-        return self._metrics
+        return metrics
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's own (a private hook of RichProgressBar) says "Epoch 0/249" for the first of
+        # 250 epochs; padded as Lightning pads it, so that the bar does not jump at validation.
+        total = f"/{self.trainer.max_epochs}" if self.trainer.max_epochs not in (None, -1) else ""
+        return f"Epoch {current_epoch + 1}{total}".ljust(len(self.validation_description))

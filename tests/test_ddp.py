@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules import CLASSES
@@ -69,12 +70,22 @@ def test_ddp_processes_share_the_data_and_report_global_metrics(tmp_path: Path) 
     # The logged metrics are those of all processes' data together, on every process.
     preds = torch.tensor(ranks[0]["val_preds"] + ranks[1]["val_preds"])
     labels = torch.tensor(ranks[0]["val_labels"] + ranks[1]["val_labels"])
-    global_accuracy = float(MulticlassAccuracy(len(CLASSES))(preds, labels))
+    global_accuracy = float(MulticlassAccuracy(len(CLASSES), average="micro")(preds, labels))
     losses = [loss for r in ranks for loss in r["losses"]]
     global_loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
     for r in ranks:
         assert r["metrics"]["acc/val"] == pytest.approx(global_accuracy, abs=1e-6)
         assert r["metrics"]["loss/train_epoch"] == pytest.approx(global_loss, rel=1e-5)
+
+    # The dashboards' per-class accuracies are those of all processes' predictions too, and their
+    # pictures are drawn once.
+    events = EventAccumulator(str(output / "vgg16" / "version_0"), size_guidance={"images": 0})
+    events.Reload()
+    for label, name in enumerate(CLASSES):
+        if (labels == label).any():
+            expected = float((preds[labels == label] == label).float().mean())
+            assert events.Scalars(f"acc_per_class/val/{name}")[-1].value == pytest.approx(expected, abs=1e-6)
+    assert [len(events.Images(tag)) for tag in ("confusion_matrix/val", "confusion_matrix/test", "misclassified/test")] == [1, 1, 1]
 
     # One run folder, written by rank 0 alone, and one summary.
     assert [p.name for p in (output / "vgg16").iterdir()] == ["version_0"]

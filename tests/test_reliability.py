@@ -208,6 +208,18 @@ def test_resume_is_exact(cli, tiny_data, tmp_path, data_path):
 # --- preemption --------------------------------------------------------------------------------
 
 
+def test_resume_refuses_to_stretch_a_per_step_schedule(cli, tiny_data, tmp_path):
+    """--resume of a one-cycle run with more epochs than its schedule was built for."""
+    recipe = [*QUICK, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--scheduler", "onecycle"]
+    assert cli("train", *recipe, "--epochs", "1").code == 0
+    last = tmp_path / "vgg16" / "version_0" / "checkpoints" / "last.ckpt"
+    before = digest(last)
+    result = cli("train", *recipe, "--epochs", "2", "--resume", "last")
+    assert_one_line_error(result, "onecycle schedule was built for 1 epochs", "--epochs 1")
+    record_files("the resumed run's last.ckpt", 1, int(digest(last) != before))
+    assert digest(last) == before
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
 def test_signal_saves_last_checkpoint_exits_143_and_resumes(cli, tiny_data, tmp_path, signame):
     """SIGTERM (or the --requeue-signal) to a real train.py: last.ckpt saved, exit 143, --resume last works."""

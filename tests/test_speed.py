@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.cli import Hardware
 from common.speed import prepare_backbone, use_channels_last
 from lit_modules import ImageClassifier
 from lit_modules.progress import ThrottledProgressBar
@@ -38,8 +39,9 @@ def test_channels_last_weights_load_into_a_plain_model() -> None:
 
 
 def test_channels_last_is_on_by_default_only_on_cuda() -> None:
-    assert use_channels_last(None, "gpu") and not use_channels_last(None, "cpu")
-    assert use_channels_last(True, "cpu") and not use_channels_last(False, "gpu")
+    gpu, cpu, cpu_bf16 = Hardware("gpu", 1, "bf16-mixed"), Hardware("cpu", 1, "32-true"), Hardware("cpu", 1, "bf16-mixed")
+    assert use_channels_last(None, gpu) and use_channels_last(None, cpu_bf16) and not use_channels_last(None, cpu)
+    assert use_channels_last(True, cpu) and not use_channels_last(False, gpu)
 
 
 class _Regression(L.LightningModule):

@@ -1,0 +1,321 @@
+"""TensorBoard pictures of a classifier: confusion matrices, per-class accuracy, misclassified images.
+
+``Dashboards`` is a Lightning callback. It reads the logits and labels that the LightningModule's
+``validation_step`` and ``test_step`` return, and writes:
+
+- ``acc_per_class/val/<class>``: each class's validation accuracy, every validation epoch;
+- ``confusion_matrix/val``: the validation confusion matrix as an image, every validation epoch;
+- ``confusion_matrix/test`` and ``misclassified/test``: the test confusion matrix and a grid of
+  the test images the model got wrong most confidently, at the end of testing.
+
+Under DDP the matrices come from torchmetrics' ``compute()``, which adds up every process's
+counts, and each process offers only its ``misclassified`` most confident mistakes, so a few
+images cross between processes however large the test set. The pictures are drawn and written
+by rank 0 alone. Nothing here runs during training steps, and what runs after each evaluation
+batch only queues kernels (see ``ConfusionMatrix``): no value is read back to the host before
+the epoch's end.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from datamodules.cifar10 import MEAN, STD
+
+STAGES = ("val", "test")
+
+
+def figure_to_array(figure: Figure) -> np.ndarray:
+    """The figure rendered as an RGB uint8 array (H, W, 3), the layout TensorBoard's images take."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def confusion_matrix_figure(matrix: torch.Tensor, class_names: Sequence[str], title: str) -> Figure:
+    """A confusion matrix (rows: true class, columns: predicted) with each row as percentages.
+
+    Rows are normalised so that classes with few images read as clearly as common ones; each
+    row's image count is in its label, so the percentages can be turned back into counts.
+    """
+    counts = matrix.detach().cpu().double()
+    totals = counts.sum(dim=1)
+    percent = (100 * counts / totals.clamp(min=1).unsqueeze(1)).numpy()
+    n = len(class_names)
+    # Figures are built directly, not through pyplot: no GUI backend, no global figure registry.
+    figure = Figure(figsize=(1.6 + 0.62 * n, 0.9 + 0.55 * n), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(percent, cmap="Blues", vmin=0.0, vmax=100.0)
+    for row in range(n):
+        for col in range(n):
+            if counts[row, col] == 0:
+                continue  # empty cells stay blank, so the mistakes that happen stand out
+            value = percent[row, col]
+            text = f"{value:.0f}" if value >= 0.5 else "<1"  # a rare mistake is not "0"
+            axes.text(col, row, text, ha="center", va="center", fontsize=9, color="white" if value > 50 else "black")
+    axes.set_xticks(range(n), list(class_names), rotation=45, ha="right", rotation_mode="anchor")
+    axes.set_yticks(range(n), [f"{name} ({int(total):,})" for name, total in zip(class_names, totals)])
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class (its images)")
+    axes.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axes, shrink=0.85, label="% of the true class's images")
+    return figure
+
+
+def to_rgb(images: torch.Tensor) -> np.ndarray:
+    """Normalised (N, 3, H, W) model inputs back to RGB in [0, 1], (N, H, W, 3), for display."""
+    mean = torch.tensor(MEAN).view(1, -1, 1, 1)
+    std = torch.tensor(STD).view(1, -1, 1, 1)
+    rgb = images.detach().float().cpu() * std + mean
+    return rgb.clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()
+
+
+def misclassified_figure(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preds: torch.Tensor,
+    confidences: torch.Tensor,
+    class_names: Sequence[str],
+    title: str,
+    columns: int = 4,
+) -> Figure:
+    """A grid of normalised images, each titled with its true class, the prediction and its probability."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    figure = Figure(figsize=(1.75 * columns, 0.45 + 1.95 * rows), dpi=100, layout="constrained")
+    figure.suptitle(title, fontsize=10)
+    for index, (image, label, pred, confidence) in enumerate(
+        zip(to_rgb(images), labels.tolist(), preds.tolist(), confidences.tolist())
+    ):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        # Nearest-neighbour keeps the 32x32 pixels sharp instead of blurring them when enlarged.
+        axes.imshow(image, interpolation="nearest")
+        axes.set_title(f"true: {class_names[label]}\npred: {class_names[pred]} {100 * confidence:.0f}%", fontsize=8.5)
+        axes.axis("off")
+    return figure
+
+
+class ConfusionMatrix(MulticlassConfusionMatrix):
+    """torchmetrics' ``MulticlassConfusionMatrix``, counting without waiting for the device.
+
+    Its own ``update`` counts with ``torch.bincount``, which on CUDA reads the largest value back
+    to the host to size its output: a wait at every evaluation batch. Summing one-hot rows of the
+    (true, predicted) pairs gives the same integer counts with every shape known in advance.
+    ``compute()``, ``reset()`` and the sum over processes are torchmetrics' own.
+    """
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if preds.ndim == target.ndim + 1:  # logits or probabilities
+            preds = preds.argmax(dim=1)
+        n = self.num_classes
+        self.confmat += F.one_hot(target * n + preds, n * n).sum(dim=0).view(n, n)
+
+
+class ConfidentMistakes:
+    """The ``k`` most confidently misclassified images seen so far, kept on the images' device.
+
+    Every update is a fixed-size top-k over the kept images and the batch's, so it never waits
+    for the device (no ``nonzero`` or boolean indexing, whose output size the host must read).
+    Slots that hold no mistake (yet) have a score of -inf.
+    """
+
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.k = k
+        self.images: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.preds: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.images = self.labels = self.preds = self.scores = None
+
+    def update(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        confidences, preds = logits.detach().float().softmax(dim=1).max(dim=1)
+        # Right answers score -inf, so that any mistake outranks them.
+        scores = torch.where(preds != labels, confidences, torch.full_like(confidences, float("-inf")))
+        if self.scores is None:
+            # Start from k empty slots: every update then has the same shapes, on every process.
+            self.images = images.new_zeros((self.k, *images.shape[1:]))
+            self.labels = labels.new_zeros(self.k)
+            self.preds = preds.new_zeros(self.k)
+            self.scores = scores.new_full((self.k,), float("-inf"))
+        # The batch's own top k first, so that only 2k images are ever concatenated.
+        top = scores.topk(min(self.k, len(scores))).indices
+        scores = torch.cat([self.scores, scores[top]])
+        keep = scores.topk(self.k).indices
+        self.images = torch.cat([self.images, images[top].to(self.images.dtype)])[keep]
+        self.labels = torch.cat([self.labels, labels[top]])[keep]
+        self.preds = torch.cat([self.preds, preds[top]])[keep]
+        self.scores = scores[keep]
+
+    def gather(self, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every process's kept mistakes merged, most confident first, on the CPU.
+
+        ``all_gather`` is the strategy's (a collective call under DDP, where it adds a leading
+        process dimension; the tensor as it is on one device): flattening the first two
+        dimensions covers both.
+        """
+        if self.scores is None:
+            return None
+        parts = {
+            name: all_gather(value).reshape(-1, *value.shape[1:]).cpu()
+            for name, value in (("images", self.images), ("labels", self.labels), ("preds", self.preds), ("scores", self.scores))
+        }
+        order = parts["scores"].argsort(descending=True)[: self.k]
+        order = order[parts["scores"][order].isfinite()]
+        return {name: value[order] for name, value in parts.items()}
+
+
+class Dashboards(L.Callback):
+    """Confusion matrices, per-class validation accuracy and misclassified test images for TensorBoard.
+
+    Needs the LightningModule's ``validation_step`` and ``test_step`` to return
+    ``{"logits": ..., "labels": ...}`` (``ImageClassifier`` does). Pictures go to the trainer's
+    TensorBoardLogger, at the step of the metrics logged with them; a trainer without one gets none.
+
+    ``logger`` and ``step`` are for testing a checkpoint outside of its training run (``test.py
+    --log-to-run``): the pictures, and the test metrics that the trainer's own logging would
+    otherwise have written, then go to ``logger`` at ``step``, the training step of the checkpoint.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        *,
+        misclassified: int = 16,
+        logger: TensorBoardLogger | None = None,
+        step: int | None = None,
+    ) -> None:
+        if (logger is None) != (step is None):
+            raise ValueError("logger and step go together: pass both (test.py --log-to-run) or neither")
+        self.class_names = list(class_names)
+        # One matrix per stage, so that a validation run inside fit never mixes with testing.
+        self.confusion = {stage: ConfusionMatrix(len(self.class_names)) for stage in STAGES}
+        self.mistakes = ConfidentMistakes(misclassified)
+        self.logger = logger
+        self.step = step
+
+    # -- collecting -------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("val", pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("test", pl_module)
+        self.mistakes.reset()
+
+    def _start(self, stage: str, pl_module: L.LightningModule) -> None:
+        # Metrics held by a callback are not moved with the module: follow it to its device here.
+        self.confusion[stage].reset()
+        self.confusion[stage].to(pl_module.device)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        logits, labels = _step_outputs(outputs, "validation_step")
+        self.confusion["val"].update(logits, labels)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        logits, labels = _step_outputs(outputs, "test_step")
+        self.confusion["test"].update(logits, labels)
+        self.mistakes.update(batch[0], logits, labels)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metric = self.confusion["val"]
+        if trainer.sanity_checking or metric.update_count == 0:
+            return
+        matrix = metric.compute()  # every process's counts added up: the same matrix on all ranks
+        metric.reset()
+        per_class = matrix.diagonal() / matrix.sum(dim=1).clamp(min=1)
+        for name, accuracy, total in zip(self.class_names, per_class, matrix.sum(dim=1)):
+            if total > 0:  # a class without validation images has no accuracy
+                # The values agree on every rank already; sync_dist tells Lightning so, which
+                # otherwise warns about unsynced epoch values under DDP.
+                pl_module.log(f"acc_per_class/val/{name}", accuracy, sync_dist=True)
+        writer = self._writer(trainer)
+        if writer is not None:
+            title = f"validation, epoch {trainer.current_epoch + 1}: {_accuracy_text(matrix)}"
+            self._add_figure(writer, "confusion_matrix/val", confusion_matrix_figure(matrix, self.class_names, title), trainer)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metric = self.confusion["test"]
+        if metric.update_count == 0:
+            return
+        matrix = metric.compute()
+        metric.reset()
+        mistakes = self.mistakes.gather(trainer.strategy.all_gather)  # every rank takes part
+        self.mistakes.reset()
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+        title = f"test: {_accuracy_text(matrix)}"
+        self._add_figure(writer, "confusion_matrix/test", confusion_matrix_figure(matrix, self.class_names, title), trainer)
+        if mistakes is not None and len(mistakes["scores"]):
+            wrong = int(matrix.sum() - matrix.trace())
+            title = f"most confident mistakes on the test set: {len(mistakes['scores'])} of {wrong:,}"
+            figure = misclassified_figure(
+                mistakes["images"], mistakes["labels"], mistakes["preds"], mistakes["scores"], self.class_names, title
+            )
+            self._add_figure(writer, "misclassified/test", figure, trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.logger is None or not trainer.is_global_zero:
+            return
+        # The trainer has no logger of its own here, so its test metrics are written with the
+        # pictures, at the checkpoint's step; they are all computed (and synced) by now.
+        self.logger.log_metrics({name: float(value) for name, value in trainer.callback_metrics.items()}, self.step)
+        self.logger.finalize("success")
+
+    def _writer(self, trainer: L.Trainer) -> Any:
+        """The SummaryWriter to draw into, on rank 0; None elsewhere or without a TensorBoardLogger."""
+        if not trainer.is_global_zero:
+            return None
+        logger = self.logger or next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        return logger.experiment if logger is not None else None
+
+    def _add_figure(self, writer: Any, tag: str, figure: Figure, trainer: L.Trainer) -> None:
+        # The step Lightning logs epoch metrics at (its LearningRateMonitor reads it too): at the
+        # end of an epoch's validation it is one behind global_step, and the pictures should sit
+        # at the same step as acc/val.
+        step = self.step if self.step is not None else trainer.fit_loop.epoch_loop._batches_that_stepped
+        writer.add_image(tag, figure_to_array(figure), global_step=step, dataformats="HWC")
+
+
+def _step_outputs(outputs: Any, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(outputs, dict) and "logits" in outputs and "labels" in outputs):
+        raise TypeError(f"Dashboards needs the LightningModule's {hook} to return {{'logits': ..., 'labels': ...}}")
+    return outputs["logits"], outputs["labels"]
+
+
+def _accuracy_text(matrix: torch.Tensor) -> str:
+    total = int(matrix.sum())
+    return f"accuracy {100 * float(matrix.trace()) / max(total, 1):.2f} % of {total:,} images"

@@ -1,0 +1,265 @@
+"""The fast recipes of issue 4: EMA of the weights, flip TTA, the *_fast configs, the accuracy runner."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import ROOT, load_script
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from robustness import assert_one_line_error
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_modules import ImageClassifier
+from lit_modules.recipes import TimeToAccuracy, WeightEMA
+from models import build_model
+
+# Tiny runs: 40 training images in 2 batches, 20 for validation, on the CPU in this process.
+QUICK = ["--model", "vgg16", "--accelerator", "cpu", "--workers", "0", "--batch-size", "20", "--train-limit", "40",
+         "--val-size", "20", "--eval-batch-size", "50", "--log-every-n-steps", "1"]
+FAST_CONFIGS = ("configs/vgg16_fast.yaml", "configs/resnet50_fast.yaml")
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+# --- EMA of the weights ------------------------------------------------------------------------
+
+
+class _TinyNet(L.LightningModule):
+    """A linear layer and a BatchNorm: parameters and running statistics both move every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class _RecordWeights(Callback):
+    """The raw float weights and buffers after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items() if v.is_floating_point()})
+
+
+def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics(tmp_path):
+    """WeightEMA: e1 = w1, e_k = d_k e_(k-1) + (1 - d_k) w_k with d_k = min(d, k / (9 + k)), for parameters and BatchNorm statistics."""
+    torch.manual_seed(0)
+    decay = 0.3  # below the warm-up's 4/13 at the 4th step: both branches of the min are used
+    record, ema = _RecordWeights(), WeightEMA(decay)
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1)
+    data = DataLoader(TensorDataset(torch.randn(24, 4), torch.randn(24, 3)), batch_size=6)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_model_summary=False,
+                        enable_progress_bar=False, callbacks=[record, ema, last])
+    module = _TinyNet()
+    trainer.fit(module, train_dataloaders=data)
+
+    assert len(record.steps) == 4
+    expected = dict(record.steps[0])
+    for averaged, weights in enumerate(record.steps[1:], 1):
+        d = min(decay, (1 + averaged) / (10 + averaged))
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+    assert {k for k in expected if "running" in k} == {"net.1.running_mean", "net.1.running_var"}
+    checkpoint = load(tmp_path / "last.ckpt")
+    for key, value in expected.items():
+        torch.testing.assert_close(checkpoint["state_dict"][key], value)  # the average is what is saved
+        torch.testing.assert_close(checkpoint["current_model_state"][key], record.steps[-1][key])  # raw, for resume
+        torch.testing.assert_close(module.state_dict()[key], value)  # and what the module holds after fitting
+    assert not torch.equal(expected["net.0.weight"], record.steps[-1]["net.0.weight"])
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory, tiny_data) -> dict:
+    """train.py with EMA, flip TTA and time-to-accuracy: its run folder and results JSON."""
+    from common.cli import run_main
+
+    output = tmp_path_factory.mktemp("ema")
+    results = output / "results.json"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(load_script("train").main, [*QUICK, "--data-dir", str(tiny_data), "--epochs", "2", "--output-dir",
+                                             str(output), "--ema-decay", "0.5", "--tta", "flip",
+                                             "--time-to-accuracy", "0.05", "--results-json", str(results)])
+    assert exit_info.value.code == 0
+    return {"run": output / "vgg16" / "version_0", "results": json.loads(results.read_text())}
+
+
+def _test_py(cli, tmp_path: Path, tiny_data: Path, ckpt: Path, *flags: str) -> dict:
+    report = tmp_path / f"{ckpt.stem}{''.join(flags)}.json"
+    result = cli("test", "--ckpt", str(ckpt), "--data-dir", str(tiny_data), "--accelerator", "cpu", "--workers", "0",
+                 "--eval-batch-size", "50", "--json", str(report), *flags)
+    assert result.code == 0, result.err
+    return json.loads(report.read_text())
+
+
+def test_checkpoints_hold_the_averaged_weights_that_both_tests_evaluate(cli, ema_run, tiny_data, tmp_path):
+    """best.ckpt's state_dict is the EMA; train.py's final test and test.py both evaluate it, not the raw weights."""
+    best_path = ema_run["run"] / "checkpoints" / "best.ckpt"
+    best = load(best_path)
+    averaged, raw = best["state_dict"], best["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if averaged[k].is_floating_point())
+
+    from_test_py = _test_py(cli, tmp_path, tiny_data, best_path)
+    trained = ema_run["results"]
+    assert from_test_py["tta"] == "flip"  # the checkpoint's own, with no --tta given
+    assert (from_test_py["accuracy"], from_test_py["loss"]) == pytest.approx(
+        (trained["test_accuracy"], trained["test_loss"]), abs=1e-6)
+
+    # The same checkpoint with the raw weights in its state_dict tests differently: so the figures
+    # above are the average's.
+    raw_path = tmp_path / "raw.ckpt"
+    torch.save({**best, "state_dict": raw}, raw_path)
+    assert _test_py(cli, tmp_path, tiny_data, raw_path)["loss"] != pytest.approx(trained["test_loss"], abs=1e-6)
+
+
+def test_time_to_accuracy_evaluates_the_weights_the_checkpoint_holds(cli, ema_run, tiny_data, tmp_path):
+    """The per-epoch test accuracy of --time-to-accuracy is that of the epoch's checkpoint (EMA, TTA)."""
+    clock = ema_run["results"]["time_to_accuracy"]
+    assert [epoch["epoch"] for epoch in clock["epochs"]] == [1, 2]
+    assert clock["reached"] and clock["epoch"] == 1 and clock["target"] == 0.05 and clock["startup_s"] > 0
+    assert 0 < clock["epochs"][0]["train_s"] < clock["epochs"][1]["train_s"]
+    last = _test_py(cli, tmp_path, tiny_data, ema_run["run"] / "checkpoints" / "last.ckpt")
+    assert clock["epochs"][-1]["test_acc"] == pytest.approx(last["accuracy"], abs=1e-6)
+
+
+def test_time_to_accuracy_must_come_before_the_ema():
+    """Placed after the EMA callback, the benchmark would see the raw weights: refused at setup."""
+    ema, clock = WeightEMA(0.9), TimeToAccuracy(0.9)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ema, clock])
+    module = ImageClassifier(build_model("vgg16"), model_name="vgg16")
+    with pytest.raises(ValueError, match="TimeToAccuracy must come before WeightEMA"):
+        clock.setup(trainer, module, "fit")
+
+
+def test_ema_decay_out_of_range_is_one_line(cli, tiny_data, tmp_path):
+    """--ema-decay 1.5: one-line error, nothing trained."""
+    result = cli("train", *QUICK, "--data-dir", str(tiny_data), "--ema-decay", "1.5", "--output-dir", str(tmp_path))
+    assert_one_line_error(result, "--ema-decay", "between 0 and 1")
+    assert not (tmp_path / "vgg16").exists()
+
+
+def test_resume_with_ema_is_exact(cli, tiny_data, tmp_path):
+    """With EMA on, 1 epoch then resumed to 2 equals 2 straight: averaged and raw weights, average state, optimiser."""
+    # A step schedule, whose rates do not depend on the run length, so that 1 epoch then 2 is
+    # the same recipe as 2 straight (a one-cycle schedule is fixed by the --epochs it started with).
+    recipe = [*QUICK, "--data-dir", str(tiny_data), "--ema-decay", "0.7", "--optimizer", "sgd", "--lr", "0.01",
+              "--nesterov", "--step-size", "1", "--gamma", "0.5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli("train", *recipe, "--epochs", "2", "--output-dir", str(straight)).code == 0
+    assert cli("train", *recipe, "--epochs", "1", "--output-dir", str(split)).code == 0
+    resumed = cli("train", *recipe, "--epochs", "2", "--output-dir", str(split), "--resume", "last")
+    assert resumed.code == 0, resumed.err
+
+    a = load(straight / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")
+    b = load(split / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 4
+    for part in ("state_dict", "current_model_state", "averaging_state"):
+        assert a[part].keys() == b[part].keys() and a[part]
+        assert all(torch.equal(a[part][key], b[part][key]) for key in a[part]), part
+    assert int(a["averaging_state"]["n_averaged"]) == 4
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert state_a.keys() == state_b.keys() and len(state_a) > 0
+    for index in state_a:
+        assert all(torch.equal(state_a[index][name], state_b[index][name]) for name in state_a[index])
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+# --- flip test-time augmentation -------------------------------------------------------------
+
+
+def test_flip_tta_logits_are_the_mean_of_the_image_and_its_mirror():
+    """tta=flip: the logits are exactly (f(x) + f(mirrored x)) / 2; tta=none: f(x)."""
+    torch.manual_seed(0)
+    module = ImageClassifier(build_model("resnet50"), model_name="resnet50", tta="flip").eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain, mirrored = module.backbone(images), module.backbone(images.flip(3))
+        flipped = module._eval_logits(images)
+        module.tta = "none"
+        untouched = module._eval_logits(images)
+    assert torch.equal(flipped, (plain + mirrored) / 2)
+    assert torch.equal(untouched, plain)
+    assert not torch.allclose(flipped, plain)
+    assert module.hparams.tta == "flip"
+
+
+def test_test_py_tta_flag_overrides_the_checkpoint(cli, ema_run, tiny_data, tmp_path):
+    """test.py --tta none on a checkpoint trained with flip evaluates without it."""
+    best = ema_run["run"] / "checkpoints" / "best.ckpt"
+    without = _test_py(cli, tmp_path, tiny_data, best, "--tta", "none")
+    with_flip = _test_py(cli, tmp_path, tiny_data, best)
+    assert (without["tta"], with_flip["tta"]) == ("none", "flip")
+    assert without["loss"] != pytest.approx(with_flip["loss"], abs=1e-6)
+
+
+# --- the named configs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", FAST_CONFIGS)
+def test_fast_config_is_the_issue_recipe_and_runs(cli, tiny_data, tmp_path, config):
+    """configs/*_fast.yaml: SGD Nesterov, one-cycle, label smoothing, weight decay, EMA, flip TTA, <= 40 epochs; fast-dev-run works."""
+    args = load_script("train").parse_args(["--config", str(ROOT / config)])
+    assert (args.optimizer, args.nesterov, args.scheduler, args.tta) == ("sgd", True, "onecycle", "flip")
+    assert args.epochs <= 40 and args.batch_size == 512 and 0.01 <= args.lr <= 0.2
+    assert args.label_smoothing == 0.1 and args.weight_decay == 5e-4 and 0.99 <= args.ema_decay < 1
+    assert args.model == Path(config).stem.removesuffix("_fast")
+    result = cli("train", "--config", str(ROOT / config), "--data-dir", str(tiny_data), "--accelerator", "cpu",
+                 "--workers", "0", "--val-size", "20", "--fast-dev-run", "1", "--output-dir", str(tmp_path))
+    assert result.code == 0, result.err
+
+
+# --- the accuracy runner ---------------------------------------------------------------------
+
+
+def test_accuracy_runner_writes_runs_summary_and_table(tiny_data, tmp_path, capsys):
+    """benchmarks/accuracy.py over 2 seeds: a JSON per run, mean/std/min/max, the Markdown table; a rerun skips."""
+    import importlib.util
+
+    from common.cli import run_main
+
+    spec = importlib.util.spec_from_file_location("accuracy_runner", ROOT / "benchmarks" / "accuracy.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    out = tmp_path / "out"
+    command = ["--configs", "configs/vgg16_fast.yaml", "--seeds", "0", "1", "--data-dir", str(tiny_data),
+               "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--",
+               *QUICK[2:], "--epochs", "1", "--time-to-accuracy", "0.05"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(runner.main, command)
+    assert exit_info.value.code == 0, capsys.readouterr()
+
+    runs = [json.loads((out / f"vgg16_fast-seed{seed}.json").read_text()) for seed in (0, 1)]
+    assert [run["seed"] for run in runs] == [0, 1] and all(run["epochs_trained"] == 1 for run in runs)
+    assert all(run["runner"]["wall_s"] > run["seconds"]["fit"] > 0 for run in runs)
+    assert all(run["runner"]["command"].startswith("python train.py --config configs/vgg16_fast.yaml") for run in runs)
+    assert all((out / f"vgg16_fast-seed{seed}.log").is_file() for seed in (0, 1))
+    (row,) = json.loads((out / "summary.json").read_text())
+    accuracies = [run["test_accuracy"] for run in runs]
+    assert row["seeds"] == [0, 1] and row["model"] == "vgg16"
+    assert row["test_accuracy"]["mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert row["test_accuracy"]["std"] == pytest.approx(statistics.stdev(accuracies))
+    assert (row["test_accuracy"]["min"], row["test_accuracy"]["max"]) == (min(accuracies), max(accuracies))
+    table = (out / "results.md").read_text()
+    assert "| vgg16 | configs/vgg16_fast.yaml | 1 | 0, 1 |" in table
+    assert "`python train.py --config configs/vgg16_fast.yaml --seed S --data-dir" in table
+    assert "| 5.00 % | 2/2 |" in table  # the time-to-accuracy table
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(runner.main, command)
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.count("skipped") == 2
