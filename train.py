@@ -41,7 +41,7 @@ from datamodules import CIFAR10DataModule, check_data_dir, describe_source
 from lit_modules import OPTIMIZERS, SCHEDULERS, TTA_MODES, ImageClassifier
 from lit_modules.callbacks import NamedCheckpoint
 from lit_modules.dashboards import Dashboards
-from lit_modules.progress import ThrottledProgressBar
+from lit_modules.progress import EpochLines, ThrottledProgressBar
 from lit_modules.recipes import TimeToAccuracy, recipe_callbacks
 from lit_modules.reliability import (
     REQUEUE_SIGNALS,
@@ -319,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Confusion matrices, per-class validation accuracy, misclassified test images.
             Dashboards(datamodule.classes),
             ThrottledProgressBar(),
+            EpochLines(),
             # Reliability (lit_modules/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume.
             FiniteLossGuard(),
             PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=args.requeue_signal),

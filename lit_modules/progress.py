@@ -1,6 +1,7 @@
-"""A progress bar that does not make the host wait for the GPU after every training step."""
+"""Console progress: a bar that does not make the host wait for the GPU at every step, and epoch lines for logs."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -86,3 +87,55 @@ class ThrottledProgressBar(RichProgressBar):
         # 250 epochs; padded as Lightning pads it, so that the bar does not jump at validation.
         total = f"/{self.trainer.max_epochs}" if self.trainer.max_epochs not in (None, -1) else ""
         return f"Epoch {current_epoch + 1}{total}".ljust(len(self.validation_description))
+
+
+class EpochLines(L.Callback):
+    """One plain line per epoch (losses, accuracies, rate, throughput, time) for logs.
+
+    A live progress bar draws nothing into a file until the run ends, so a run writing to a log
+    (nohup, SLURM, CI, benchmarks/accuracy.py) would show no progress for hours. Where standard
+    output is not a terminal, or when ``enabled`` is true, this prints a line after each epoch's
+    validation instead. The values are the epoch's, read once per epoch; the throughput counts the
+    images of all processes trained before validation started.
+    """
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = (not sys.stdout.isatty()) if enabled is None else enabled
+        self._started = 0.0
+        self._trained_until: float | None = None
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started, self._trained_until, self._images = time.monotonic(), None, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._images += len(batch[0]) * trainer.world_size
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self._trained_until is None:
+            self._trained_until = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled:
+            return
+        # Every process reads (computes) the epoch's metrics here, in the same order: a synced
+        # value read on rank 0 alone would start a collective the other ranks never join.
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        if not trainer.is_global_zero:
+            return
+        ended = time.monotonic()
+        trained = (self._trained_until or ended) - self._started
+        fields = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        for stage, loss, accuracy in (("train", "loss/train_epoch", "acc/train"), ("val", "loss/val", "acc/val")):
+            if loss in metrics or accuracy in metrics:
+                shown = [f"loss {metrics[loss]:.4f}"] if loss in metrics else []
+                shown += [f"acc {100 * metrics[accuracy]:.2f} %"] if accuracy in metrics else []
+                fields.append(f"{stage} " + " ".join(shown))
+        if trainer.optimizers:
+            fields.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
+        if trained > 0:
+            fields.append(f"{self._images / trained:,.0f} img/s")
+        fields.append(f"{ended - self._started:.1f} s")
+        print(" | ".join(fields), flush=True)

@@ -117,6 +117,22 @@ def test_summary_names_the_best_epoch_counted_from_one(run: tuple[Path, str]) ->
     assert events.Scalars("hp/best_epoch")[-1].value == best["epoch"] + 1
 
 
+def test_output_that_is_not_a_terminal_gets_one_line_per_epoch(run: tuple[Path, str]) -> None:
+    # The fixture's stdout is a StringIO, as a log file would be: the live bar draws nothing there.
+    run_dir, printed = run
+    lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" | ")[0] for line in lines] == [f"epoch {n}/{EPOCHS}" for n in range(1, EPOCHS + 1)]
+    events = read_events(run_dir)
+    for line, acc_val, loss_train in zip(lines, events.Scalars("acc/val"), events.Scalars("loss/train_epoch")):
+        fields = dict(field.split(" ", 1) for field in line.split(" | "))
+        assert fields["val"].endswith(f"acc {100 * acc_val.value:.2f} %"), line
+        assert fields["train"].startswith(f"loss {loss_train.value:.4f} acc "), line
+        assert fields["lr"] and float(fields["lr"]) > 0, line
+        rate, seconds = line.split(" | ")[-2:]
+        assert rate.endswith(" img/s") and float(rate.split()[0].replace(",", "")) > 0, line
+        assert seconds.endswith(" s") and float(seconds[:-2]) > 0, line
+
+
 def test_test_py_adds_its_results_to_the_run(cli, run: tuple[Path, str], tiny_data: Path, tmp_path: Path) -> None:
     # A copy of the run, so that the other tests read the run as train.py left it.
     run_dir = shutil.copytree(run[0], tmp_path / "runs" / "vgg16" / "version_0")
