@@ -31,9 +31,10 @@ def ema_multi_avg_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.T
     average of a short run, and of the first epochs of a long one, is mostly the random initial
     weights: with a constant 0.998 they still weigh 0.998^88 = 84 % after the first epoch of
     configs/vgg16_fast.yaml (88 steps), so its early validation, and a short run's test, would
-    see an almost untrained model. The rule reaches 0.998 after about 4,500 updates. The decay is computed on the device from the averaged model's counter, so no step
-    waits for the GPU, and the update is a few foreach kernels for all tensors at once. Integer
-    buffers (BatchNorm's ``num_batches_tracked``) cannot be averaged and follow the model.
+    see an almost untrained model. The rule reaches 0.998 after about 4,500 updates. The decay
+    is computed on the device from the averaged model's counter, so no step waits for the GPU,
+    and the update is a few foreach kernels for all tensors at once. Integer buffers
+    (BatchNorm's ``num_batches_tracked``) cannot be averaged and follow the model.
     """
 
     @torch.no_grad()
@@ -104,9 +105,10 @@ class TimeToAccuracy(Callback):
     Times are wall-clock seconds since training started (``on_train_start``: data loaded, model
     on the device, the sanity check done; ``startup_s`` is the time those took since the fit's
     setup), waiting for the device before each reading, and exclude the time of these extra test
-    evaluations. They include validation and checkpoint writing, which a real run pays too. The first epoch also pays one-off costs (``torch.compile``,
-    cuDNN's autotuning, memory allocation); ``warmup_s`` estimates them as the first epoch's time
-    minus the median of the others. One uninterrupted fit: after ``--resume`` the clock restarts.
+    evaluations. They include validation and checkpoint writing, which a real run pays too. The
+    first epoch also pays one-off costs (``torch.compile``, cuDNN's autotuning, memory
+    allocation); ``warmup_s`` estimates them as the first epoch's time minus the median of the
+    others. One uninterrupted fit: after ``--resume`` the clock restarts.
     """
 
     def __init__(self, target: float) -> None:
