@@ -253,3 +253,13 @@ def test_progress_bar_shows_throughput_and_epochs_from_one_without_v_num(tmp_pat
     # 4 images per step of at least 20 ms: at most 200 images/s, and not far below on an idle machine.
     assert all(0 < rate <= 200 for rate in rates), rates
     assert bar._get_train_description(0).strip() == "Epoch 1/2"
+
+
+def test_curves_script_reads_one_row_per_epoch(run: tuple[Path, str]) -> None:
+    from benchmarks.curves import TAGS, epoch_curves
+
+    curves = epoch_curves(run[0])
+    assert sorted(curves) == list(range(1, EPOCHS + 1))
+    acc_val = [event.value for event in read_events(run[0]).Scalars("acc/val")]
+    assert [curves[epoch]["acc/val"] for epoch in sorted(curves)] == acc_val
+    assert all(set(values) == set(TAGS) for values in curves.values())
