@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.checkpoints import build_backbone
-from common.cli import Parser, run_main
-from common.errors import UserError
-from common.exporting import EXPORTERS, FORMATS, default_output, export_metadata, load_any_checkpoint
-from common.files import atomic_write
-from common.inference import class_names
+from run.checkpoints import build_backbone
+from cli.flags import Parser, run_main
+from base.errors import UserError
+from run.exporting import EXPORTERS, FORMATS, default_output, export_metadata, load_any_checkpoint
+from base.files import atomic_write
+from run.inference import class_names
 
 
 def build_parser() -> Parser:

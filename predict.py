@@ -5,7 +5,7 @@
     python predict.py --ckpt vgg16_epoch250.ckpt --top-k 5 --json pictures/ > predictions.jsonl
 
 Any size and colour mode is accepted: each picture is centre-cropped to a square and resized to
-32x32 (see common/inference.py for why). Folders are searched recursively. An image that cannot
+32x32 (see run/inference.py for why). Folders are searched recursively. An image that cannot
 be decoded is skipped with a warning on stderr and the exit code is 1; the others are still
 classified. A missing path, a folder without images or a bad checkpoint stop at once (exit 2).
 """
@@ -21,11 +21,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from common.checkpoints import build_backbone
-from common.cli import ACCELERATORS, Parser, positive_int, resolve_hardware, run_main
-from common.errors import UserError
-from common.exporting import load_any_checkpoint
-from common.inference import UnreadableImageError, class_names, find_images, load_images, predict_probabilities
+from run.checkpoints import build_backbone
+from cli.flags import Parser, positive_int, run_main
+from run.hardware import ACCELERATORS, resolve_hardware
+from base.errors import UserError
+from run.exporting import load_any_checkpoint
+from run.inference import UnreadableImageError, class_names, find_images, load_images, predict_probabilities
 
 PROG = Path(__file__).name
 
@@ -41,17 +42,13 @@ def build_parser() -> Parser:
         "--json", action="store_true", help="print one JSON object per image (JSON Lines) instead of a table"
     )
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images decoded and classified at once")
-    parser.add_argument(
-        "--accelerator", default="auto", choices=ACCELERATORS, help="auto picks a GPU when there is one"
-    )
+    parser.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto picks a GPU when there is one")
     return parser
 
 
 def inference_device(accelerator: str) -> torch.device:
     """The one device to predict on; resolve_hardware has already refused unavailable ones."""
-    accelerator = resolve_hardware(accelerator, "1", "32-true").accelerator
-    if accelerator == "auto":
-        accelerator = "mps" if torch.backends.mps.is_available() else "cpu"
+    accelerator = resolve_hardware(accelerator, 1, "32-true").accelerator
     return torch.device("cuda" if accelerator == "gpu" else accelerator)
 
 

@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages
 
-from common.cli import Parser, non_negative_int, run_main  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.files import atomic_write_text  # noqa: E402
+from cli.flags import Parser, non_negative_int, run_main  # noqa: E402
+from base.errors import UserError  # noqa: E402
+from base.files import atomic_write_text  # noqa: E402
 
 SUMMARY, TABLE = "summary.json", "results.md"
 

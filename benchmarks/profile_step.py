@@ -22,8 +22,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common.cli import Parser, positive_int, resolve_hardware, run_main  # noqa: E402
-from common.speed import prepare_backbone, use_channels_last  # noqa: E402
+from cli.flags import Parser, positive_int, run_main  # noqa: E402
+from run.hardware import resolve_hardware  # noqa: E402
+from run.hardware import prepare_backbone, use_channels_last  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     channels_last = use_channels_last(None, hardware)
     torch.manual_seed(0)
     backbone = prepare_backbone(build_model(args.model).to(device), channels_last=channels_last, compile=False)
-    module = ImageClassifier(backbone, model_name=args.model, num_classes=10)
+    module = ImageClassifier(backbone=backbone, model_name=args.model, num_classes=10)
     optimizer = module.configure_optimizers()["optimizer"]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)

@@ -47,14 +47,16 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
-from common.cli import Parser, non_negative_int, positive_int, quiet_lightning, resolve_hardware, run_main  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.speed import prepare_backbone, use_channels_last  # noqa: E402
+from cli.flags import Parser, non_negative_int, positive_int, run_main  # noqa: E402
+from run.build import quiet_lightning  # noqa: E402
+from run.hardware import resolve_hardware  # noqa: E402
+from base.errors import UserError  # noqa: E402
+from run.hardware import prepare_backbone, use_channels_last  # noqa: E402
 from datamodules import CIFAR10DataModule  # noqa: E402
 from datamodules.device_batches import DATA_PATHS, resolve_data_path  # noqa: E402
 from lit_modules import ImageClassifier  # noqa: E402
-from lit_modules.progress import ThrottledProgressBar  # noqa: E402
-from lit_modules.reliability import FiniteLossGuard  # noqa: E402
+from callbacks.progress import ThrottledProgressBar  # noqa: E402
+from callbacks.reliability import FiniteLossGuard  # noqa: E402
 from models import build_model  # noqa: E402
 
 MODELS = ("vgg16", "resnet50")
@@ -279,7 +281,7 @@ def _pipeline(args: argparse.Namespace) -> tuple[str, str, torch.device, CIFAR10
         device=device,
     )
     backbone = prepare_backbone(build_model(args.worker_model), channels_last=channels_last, compile=args.compile)
-    return hardware.accelerator, hardware.precision, device, datamodule, ImageClassifier(backbone, model_name=args.worker_model)
+    return hardware.accelerator, hardware.precision, device, datamodule, ImageClassifier(backbone=backbone, model_name=args.worker_model)
 
 
 def _peak_gpu_mb(device: torch.device) -> float | None:

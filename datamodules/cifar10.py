@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common.errors import UserError
+from base.errors import UserError
 from datamodules.device_batches import DATA_PATHS, EvalBatches, TrainBatches, resolve_data_path
 from datamodules.sources import CLASSES, Split, check_data_dir, ensure_downloaded, load_split
 
@@ -90,7 +90,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         batch_size: int = 100,
         eval_batch_size: int = 500,
         val_size: int = 5000,
-        num_workers: int = 0,
+        num_workers: int = 2,
         seed: int = 0,
         train_limit: int | None = None,
         cache_dir: Path | None = None,

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from common.errors import UserError
+from base.errors import UserError
 
 DATA_PATHS = ("auto", "device", "loader")
 PAD = 4  # RandomCrop(32, padding=4)

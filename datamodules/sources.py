@@ -34,7 +34,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 from torchvision.datasets import utils as tv_utils
 
-from common.errors import UserError
+from base.errors import UserError
 
 log = logging.getLogger(__name__)
 

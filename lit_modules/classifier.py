@@ -1,4 +1,4 @@
-"""The LightningModule: any backbone, the course's loss/optimiser/schedule, metrics per stage."""
+"""The LightningModule: a course network, the course's loss/optimiser/schedule, metrics per stage."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from models import build_model
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
 # Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
@@ -16,18 +18,23 @@ TTA_MODES = ("none", "flip")
 
 
 class ImageClassifier(L.LightningModule):
-    """Trains an injected backbone with cross-entropy; defaults are the course recipe.
+    """Trains a course network with cross-entropy; the keyword defaults are the course recipe.
 
-    ``model_name``, ``model_options`` and ``num_classes`` are not used for training: they are
-    saved as plain hyper-parameters so that a checkpoint alone is enough to rebuild the backbone
-    (``common.checkpoints`` reads them back with ``weights_only=True``).
+    The network is ``models.build_model(model_name, num_classes, **model_options)``, or the
+    injected ``backbone`` (that same network already prepared: weights loaded, channels_last,
+    compiled). Its name and options are saved as plain hyper-parameters, so a checkpoint alone
+    rebuilds it: ``ImageClassifier.load_from_checkpoint(path, weights_only=True)`` works, and
+    ``run.checkpoints`` reads the same hyper-parameters back for the command-line tools.
+
+    Raises ValueError for an unknown optimizer, scheduler or tta, and ``base.errors.UserError``
+    for an unknown model name or option.
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
+        model_name: str = "vgg16",
         *,
-        model_name: str,
+        backbone: nn.Module | None = None,
         num_classes: int = 10,
         model_options: dict[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
@@ -68,7 +75,7 @@ class ImageClassifier(L.LightningModule):
                 "tta": tta,
             }
         )
-        self.backbone = backbone
+        self.backbone = backbone if backbone is not None else build_model(model_name, num_classes, **(model_options or {}))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # An attribute besides the hparam, so that test.py can evaluate with another mode than the
         # checkpoint's training run used.
@@ -128,7 +135,7 @@ class ImageClassifier(L.LightningModule):
         self.log("loss/val", self.criterion(logits, labels), sync_dist=True, prog_bar=True)
         self.log("acc/val", self.val_acc, prog_bar=True)
         self.log("acc_top5/val", self.val_acc_top5)
-        # For callbacks that look at the predictions (lit_modules/dashboards.py).
+        # For callbacks that look at the predictions (callbacks/dashboards.py).
         return {"logits": logits, "labels": labels}
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

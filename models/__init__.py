@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from common.errors import UserError
+from base.errors import UserError
 from models.resnet import Bottleneck, ResNet50Layer4, resnet50
 from models.vgg import CFG_VGG16, VGG, vgg16, vgg16_bn
 from models.weights import infer_architecture, load_weights, normalize_keys

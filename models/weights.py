@@ -1,7 +1,7 @@
 """Loading plain state dicts (the course's ``torch.save(model.state_dict())`` files and ours).
 
 Every problem a user can fix (wrong file, other architecture, other number of classes, corrupt
-values) is raised as :class:`common.errors.UserError` with a one-line message naming the source,
+values) is raised as :class:`base.errors.UserError` with a one-line message naming the source,
 so the command-line tools print it without a traceback.
 
 The one tolerated mismatch, the ``layer5.*`` keys of an unused block that old copies of the course
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import UserError
+from base.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
     """Run ``train`` or ``test`` in-process exactly as its ``__main__`` does; return code and output."""
-    from common.cli import run_main
+    from cli.flags import run_main
 
     def run(script: str, *args: str) -> CliResult:
         capsys.readouterr()

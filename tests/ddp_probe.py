@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import run_main  # noqa: E402
+from cli.flags import run_main  # noqa: E402
 from datamodules import MEAN, STD  # noqa: E402
 
 PROBE_DIR_ENV = "DDP_PROBE_DIR"

@@ -1,4 +1,4 @@
-"""TensorBoard dashboards (lit_modules/dashboards.py, train.py, test.py --log-to-run) and the console.
+"""TensorBoard dashboards (callbacks/dashboards.py, train.py, test.py --log-to-run) and the console.
 
 One tiny CPU run of train.py writes the dashboards; the tests read them back as TensorBoard does,
 with its EventAccumulator.
@@ -26,8 +26,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from datamodules import CLASSES, CIFAR10DataModule
 from datamodules.cifar10 import eval_transform
-from lit_modules.dashboards import ConfidentMistakes, ConfusionMatrix, to_rgb
-from lit_modules.progress import ThrottledProgressBar
+from callbacks.dashboards import ConfidentMistakes, ConfusionMatrix, to_rgb
+from callbacks.progress import ThrottledProgressBar
 
 # 50 of the 120 tiny training images held out, so that every class has validation images.
 QUICK = ["--accelerator", "cpu", "--workers", "0", "--batch-size", "20", "--val-size", "50", "--eval-batch-size", "50",
@@ -52,7 +52,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[Path
     """One vgg16 run of 2 epochs on the tiny data: (its run folder, what it printed)."""
     from conftest import load_script
 
-    from common.cli import run_main
+    from cli.flags import run_main
 
     output = tmp_path_factory.mktemp("runs")
     printed = io.StringIO()

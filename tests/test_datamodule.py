@@ -17,7 +17,7 @@ from fakedata import fake_images, make_image_folder, make_python_archive, make_t
 from PIL import Image
 from torchvision.datasets import utils as tv_utils
 
-from common.errors import UserError
+from base.errors import UserError
 from datamodules import (
     CLASSES,
     MEAN,

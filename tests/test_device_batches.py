@@ -17,7 +17,7 @@ from fakedata import make_image_folder
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.errors import UserError
+from base.errors import UserError
 from datamodules import MEAN, STD, CIFAR10DataModule
 from datamodules.cifar10 import TransformedTensorDataset, eval_transform, train_transform
 from datamodules.device_batches import OFFSETS, PAD, EvalBatches, ShuffledShard, TrainBatches, resolve_data_path

@@ -33,7 +33,7 @@ def trained(tmp_path_factory, tiny_data) -> Path:
     output = tmp_path_factory.mktemp("runs")
     args = ["--model", "vgg16", "--data-dir", str(tiny_data), "--epochs", "2", "--checkpoint-every", "1"]
     with pytest.raises(SystemExit) as exit_info:
-        from common.cli import run_main
+        from cli.flags import run_main
 
         run_main(load_script("train").main, [*args, *QUICK, "--output-dir", str(output)])
     assert exit_info.value.code == 0

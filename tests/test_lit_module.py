@@ -8,7 +8,7 @@ from models import build_model
 
 def make_module(**recipe) -> ImageClassifier:
     torch.manual_seed(0)
-    return ImageClassifier(build_model("vgg16"), model_name="vgg16", **recipe)
+    return ImageClassifier(backbone=build_model("vgg16"), model_name="vgg16", **recipe)
 
 
 def test_defaults_are_the_course_recipe():
@@ -57,8 +57,7 @@ def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_hyperparameters_are_plain_values_enough_to_rebuild_the_backbone():
     module = ImageClassifier(
-        build_model("resnet50", identity_shortcut=True),
-        model_name="resnet50",
+        "resnet50",
         model_options={"identity_shortcut": True},
         class_names=[f"c{i}" for i in range(10)],
     )

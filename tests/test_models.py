@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import models
-from common.errors import UserError
+from base.errors import UserError
 from models import (
     Bottleneck,
     build_model,

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from robustness import assert_one_line_error, record_files
 
-from common import exporting
-from common.checkpoints import build_backbone, load_checkpoint
-from common.errors import UserError
-from common.exporting import read_safetensors
-from common.inference import load_image, load_images, predict_probabilities, to_model_input
+from run import exporting
+from run.checkpoints import build_backbone, load_checkpoint
+from base.errors import UserError
+from run.exporting import read_safetensors
+from run.inference import load_image, load_images, predict_probabilities, to_model_input
 from datamodules import CLASSES
 from fakedata import fake_images
 
@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
     """best.ckpt of a tiny vgg16 run and of a tiny resnet50 run, written by train.py."""
     from conftest import load_script
 
-    from common.cli import run_main
+    from cli.flags import run_main
 
     output = tmp_path_factory.mktemp("runs")
     found = {}

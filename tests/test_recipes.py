@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_modules import ImageClassifier
-from lit_modules.recipes import TimeToAccuracy, WeightEMA
+from callbacks.recipes import TimeToAccuracy, WeightEMA
 from models import build_model
 
 # Tiny runs: 40 training images in 2 batches, 20 for validation, on the CPU in this process.
@@ -85,7 +85,7 @@ def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics(tmp_path)
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory, tiny_data) -> dict:
     """train.py with EMA, flip TTA and time-to-accuracy: its run folder and results JSON."""
-    from common.cli import run_main
+    from cli.flags import run_main
 
     output = tmp_path_factory.mktemp("ema")
     results = output / "results.json"
@@ -140,7 +140,7 @@ def test_time_to_accuracy_must_come_before_the_ema():
     """Placed after the EMA callback, the benchmark would see the raw weights: refused at setup."""
     ema, clock = WeightEMA(0.9), TimeToAccuracy(0.9)
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ema, clock])
-    module = ImageClassifier(build_model("vgg16"), model_name="vgg16")
+    module = ImageClassifier(backbone=build_model("vgg16"), model_name="vgg16")
     with pytest.raises(ValueError, match="TimeToAccuracy must come before WeightEMA"):
         clock.setup(trainer, module, "fit")
 
@@ -184,7 +184,7 @@ def test_resume_with_ema_is_exact(cli, tiny_data, tmp_path):
 def test_flip_tta_logits_are_the_mean_of_the_image_and_its_mirror():
     """tta=flip: the logits are exactly (f(x) + f(mirrored x)) / 2; tta=none: f(x)."""
     torch.manual_seed(0)
-    module = ImageClassifier(build_model("resnet50"), model_name="resnet50", tta="flip").eval()
+    module = ImageClassifier(backbone=build_model("resnet50"), model_name="resnet50", tta="flip").eval()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         plain, mirrored = module.backbone(images), module.backbone(images.flip(3))
@@ -229,7 +229,7 @@ def test_accuracy_runner_writes_runs_summary_and_table(tiny_data, tmp_path, caps
     """benchmarks/accuracy.py over 2 seeds: a JSON per run, mean/std/min/max, the Markdown table; a rerun skips."""
     import importlib.util
 
-    from common.cli import run_main
+    from cli.flags import run_main
 
     spec = importlib.util.spec_from_file_location("accuracy_runner", ROOT / "benchmarks" / "accuracy.py")
     runner = importlib.util.module_from_spec(spec)

@@ -17,9 +17,9 @@ import torch
 from conftest import ROOT
 from robustness import assert_one_line_error, record_files
 
-from common.errors import UserError
+from base.errors import UserError
 from lit_modules import ImageClassifier
-from lit_modules.reliability import AtomicCheckpointIO, capture_rng_state, restore_rng_state
+from callbacks.reliability import AtomicCheckpointIO, capture_rng_state, restore_rng_state
 from models import build_model
 
 # Tiny runs: 40 training images in 2 batches, 20 for validation, on the CPU in this process.
@@ -43,7 +43,7 @@ def temp_files(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory, tiny_data) -> Path:
     """A finished one-epoch run; returns its run folder. Tests must leave its checkpoints as they are."""
-    from common.cli import run_main
+    from cli.flags import run_main
     from conftest import load_script
 
     output = tmp_path_factory.mktemp("runs")
@@ -114,7 +114,7 @@ _SAVE_LOOP = """
 import itertools, sys, time
 import torch
 sys.path.insert(0, {root!r})
-from lit_modules.reliability import AtomicCheckpointIO
+from callbacks.reliability import AtomicCheckpointIO
 
 io, target = AtomicCheckpointIO(), sys.argv[1]
 for step in itertools.count(1):

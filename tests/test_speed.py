@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import RichProgressBar
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.cli import Hardware
-from common.speed import prepare_backbone, use_channels_last
+from run.hardware import Hardware
+from run.hardware import prepare_backbone, use_channels_last
 from lit_modules import ImageClassifier
-from lit_modules.progress import ThrottledProgressBar
+from callbacks.progress import ThrottledProgressBar
 from models import build_model
 
 
@@ -22,7 +22,7 @@ def test_compiled_backbone_keeps_the_plain_state_dict_keys() -> None:
     plain = build_model("resnet50")
     compiled = prepare_backbone(build_model("resnet50"), channels_last=False, compile=True)
     assert list(compiled.state_dict()) == list(plain.state_dict())
-    module = ImageClassifier(compiled, model_name="resnet50")
+    module = ImageClassifier(backbone=compiled, model_name="resnet50")
     assert not any("_orig_mod" in key for key in module.state_dict())
 
 

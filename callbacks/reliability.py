@@ -5,8 +5,8 @@
 * :class:`ResumableRNG` puts the torch / numpy / python RNG states into each checkpoint and puts
   them back before the resumed epoch's data iterator is built, so shuffling, augmentation and
   dropout continue exactly where they stopped.
-* :class:`PreemptionCheckpoint` saves ``last.ckpt`` when Lightning stops on SIGTERM (optionally
-  also on a requeue signal such as SIGUSR1); ``common.cli.run_main`` then exits with 143.
+* :class:`PreemptionCheckpoint` saves ``last.ckpt`` when Lightning stops on SIGTERM, Ctrl-C or a
+  requeue signal such as SIGUSR1; ``cli.flags.run_main`` then exits with 143 (130 for Ctrl-C).
 * :class:`FiniteLossGuard` stops training with a one-line error as soon as the loss is NaN or
   infinite, before any checkpoint of the diverged weights is written.
 """
@@ -31,8 +31,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from common.errors import UserError
-from common.files import TEMP_SUFFIX, atomic_write, temp_prefix
+from base.errors import UserError
+from base.files import TEMP_SUFFIX, atomic_write, temp_prefix
 
 # Signals that --requeue-signal may name; SLURM's ``--signal=USR1@90`` style warnings.
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -56,7 +56,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpoints, written so that a crash never leaves half a file.
 
     Each save goes to a hidden ``.NAME.XXXX.tmp`` beside the target, is flushed and fsynced,
-    then renamed over the target (``common.files.atomic_write``). An exception or a kill during
+    then renamed over the target (``base.files.atomic_write``). An exception or a kill during
     the save leaves the previous checkpoint intact and loadable; a kill can leave a temporary
     file, which the next save of the same checkpoint removes. Only global rank zero writes a
     given checkpoint (Lightning's strategies call ``save_checkpoint`` there alone), so another
@@ -162,13 +162,15 @@ class ResumableRNG(Callback):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM (and ``requeue_signal``), save ``path`` so that ``--resume`` continues the run.
+    """On SIGTERM, Ctrl-C and ``requeue_signal``, save ``path`` so that ``--resume`` continues the run.
 
     Lightning's ``_SignalConnector`` already catches SIGTERM during ``fit``: it sets
     ``trainer.received_sigterm``, and the loops raise ``SIGTERMException`` at the next safe
     point (after the current batch), which reaches every callback's ``on_exception``. This
     callback writes the checkpoint there, through the Trainer, hence atomically. A requeue
-    signal is forwarded to the process as SIGTERM, so it follows the very same path.
+    signal is forwarded to the process as SIGTERM, so it follows the very same path, and so is
+    the first Ctrl-C (SIGINT); ``received`` names the signal, and a second Ctrl-C exits at once
+    with code 130.
     """
 
     def __init__(self, path: Path, requeue_signal: str | None = None) -> None:
@@ -177,32 +179,45 @@ class PreemptionCheckpoint(Callback):
         self.path = Path(path)
         self.requeue_signal = requeue_signal
         self.received = "SIGTERM"
-        self._previous_handler: Any = None
+        self._previous_handlers: dict[int, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Signal handlers can only be installed from the main thread (Lightning skips them too).
-        if stage != "fit" or self.requeue_signal is None or threading.current_thread() is not threading.main_thread():
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
-        signum = getattr(signal, self.requeue_signal, None)
-        if signum is None:
-            raise UserError(f"--requeue-signal {self.requeue_signal}: this platform has no such signal")
-        self._previous_handler = signal.signal(signum, self._forward_as_sigterm)
+        # Ctrl-C: the first one stops like SIGTERM (after the batch, saving last.ckpt), a second
+        # one aborts at once. Lightning's own handling of KeyboardInterrupt saves nothing.
+        self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._stop_after_batch)
+        if self.requeue_signal is not None:
+            signum = getattr(signal, self.requeue_signal, None)
+            if signum is None:
+                raise UserError(f"--requeue-signal {self.requeue_signal}: this platform has no such signal")
+            self._previous_handlers[signum] = signal.signal(signum, self._forward_as_sigterm)
 
     def _forward_as_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(getattr(signal, self.requeue_signal), self._previous_handler)
-            self._previous_handler = None
+    def _stop_after_batch(self, signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, _abort_now)
+        print(
+            "\ninterrupted: saving last.ckpt after the current batch (press Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._forward_as_sigterm(signum, frame)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown hooks after an exception.
-        self._restore_handler()
+        self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         trainer.save_checkpoint(self.path)
@@ -212,6 +227,12 @@ class PreemptionCheckpoint(Callback):
                 f"saved {self.path}; continue with: python train.py --resume {self.path}",
                 file=sys.stderr,
             )
+
+
+def _abort_now(signum: int, frame: FrameType | None) -> None:
+    # The checkpoints already on disk are whole (atomic writes); nothing else is worth waiting for.
+    print("aborted", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 class FiniteLossGuard(Callback):

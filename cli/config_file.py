@@ -9,29 +9,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from common.errors import UserError
-from common.files import atomic_write_text
+from base.errors import UserError
+from run.folder import read_config
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must be a mapping of option names to values, e.g. 'batch_size: 100'")
-    return data
 
 
 def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
@@ -56,5 +39,11 @@ def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sour
     return argv
 
 
-def write_config(values: dict[str, Any], path: Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+def parse_config_file(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
+    """The options of the YAML file ``path``, type-checked as flags; a bad value names the file."""
+    argv = config_to_argv(read_config(path), parser, str(path))
+    parser.error_source = str(path)  # type: ignore[attr-defined]
+    try:
+        return vars(parser.parse_args(argv))
+    finally:
+        parser.error_source = None  # type: ignore[attr-defined]

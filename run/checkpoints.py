@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import UserError
+from base.errors import UserError
 from models import build_model, infer_architecture, load_weights, normalize_keys
 
 # Attribute name of the backbone inside ImageClassifier, hence the key prefix in its state dict.

@@ -26,8 +26,8 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from common.checkpoints import CheckpointContents
-from common.errors import UserError
+from run.checkpoints import CheckpointContents
+from base.errors import UserError
 from datamodules import CLASSES
 from datamodules.cifar10 import eval_transform
 

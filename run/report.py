@@ -10,7 +10,7 @@ from typing import Any
 import lightning
 import torch
 
-from common.files import atomic_write_text
+from base.files import atomic_write_text
 
 
 def device_name(accelerator: str) -> str:
@@ -29,7 +29,7 @@ def device_name(accelerator: str) -> str:
 
 def run_results(
     *,
-    args: dict[str, Any],
+    config: dict[str, Any],
     hardware: dict[str, Any],
     outcome: dict[str, Any],
     test_metrics: dict[str, float],
@@ -39,18 +39,18 @@ def run_results(
     data: str,
     argv: list[str],
 ) -> dict[str, Any]:
-    """One run's figures as plain JSON values; ``args`` are train.py's resolved options, ``argv`` its flags."""
+    """One run's figures as plain JSON values; ``config`` is the run's resolved options, ``argv`` its flags."""
     return {
-        "model": args["model"],
-        "config": args.get("config"),
-        "seed": args["seed"],
-        "epochs": args["epochs"],
+        "model": config["model"],
+        "config": config.get("config"),
+        "seed": config["seed"],
+        "epochs": config["epochs"],
         "epochs_trained": epochs_trained,
         "test_accuracy": test_metrics.get("acc/test"),
         "test_top5_accuracy": test_metrics.get("acc_top5/test"),
         "test_loss": test_metrics.get("loss/test"),
-        "tta": args.get("tta"),
-        "ema_decay": args.get("ema_decay"),
+        "tta": config.get("tta"),
+        "ema_decay": config.get("ema_decay"),
         "best_checkpoint": outcome.get("best"),
         "best_val_accuracy": outcome.get("best_score"),
         "best_epoch": outcome.get("best_epoch"),
@@ -65,7 +65,7 @@ def run_results(
         "seconds": seconds,
         "time_to_accuracy": time_to_accuracy,
         "argv": argv,
-        "options": args,
+        "options": config,
     }
 
 

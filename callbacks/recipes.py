@@ -178,7 +178,7 @@ class TimeToAccuracy(Callback):
         return time.perf_counter()
 
     def report(self) -> dict[str, Any]:
-        """What the run's results JSON records (see ``common/run_report.py``)."""
+        """What the run's results JSON records (see ``run/report.py``)."""
         durations = [b["train_s"] - a["train_s"] for a, b in zip([{"train_s": 0.0}, *self.epochs], self.epochs)]
         later = statistics.median(durations[1:]) if len(durations) > 1 else None
         return {

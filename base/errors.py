@@ -7,3 +7,7 @@ class UserError(Exception):
     The entry points print it as a single ``error: ...`` line and exit non-zero, without a
     traceback, so it must only be raised for problems the user can fix, never for bugs.
     """
+
+
+class Interrupted(Exception):
+    """The user stopped the program with Ctrl-C after its work was saved; the entry points exit 130."""

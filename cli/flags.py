@@ -1,36 +1,40 @@
-"""Command-line pieces shared by train.py and test.py: parser, flags, hardware, error handling."""
+"""Command-line pieces shared by every entry point: the parser, flag types, shared flags, error handling.
+
+Flags have no defaults of their own: a flag not typed is absent from the parsed namespace, and
+``--help`` shows the default that ``run.config.RunConfig`` holds, the one place it is defined.
+Only this layer sees an argparse namespace; it hands plain dicts of typed values to ``run``.
+"""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from common.errors import UserError
+from base.errors import Interrupted, UserError
 from datamodules.device_batches import DATA_PATHS
+from run.config import DEFAULTS
+from run.hardware import ACCELERATORS, DEVICES_HELP, PRECISIONS
 
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
 # "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
 PREEMPTED_EXIT_CODE = 143
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is None or its help already says what the default is."""
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows a flag's default from ``RunConfig`` unless it is None or the help already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or "default" in text or action.default is argparse.SUPPRESS:
+        # A flag of one entry point only (predict.py's --top-k) keeps its own default.
+        default = DEFAULTS.get(action.dest) if action.default is argparse.SUPPRESS else action.default
+        if default in (None, False) or "default" in text or not action.option_strings:
             return text
-        return super()._get_help_string(action)
+        shown = f"{default:g}" if isinstance(default, float) else default
+        return f"{text} (default: {shown})"
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,6 +46,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        kwargs.setdefault("argument_default", argparse.SUPPRESS)
         super().__init__(*args, **kwargs)
         self.error_source: str | None = None
 
@@ -112,91 +117,30 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data-dir",
-        default="data",
         help="CIFAR-10 as a folder holding cifar-10-batches-py (downloaded there when missing and online), "
         "an image-folder tree (train/<class>/*, test/<class>/*) or a .tar.gz of one",
     )
-    group.add_argument("--eval-batch-size", type=positive_int, default=500, help="batch size of validation and test")
+    group.add_argument("--eval-batch-size", type=positive_int, help="batch size of validation and test")
     group.add_argument(
         "--data-path",
         choices=DATA_PATHS,
-        default="auto",
         help="device: whole batches augmented on the training device (datamodules/device_batches.py); "
         "loader: a DataLoader augmenting image by image on the CPU; auto: device on CUDA and CPU",
     )
-    group.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes (--data-path loader)")
-    group.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: ~/.cache)")
+    group.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (--data-path loader)")
+    group.add_argument("--cache-dir", help="where decoded images are cached (default: ~/.cache)")
 
 
 def add_hardware_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("hardware")
-    group.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto picks a GPU when there is one")
-    group.add_argument("--devices", default="auto", help="number of devices, a list such as 0,1, or auto")
-    group.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16-mixed on GPUs that support it, else 32-true"
-    )
+    group.add_argument("--accelerator", choices=ACCELERATORS, help="auto picks a GPU when there is one")
+    group.add_argument("--devices", help=DEVICES_HELP)
+    group.add_argument("--precision", choices=PRECISIONS, help="auto: bf16-mixed on GPUs that support it, else 32-true")
     group.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="channels_last memory format for the model and its batches (default: on with CUDA)",
     )
-
-
-@dataclass(frozen=True)
-class Hardware:
-    accelerator: str
-    devices: int | list[int] | str
-    precision: str
-
-
-def parse_devices(text: str) -> int | list[int] | str:
-    if text == "auto":
-        return text
-    try:
-        if "," in text:
-            return [int(part) for part in text.split(",") if part.strip()]
-        value = int(text)
-    except ValueError:
-        raise UserError(f"--devices {text!r}: expected a count, a list such as 0,1, or auto") from None
-    if value < 1 and value != -1:
-        raise UserError(f"--devices {text}: must be at least 1 (or -1 for all)")
-    return value
-
-
-def resolve_hardware(accelerator: str, devices: str, precision: str) -> Hardware:
-    """Check the request against this machine before any heavy work, and fill in 'auto'."""
-    wants_cuda = accelerator in ("gpu", "cuda")
-    if wants_cuda and not torch.cuda.is_available():
-        raise UserError(
-            f"--accelerator {accelerator}: no CUDA GPU is available on this machine; use --accelerator cpu (or auto)"
-        )
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--accelerator mps: Apple's MPS backend is not available here; use --accelerator cpu (or auto)")
-    on_cuda = wants_cuda or (accelerator == "auto" and torch.cuda.is_available())
-    parsed_devices = parse_devices(devices)
-    if on_cuda:
-        wanted = parsed_devices if isinstance(parsed_devices, int) else None
-        if wanted is not None and wanted > torch.cuda.device_count():
-            raise UserError(
-                f"--devices {wanted}: only {torch.cuda.device_count()} GPU(s) visible; lower --devices"
-            )
-    if precision == "auto":
-        precision = "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"
-    return Hardware("gpu" if on_cuda else accelerator, parsed_devices, precision)
-
-
-def quiet_lightning() -> None:
-    """Keep the console to what the user asked for: Lightning's hints are noise in a finished tool."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
-    for pattern in (
-        ".*does not have many workers.*",
-        ".*GPU available but not used.*",
-        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-        ".*LeafSpec.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:
@@ -215,6 +159,9 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except SIGTERMException:
         print(f"{prog}: stopped by a termination signal (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Interrupted as exc:
+        print(f"{prog}: interrupted: {exc}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -16,9 +16,9 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from common.checkpoints import CheckpointContents, load_checkpoint
-from common.errors import UserError
-from common.inference import IMAGE_SIZE
+from run.checkpoints import CheckpointContents, load_checkpoint
+from base.errors import UserError
+from run.inference import IMAGE_SIZE
 from datamodules import MEAN, STD
 from models import infer_architecture
 
@@ -101,7 +101,7 @@ def export_safetensors(model: nn.Module, file: BinaryIO, metadata: dict[str, str
     file.write(save(model.state_dict(), metadata=metadata))
 
 
-# Each writes the model into an open binary file, so common.files.atomic_write can wrap any of them.
+# Each writes the model into an open binary file, so base.files.atomic_write can wrap any of them.
 EXPORTERS: dict[str, Callable[[nn.Module, BinaryIO, dict[str, str]], None]] = {
     "onnx": export_onnx,
     "torchscript": export_torchscript,

@@ -1,0 +1,175 @@
+"""One assembly: the DataModule, the LightningModule, the callbacks and the Trainer of a run.
+
+Everything is built from a resolved :class:`run.config.RunConfig` and nothing else, so train.py,
+test.py and the benchmarks get the same pieces for the same options.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.loggers import Logger
+
+from callbacks.checkpoints import NamedCheckpoint
+from callbacks.dashboards import Dashboards
+from callbacks.progress import EpochLines, ThrottledProgressBar
+from callbacks.recipes import TimeToAccuracy, recipe_callbacks
+from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG
+from datamodules import CIFAR10DataModule
+from lit_modules import ImageClassifier
+from run.checkpoints import build_backbone, load_checkpoint
+from run.config import RunConfig
+from run.hardware import prepare_backbone
+
+
+def quiet_lightning() -> None:
+    """Keep the console to what the user asked for: Lightning's hints are noise in a finished tool."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*GPU available but not used.*",
+        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def build_datamodule(config: RunConfig) -> CIFAR10DataModule:
+    return CIFAR10DataModule(
+        data_dir=config.data_dir,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        val_size=config.val_size,
+        num_workers=config.workers,
+        seed=config.seed,
+        train_limit=config.train_limit,
+        cache_dir=config.cache_dir,
+        download=True,
+        data_path=config.data_path,
+        channels_last=config.channels_last,
+    )
+
+
+def build_module(config: RunConfig, class_names: tuple[str, ...] | list[str]) -> ImageClassifier:
+    """The LightningModule of ``config``; with ``--weights`` (and no resume) its network starts from them."""
+    if config.weights is not None and config.resume is None:
+        backbone = build_backbone(load_checkpoint(config.weights, expected_model=config.model), len(class_names))
+    else:
+        backbone = None
+    module = ImageClassifier(
+        config.model,
+        backbone=backbone,
+        num_classes=len(class_names),
+        model_options=config.model_options(),
+        class_names=list(class_names),
+        optimizer=config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        scheduler=config.scheduler,
+        step_size=config.step_size,
+        gamma=config.gamma,
+        label_smoothing=config.label_smoothing,
+        tta=config.tta,
+    )
+    prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
+    return module
+
+
+@dataclass
+class RunCallbacks:
+    """The callbacks of a training run, with the ones train.py reads after fitting named."""
+
+    all: list[Callback]
+    best: NamedCheckpoint
+    latest: NamedCheckpoint
+    clock: TimeToAccuracy | None
+
+
+def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ...] | list[str]) -> RunCallbacks:
+    checkpoint_dir = run_dir / "checkpoints"
+    best = NamedCheckpoint(
+        dirpath=checkpoint_dir,
+        filename="best",
+        monitor="acc/val",
+        mode="max",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    # Its own callback rather than save_last=True: Lightning 2.6 refreshes save_last only in
+    # epochs where the monitored checkpoint was also saved, and resuming needs every epoch.
+    latest = NamedCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    periodic = NamedCheckpoint(
+        dirpath=checkpoint_dir,
+        filename="epoch{epoch:03d}",
+        every_n_epochs=config.checkpoint_every,
+        save_top_k=-1,
+        auto_insert_metric_name=False,
+    )
+    # Fast recipes: EMA of the weights, time-to-accuracy benchmark (callbacks/recipes.py).
+    extras = recipe_callbacks(config.ema_decay, config.time_to_accuracy)
+    callbacks: list[Callback] = [
+        best,
+        latest,
+        periodic,
+        LearningRateMonitor(),
+        # Confusion matrices, per-class validation accuracy, misclassified test images.
+        Dashboards(class_names),
+        ThrottledProgressBar(),
+        EpochLines(),
+        # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume.
+        FiniteLossGuard(),
+        PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=config.requeue_signal),
+        ResumableRNG(),
+        *extras,
+    ]
+    clock = next((callback for callback in extras if isinstance(callback, TimeToAccuracy)), None)
+    return RunCallbacks(callbacks, best, latest, clock)
+
+
+def build_trainer(config: RunConfig, *, logger: Logger | bool, callbacks: list[Callback]) -> L.Trainer:
+    """The Trainer of ``config``; ``logger`` and ``callbacks`` as the caller needs them."""
+    quiet_lightning()
+    devices = list(config.devices) if isinstance(config.devices, tuple) else config.devices
+    return L.Trainer(
+        accelerator=config.accelerator,
+        devices=devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+        max_epochs=config.epochs,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        fast_dev_run=config.fast_dev_run,
+        limit_train_batches=config.limit_train_batches,
+        limit_val_batches=config.limit_val_batches,
+        limit_test_batches=config.limit_test_batches,
+        log_every_n_steps=config.log_every_n_steps,
+        benchmark=config.accelerator == "gpu",
+    )
+
+
+@dataclass
+class Assembly:
+    datamodule: CIFAR10DataModule
+    module: ImageClassifier
+    trainer: L.Trainer
+    callbacks: RunCallbacks
+
+
+def build(config: RunConfig, run_dir: Path, logger: Logger) -> Assembly:
+    """Everything a training run needs, writing into ``run_dir`` through ``logger``."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(config)
+    module = build_module(config, datamodule.classes)
+    callbacks = build_callbacks(config, run_dir, datamodule.classes)
+    trainer = build_trainer(config, logger=logger, callbacks=callbacks.all)
+    return Assembly(datamodule, module, trainer, callbacks)

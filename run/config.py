@@ -1,0 +1,253 @@
+"""The resolved configuration of one training run: every option, merged once, typed, never mutated.
+
+Built-in defaults, a resumed run's saved options, a ``--config`` file and the flags typed are
+merged in that order (a later source wins) by :func:`resolve_run_config`, which returns a frozen
+:class:`RunConfig` in which nothing is left to decide later: the network is known (from the
+checkpoint when one is resumed or started from), ``epochs`` is a number, hardware ``auto``
+values are what Lightning will use here, and every path is expanded (``~``, ``$VARS``) and
+absolute. ``config.yaml`` in the run folder is :meth:`RunConfig.to_dict` of it.
+
+Defaults live in one place each: the recipe's in ``ImageClassifier``'s signature, the data's in
+``CIFAR10DataModule``'s, the run's here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from base.errors import UserError
+from datamodules import CIFAR10DataModule
+from lit_modules import ImageClassifier
+from run.checkpoints import load_checkpoint
+from run.folder import CONFIG_NAME, find_resume, read_config
+from run.hardware import Hardware, resolve_hardware, use_channels_last
+
+
+def _defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+
+
+_RECIPE = _defaults(ImageClassifier.__init__)
+_DATA = _defaults(CIFAR10DataModule.__init__)
+# The course trained VGG16 for 250 epochs and ResNet50 for 285; that is the default run length.
+COURSE_EPOCHS = {"vgg16": 250, "vgg16_bn": 250, "resnet50": 285}
+
+# Why an option may not change when a run is resumed; everything not listed here may.
+_TRAINING = "it decides what the run trains on"
+_OPTIMISER = "the optimiser's restored state was built with it"
+_SCHEDULE = "it changes the length of the run's learning-rate schedule"
+
+
+def _option(default: Any, fixed: str | None = None, path: bool = False, per_invocation: bool = False) -> Any:
+    """A field of :class:`RunConfig`.
+
+    ``fixed``: why the option cannot change on resume; ``path``: expanded and made absolute;
+    ``per_invocation``: belongs to one command, not to the run, so a resume does not inherit it.
+    """
+    metadata = {"fixed": fixed, "path": path, "per_invocation": per_invocation}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of a training run, resolved. Build it with :func:`resolve_run_config`."""
+
+    # network and recipe
+    model: str = _option(_RECIPE["model_name"], fixed=_TRAINING)
+    identity_shortcut: bool = _option(False, fixed=_TRAINING)
+    epochs: int | None = _option(None)  # None: COURSE_EPOCHS of the model
+    batch_size: int = _option(_DATA["batch_size"], fixed=_SCHEDULE)
+    optimizer: str = _option(_RECIPE["optimizer"], fixed=_OPTIMISER)
+    lr: float = _option(_RECIPE["lr"], fixed=_OPTIMISER)
+    momentum: float = _option(_RECIPE["momentum"], fixed=_OPTIMISER)
+    nesterov: bool = _option(_RECIPE["nesterov"], fixed=_OPTIMISER)
+    weight_decay: float = _option(_RECIPE["weight_decay"], fixed=_OPTIMISER)
+    scheduler: str = _option(_RECIPE["scheduler"], fixed=_SCHEDULE)
+    step_size: int = _option(_RECIPE["step_size"], fixed=_SCHEDULE)
+    gamma: float = _option(_RECIPE["gamma"], fixed=_SCHEDULE)
+    label_smoothing: float = _option(_RECIPE["label_smoothing"], fixed=_TRAINING)
+    ema_decay: float | None = _option(None, fixed=_TRAINING)
+    tta: str = _option(_RECIPE["tta"], fixed="the best checkpoint was chosen with it")
+    # data
+    data_dir: Path = _option(_DATA["data_dir"], path=True)
+    eval_batch_size: int = _option(_DATA["eval_batch_size"])
+    data_path: str = _option(_DATA["data_path"])
+    workers: int = _option(_DATA["num_workers"])
+    cache_dir: Path | None = _option(_DATA["cache_dir"], path=True)
+    val_size: int = _option(_DATA["val_size"], fixed=_TRAINING)
+    train_limit: int | None = _option(_DATA["train_limit"], fixed=_TRAINING)
+    # hardware (resolved: never auto)
+    accelerator: str = _option("auto")
+    devices: Any = _option("auto", fixed=_SCHEDULE)
+    precision: str = _option("auto")
+    channels_last: bool | None = _option(None)
+    compile: bool = _option(False)
+    num_nodes: int = _option(1, fixed=_SCHEDULE)
+    strategy: str = _option("auto")
+    # the run
+    config: Path | None = _option(None, path=True, per_invocation=True)  # the YAML these options came from
+    output_dir: Path = _option("runs", path=True)
+    run_name: str | None = _option(None)
+    seed: int = _option(0, fixed=_TRAINING)
+    resume: Path | None = _option(None, path=True, per_invocation=True)
+    weights: Path | None = _option(None, path=True, per_invocation=True)
+    checkpoint_every: int = _option(20)
+    results_json: Path | None = _option(None, path=True, per_invocation=True)
+    time_to_accuracy: float | None = _option(None, per_invocation=True)
+    log_every_n_steps: int = _option(50)
+    requeue_signal: str | None = _option(None)
+    # quick runs
+    fast_dev_run: int = _option(0, per_invocation=True)
+    limit_train_batches: int | float | None = _option(None, fixed=_SCHEDULE)
+    limit_val_batches: int | float | None = _option(None, per_invocation=True)
+    limit_test_batches: int | float | None = _option(None, per_invocation=True)
+
+    @property
+    def hardware(self) -> Hardware:
+        return Hardware(self.accelerator, self.devices, self.precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON values: paths as strings, a device list as ``0,1``."""
+        values = dataclasses.asdict(self)
+        for name, value in values.items():
+            if isinstance(value, Path):
+                values[name] = str(value)
+            elif isinstance(value, tuple):
+                values[name] = ",".join(map(str, value))
+        return values
+
+    def model_options(self) -> dict[str, Any]:
+        return {"identity_shortcut": True} if self.identity_shortcut else {}
+
+
+FIELDS = {option.name: option for option in dataclasses.fields(RunConfig)}
+DEFAULTS: dict[str, Any] = {name: option.default for name, option in FIELDS.items()}
+FIXED_ON_RESUME = {name: option.metadata["fixed"] for name, option in FIELDS.items() if option.metadata["fixed"]}
+PER_INVOCATION = {name for name, option in FIELDS.items() if option.metadata["per_invocation"]}
+
+
+def absolute_path(value: str | os.PathLike[str]) -> Path:
+    """``value`` with ``~`` and environment variables expanded, made absolute (not resolving links)."""
+    return Path(os.path.abspath(os.path.expandvars(os.path.expanduser(os.fspath(value)))))
+
+
+def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """The built-in defaults overlaid by each layer in turn; unknown keys are refused."""
+    values = dict(DEFAULTS)
+    for layer in layers:
+        unknown = sorted(set(layer) - set(FIELDS))
+        if unknown:
+            raise UserError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(FIELDS))}")
+        values.update(layer)
+    return values
+
+
+def build_config(values: Mapping[str, Any], model: str | None = None, model_options: Mapping[str, Any] | None = None) -> RunConfig:
+    """A :class:`RunConfig` from merged ``values``: paths absolute, hardware and run length resolved.
+
+    ``model`` and ``model_options``, when given, are the network of the checkpoint the run starts
+    from; a different ``model`` in ``values`` that the user asked for is an error.
+    """
+    values = dict(values)
+    for name, option in FIELDS.items():
+        if option.metadata["path"] and values.get(name) is not None:
+            values[name] = absolute_path(values[name])
+    if model is not None:
+        values["model"] = model
+        values["identity_shortcut"] = bool((model_options or {}).get("identity_shortcut", False))
+    if values["identity_shortcut"] and values["model"] != "resnet50":
+        raise UserError("--identity-shortcut applies to resnet50 only")
+    if values["model"] not in COURSE_EPOCHS:
+        raise UserError(f"unknown model {values['model']!r}: choose one of {', '.join(COURSE_EPOCHS)}")
+    values["epochs"] = values["epochs"] or COURSE_EPOCHS[values["model"]]
+    hardware = resolve_hardware(values["accelerator"], values["devices"], values["precision"])
+    values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision)
+    values["channels_last"] = use_channels_last(values["channels_last"], hardware)
+    if values["run_name"] is not None:
+        _check_run_name(values["run_name"])
+    return RunConfig(**values)
+
+
+def _check_run_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
+        raise UserError(f"--run-name {name!r}: a run name is one folder name (no '/', not starting with '.')")
+
+
+def changed_fixed_options(saved: Mapping[str, Any], wanted: RunConfig) -> list[str]:
+    """One line per option that may not change mid-run but differs between a run and its resume.
+
+    ``saved`` are the run's options as its ``config.yaml`` holds them, merged over the defaults.
+    """
+    problems = []
+    for name, why in FIXED_ON_RESUME.items():
+        before, after = saved[name], getattr(wanted, name)
+        if FIELDS[name].metadata["path"] and before is not None:
+            before = absolute_path(before)
+        if name == "devices":
+            before, after = _device_count(before, wanted.accelerator), wanted.hardware.device_count
+        if before != after:
+            problems.append(f"--{name.replace('_', '-')} {_show(after)} (the run has {_show(before)}): {why}")
+    if wanted.epochs != saved["epochs"] and saved["scheduler"] in ("onecycle", "cosine"):
+        problems.append(
+            f"--epochs {wanted.epochs} (the run has {saved['epochs']}): its {saved['scheduler']} schedule was built "
+            "for that many epochs and cannot be stretched"
+        )
+    return problems
+
+
+def _device_count(devices: Any, accelerator: str) -> Any:
+    try:
+        return resolve_hardware(accelerator, devices, "32-true").device_count
+    except UserError:
+        return devices  # not runnable here: shown as saved, and differs from any count
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> RunConfig:
+    """The run that ``config_file``'s options and the ``typed`` flags ask for, resolved and checked.
+
+    A resume continues the run it names with that run's saved options, overlaid by the config
+    file and the flags; options that may not change mid-run are refused in one line. A new run
+    with ``--weights`` takes its network from that checkpoint.
+    """
+    asked = merge(config_file, typed)
+    model = asked["model"] if "model" in typed or "model" in config_file else None
+    output_dir = absolute_path(asked["output_dir"])
+    resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
+    if resume is None:
+        values = {**asked, "resume": None}
+        if asked["weights"] is None:
+            return build_config(values)
+        start = load_checkpoint(absolute_path(asked["weights"]), expected_model=model)
+        return build_config(values, start.model_name, start.model_options)
+    run_dir = resume.parent.parent
+    saved_file = {k: v for k, v in read_config(run_dir / CONFIG_NAME).items() if k in FIELDS and k not in PER_INVOCATION}
+    saved = merge(saved_file)
+    values = merge(saved_file, config_file, typed)
+    # The run stays in its folder, wherever that folder is now (moved, copied, requeued).
+    values.update(resume=resume, output_dir=run_dir.parent.parent, run_name=run_dir.name)
+    config = build_config(values)
+    problems = changed_fixed_options(saved, config)
+    if problems:
+        more = f" (and {len(problems) - 1} more option(s))" if len(problems) > 1 else ""
+        raise UserError(
+            f"cannot resume {run_dir} with {problems[0]}{more}; resume without changing it, "
+            f"or start a new run from these weights with --weights {resume}"
+        )
+    return config

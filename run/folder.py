@@ -1,0 +1,211 @@
+"""Run folders of train.py (``OUTPUT_DIR/<model>/<run name>``): creating, finding and resuming them.
+
+A run owns its folder: ``config.yaml`` (its resolved options), ``checkpoints/`` and the
+TensorBoard event files. A new run gets a fresh folder (``version_N``, or ``--run-name``),
+created atomically so that two jobs starting at once never share one; a resume, in every form,
+continues the folder of the checkpoint it names. Shared by train.py and ``test.py --log-to-run``.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from base.errors import UserError
+from base.files import atomic_write_text
+from callbacks.dashboards import Dashboards
+from run.checkpoints import CheckpointContents, read_checkpoint_file
+
+CONFIG_NAME = "config.yaml"
+RESUMED_CONFIG_NAME = "config.resumed.yaml"
+LAST_NAME = "last.ckpt"
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of option names to values (a ``--config`` file or a run's ``config.yaml``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must be a mapping of option names to values, e.g. 'batch_size: 100'")
+    return data
+
+
+def write_config(values: Mapping[str, Any], path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(dict(values), sort_keys=False))
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run folder that train.py wrote ``checkpoint`` into, or None for a checkpoint from elsewhere."""
+    folder = checkpoint.resolve().parent
+    run = folder.parent
+    return run if folder.name == "checkpoints" and (run / CONFIG_NAME).is_file() else None
+
+
+def create_run_dir(output_dir: Path, model: str, run_name: str | None) -> Path:
+    """Make the folder of a new run: ``run_name``, or the next free ``version_N``.
+
+    ``mkdir`` without ``exist_ok`` is atomic, so two jobs that start together never get the same
+    folder; a named run that already has checkpoints is refused rather than written over.
+    """
+    root = output_dir / model
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {root} ({exc.strerror or exc}); choose another --output-dir") from None
+    if run_name is not None:
+        folder = root / run_name
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if any((folder / "checkpoints").glob("*.ckpt")):
+                raise UserError(
+                    f"run {folder} already exists; continue it with --resume last, or choose another --run-name"
+                ) from None
+            # A start of this same run that ended before its first checkpoint: start it again.
+        return folder
+    number = max((_version(path) for path in root.iterdir()), default=-1) + 1
+    while True:
+        folder = root / f"version_{number}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def _version(path: Path) -> int:
+    prefix, _, number = path.name.partition("_")
+    return int(number) if prefix == "version" and number.isdigit() else -1
+
+
+def newest_run(output_dir: Path, model: str | None) -> Path | None:
+    """The run folder under ``output_dir`` (of ``model``, or of any) most recently written to."""
+    runs = [config.parent for config in output_dir.glob(f"{model or '*'}/*/{CONFIG_NAME}")]
+    return max(runs, key=_last_activity, default=None)
+
+
+def _last_activity(run: Path) -> float:
+    files = [run / CONFIG_NAME, run / RESUMED_CONFIG_NAME, run / "checkpoints" / LAST_NAME]
+    return max(path.stat().st_mtime for path in files if path.exists())
+
+
+def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_name: str | None) -> Path | None:
+    """The ``last.ckpt``-like checkpoint that ``--resume`` names, checked to be resumable.
+
+    ``last``: the newest run (or, with ``run_name``, that run, and None when it has no checkpoint
+    yet, so that a requeued job's first start and its restarts are one command). A run folder or
+    its ``checkpoints/`` folder means its ``last.ckpt``.
+    """
+    if str(resume) == "last":
+        if run_name is not None:
+            found = sorted(output_dir.glob(f"{model or '*'}/{run_name}/checkpoints/{LAST_NAME}"))
+            return check_resumable(found[0]) if found else None
+        run = newest_run(output_dir, model)
+        if run is None:
+            runs = f"{model} runs" if model else "runs"
+            raise UserError(f"--resume last: no {runs} under {output_dir}; start without --resume, or pass a checkpoint path")
+        last = run / "checkpoints" / LAST_NAME
+        if not last.is_file():
+            raise UserError(
+                f"--resume last: the newest run, {run}, has no {LAST_NAME} (stopped before its first epoch ended); "
+                "start it again without --resume, or name an older run's checkpoint with --resume PATH"
+            )
+        return check_resumable(last)
+    path = Path(resume)
+    if path.is_dir():
+        candidates = [path / "checkpoints" / LAST_NAME, path / LAST_NAME]
+        found = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if found is None:
+            raise UserError(
+                f"--resume {path}: a folder to resume must be a run folder of train.py with checkpoints/{LAST_NAME} "
+                f"(or its checkpoints/ folder); none found there"
+            )
+        path = found
+    return check_resumable(path)
+
+
+def check_resumable(checkpoint: Path) -> Path:
+    """``checkpoint`` if it is a training checkpoint inside a run folder; a one-line UserError otherwise."""
+    contents = read_checkpoint_file(checkpoint)
+    if not (isinstance(contents, dict) and "pytorch-lightning_version" in contents and "state_dict" in contents):
+        plain = isinstance(contents, dict) and contents and all(hasattr(value, "shape") for value in contents.values())
+        what = "a plain state dict (torch.save(model.state_dict()))" if plain else "not a training checkpoint of train.py"
+        raise UserError(
+            f"--resume {checkpoint}: this is {what}, which holds no training state to continue; "
+            f"start a new run from its weights with --weights {checkpoint}"
+        )
+    if run_dir_of(checkpoint) is None:
+        raise UserError(
+            f"--resume {checkpoint}: not inside a run folder of train.py (RUN/checkpoints/ beside RUN/{CONFIG_NAME}), "
+            f"so the run's options are unknown; put it back in its run folder, or start a new run from it with "
+            f"--weights {checkpoint}"
+        )
+    return checkpoint.resolve()
+
+
+def discard_if_unfinished(run_dir: Path) -> bool:
+    """Remove a run folder that holds no checkpoint (stopped before its first epoch ended); True if removed."""
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+def run_logger(run_dir: Path) -> TensorBoardLogger:
+    """The TensorBoard logger that writes into ``run_dir``, new or existing.
+
+    No ``hp_metric`` placeholder: the HParams tab gets the run's real results at its end
+    (:func:`log_final_hparams`).
+    """
+    return TensorBoardLogger(
+        save_dir=run_dir.parent.parent, name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
+    )
+
+
+def require_run_dir(checkpoint: str | Path) -> Path:
+    """The run folder of ``checkpoint``, for ``--log-to-run``; a one-line UserError when there is none."""
+    run = run_dir_of(Path(checkpoint))
+    if run is None:
+        raise UserError(
+            f"--log-to-run: {checkpoint} is not in a run folder of train.py "
+            f"(OUTPUT_DIR/<model>/version_N/checkpoints/, beside a {CONFIG_NAME}); "
+            "pass a checkpoint from such a folder, or leave out --log-to-run"
+        )
+    return run
+
+
+def run_dashboards(run_dir: Path, contents: CheckpointContents, class_names: Sequence[str]) -> Dashboards:
+    """The callback that writes a checkpoint's test results into ``run_dir``, at the step it was saved at.
+
+    That step puts test.py's points on the run's curves where the tested weights came from.
+    """
+    if contents.global_step is None:
+        raise UserError(
+            f"--log-to-run: {contents.path} is not a checkpoint written by train.py (no training step in it), "
+            "so it has no place in the run's curves; leave out --log-to-run"
+        )
+    return Dashboards(class_names, logger=run_logger(run_dir), step=contents.global_step)
+
+
+def log_final_hparams(
+    logger: TensorBoardLogger, config: Mapping[str, Any], metrics: Mapping[str, float | None], step: int
+) -> None:
+    """Record the run's options with its final results, for TensorBoard's HParams tab, and flush.
+
+    Metrics that a run does not have (no test after ``--fast-dev-run``) are left out rather than
+    written as a made-up number.
+    """
+    logger.log_hyperparams(dict(config), {name: value for name, value in metrics.items() if value is not None}, step=step)
+    logger.finalize("success")

@@ -1,0 +1,183 @@
+"""``train(config)``: one training run from a resolved configuration, start to results.
+
+Opens (or, on resume, continues) the run's folder, fits, tests the best checkpoint, and records
+the run's options and results. train.py only parses flags into a ``RunConfig`` and prints what
+this returns.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from base.errors import Interrupted
+from callbacks.reliability import PreemptionCheckpoint
+from datamodules import describe_source
+from run.build import Assembly, build, build_datamodule
+from run.checkpoints import load_checkpoint
+from run.config import RunConfig
+from run.folder import (
+    CONFIG_NAME,
+    RESUMED_CONFIG_NAME,
+    create_run_dir,
+    discard_if_unfinished,
+    log_final_hparams,
+    run_logger,
+    write_config,
+)
+from run.report import run_results, write_results_json
+
+# DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it.
+RUN_DIR_ENV = "CIFAR10_LIGHTNING_RUN_DIR"
+
+
+@dataclass
+class RunOutcome:
+    """What a finished run reports: its folder, checkpoints, and test metrics (``acc/test``...)."""
+
+    config: RunConfig
+    run_dir: Path
+    is_global_zero: bool
+    best: str | None = None
+    best_score: float | None = None
+    best_epoch: int | None = None
+    last: str | None = None
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    data: str = ""
+
+
+def open_run_dir(config: RunConfig) -> tuple[Path, bool]:
+    """(the run's folder, whether this process created it): a resumed run's own, else a new one."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
+        return Path(inherited), False
+    if config.resume is not None:
+        return config.resume.parent.parent, False
+    return create_run_dir(config.output_dir, config.model, config.run_name), True
+
+
+def describe(config: RunConfig) -> str:
+    """The options that make the run, in one line."""
+    schedule = f"{config.scheduler} schedule" if config.scheduler != "none" else "constant lr"
+    parts = [
+        config.model + (" (identity shortcuts)" if config.identity_shortcut else ""),
+        f"{config.epochs} epochs",
+        f"batch {config.batch_size}",
+        f"{config.optimizer} lr {config.lr:g}",
+        schedule,
+        f"seed {config.seed}",
+        f"{config.accelerator} x{config.hardware.device_count} {config.precision}",
+    ]
+    return ", ".join(parts)
+
+
+def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
+    """Fit ``config``'s run, test its best checkpoint, record everything; returns the outcome.
+
+    Raises ``UserError`` for problems found on the way (before any heavy work where they can be
+    known), ``SIGTERMException`` after saving ``last.ckpt`` on SIGTERM, ``Interrupted`` after
+    saving it on Ctrl-C.
+    """
+    started = time.perf_counter()
+    # Downloading (or finding) the data first: a failure must not leave an empty run folder.
+    build_datamodule(config).prepare_data()
+    run_dir, created = open_run_dir(config)
+    try:
+        assembly = build(config, run_dir, run_logger(run_dir))
+        trainer = assembly.trainer
+        if trainer.is_global_zero and not config.fast_dev_run:
+            write_config(config.to_dict(), run_dir / (RESUMED_CONFIG_NAME if config.resume else CONFIG_NAME))
+        if trainer.is_global_zero:
+            verb = f"resuming {run_dir} from {config.resume.name}" if config.resume else f"new run {run_dir}"
+            print(f"{verb}: {describe(config)}", flush=True)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        fit_started = time.perf_counter()
+        try:
+            trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
+        finally:
+            os.environ.pop(RUN_DIR_ENV, None)
+    except SIGTERMException:
+        preemption = next(c for c in assembly.callbacks.all if isinstance(c, PreemptionCheckpoint))
+        if preemption.received == "SIGINT":
+            raise Interrupted(f"saved {preemption.path}; continue with: python train.py --resume {run_dir}") from None
+        raise
+    except BaseException:
+        if created and discard_if_unfinished(run_dir):
+            print(f"removed the run folder {run_dir}: it stopped before writing any checkpoint", flush=True)
+        raise
+    return _test_and_record(config, assembly, run_dir, started, fit_started, argv)
+
+
+def _test_and_record(
+    config: RunConfig, assembly: Assembly, run_dir: Path, started: float, fit_started: float, argv: list[str] | None
+) -> RunOutcome:
+    trainer, callbacks = assembly.trainer, assembly.callbacks
+    # Read before testing: trainer.test restores the callbacks' state from the tested checkpoint.
+    outcome = RunOutcome(
+        config,
+        run_dir,
+        trainer.is_global_zero,
+        best=callbacks.best.best_model_path or None,
+        best_score=float(callbacks.best.best_model_score) if callbacks.best.best_model_score is not None else None,
+        last=callbacks.latest.best_model_path or None,
+        data=describe_source(config.data_dir),
+    )
+    epochs_trained, test_started = trainer.current_epoch, time.perf_counter()
+    results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
+    outcome.test_metrics = dict(results[0]) if results else {}
+    if not trainer.is_global_zero:
+        return outcome
+    if outcome.best:
+        # Lightning counts epochs from 0 (epoch000.ckpt holds the first); people count from 1.
+        outcome.best_epoch = load_checkpoint(outcome.best).epoch + 1
+        final = {
+            "hp/best_val_acc": outcome.best_score,
+            "hp/best_epoch": outcome.best_epoch,
+            "hp/test_acc": outcome.test_metrics.get("acc/test"),
+            "hp/test_loss": outcome.test_metrics.get("loss/test"),
+        }
+        log_final_hparams(trainer.logger, config.to_dict(), final, step=trainer.global_step)
+    if config.results_json:
+        finished = time.perf_counter()
+        report = run_results(
+            config=config.to_dict(),
+            hardware={"accelerator": config.accelerator, "precision": config.precision, "devices": trainer.world_size},
+            outcome={"best": outcome.best, "best_score": outcome.best_score, "best_epoch": outcome.best_epoch},
+            test_metrics=outcome.test_metrics,
+            epochs_trained=epochs_trained,
+            seconds={
+                "setup": fit_started - started,
+                "fit": test_started - fit_started,
+                "test": finished - test_started,
+                "total": finished - started,
+            },
+            time_to_accuracy=callbacks.clock.report() if callbacks.clock else None,
+            data=outcome.data,
+            argv=list(argv or []),
+        )
+        write_results_json(config.results_json, report)
+    return outcome
+
+
+def summary_lines(outcome: RunOutcome) -> list[tuple[str, str]]:
+    """(label, value) rows that train.py prints at the end of a run."""
+    config, metrics = outcome.config, outcome.test_metrics
+    lines = [("test accuracy", f"{100 * metrics['acc/test']:.2f} % on {outcome.data}" if "acc/test" in metrics else "n/a")]
+    if not outcome.best:
+        return lines + [("checkpoints", "none written (--fast-dev-run)")]
+    score = f", acc/val {100 * outcome.best_score:.2f} %" if outcome.best_score is not None else ""
+    lines += [
+        ("best epoch", f"{outcome.best_epoch} of {config.epochs} (counting from 1){score}"),
+        ("best checkpoint", f"{outcome.best}{score}"),
+        ("last checkpoint", str(outcome.last)),
+        ("config", str(outcome.run_dir / CONFIG_NAME)),
+        ("dashboards", f"tensorboard --logdir {outcome.run_dir}"),
+        ("test again", f"python test.py --ckpt {outcome.best}"),
+    ]
+    if config.results_json:
+        lines.append(("results", str(config.results_json)))
+    return lines
+
