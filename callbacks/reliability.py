@@ -220,7 +220,7 @@ class PreemptionCheckpoint(Callback):
         self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: loops, callbacks, optimiser
         if trainer.is_global_zero:
             print(
                 f"stopped by {self.received} at epoch {trainer.current_epoch}, step {trainer.global_step}: "

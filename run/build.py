@@ -35,6 +35,8 @@ def quiet_lightning() -> None:
         ".*GPU available but not used.*",
         ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
         ".*LeafSpec.*",
+        # A resumed run writes into its own checkpoint folder, which is never empty.
+        ".*Checkpoint directory .* exists and is not empty.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -165,11 +167,19 @@ class Assembly:
     callbacks: RunCallbacks
 
 
-def build(config: RunConfig, run_dir: Path, logger: Logger) -> Assembly:
-    """Everything a training run needs, writing into ``run_dir`` through ``logger``."""
+def build_data_and_module(config: RunConfig) -> tuple[CIFAR10DataModule, ImageClassifier]:
+    """The seeded DataModule and LightningModule: everything that can fail on bad input, no files written."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
-    module = build_module(config, datamodule.classes)
+    return datamodule, build_module(config, datamodule.classes)
+
+
+def build(config: RunConfig, run_dir: Path, logger: Logger, parts: tuple[CIFAR10DataModule, ImageClassifier] | None = None) -> Assembly:
+    """Everything a training run needs, writing into ``run_dir`` through ``logger``.
+
+    ``parts`` are what :func:`build_data_and_module` returned, when the caller built them first.
+    """
+    datamodule, module = parts or build_data_and_module(config)
     callbacks = build_callbacks(config, run_dir, datamodule.classes)
     trainer = build_trainer(config, logger=logger, callbacks=callbacks.all)
     return Assembly(datamodule, module, trainer, callbacks)

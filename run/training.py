@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from base.errors import Interrupted
 from callbacks.reliability import PreemptionCheckpoint
 from datamodules import describe_source
-from run.build import Assembly, build, build_datamodule
+from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig
 from run.folder import (
@@ -82,11 +82,12 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     saving it on Ctrl-C.
     """
     started = time.perf_counter()
-    # Downloading (or finding) the data first: a failure must not leave an empty run folder.
-    build_datamodule(config).prepare_data()
+    # Data and network first (a download, weights to load): a failure must not leave a run folder.
+    parts = build_data_and_module(config)
+    parts[0].prepare_data()
     run_dir, created = open_run_dir(config)
     try:
-        assembly = build(config, run_dir, run_logger(run_dir))
+        assembly = build(config, run_dir, run_logger(run_dir), parts)
         trainer = assembly.trainer
         if trainer.is_global_zero and not config.fast_dev_run:
             write_config(config.to_dict(), run_dir / (RESUMED_CONFIG_NAME if config.resume else CONFIG_NAME))

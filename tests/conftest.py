@@ -1,7 +1,7 @@
 """Fixtures shared by the end-to-end tests: offline, private cache, tiny data, in-process CLI runs."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import socket
 import sys
@@ -16,6 +16,13 @@ from fakedata import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 5
+
+# Tiny CPU runs, defined once for every end-to-end test: no worker processes, small batches,
+# a curve point at every step. A flag given again later on a command line wins (argparse).
+CPU = ["--accelerator", "cpu", "--workers", "0"]
+QUICK = [*CPU, "--batch-size", "20", "--val-size", "20", "--eval-batch-size", "50", "--log-every-n-steps", "1"]
+# 40 training images in 2 batches of VGG16, 20 for validation.
+QUICK_VGG = ["--model", "vgg16", *QUICK, "--train-limit", "40"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +51,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_script(name: str) -> ModuleType:
-    """Import train.py or test.py by path (``import test`` would find the standard library's)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind ``name``.py (train, test, predict, export): ``cli.<name>``, whose ``main`` it runs."""
+    return importlib.import_module(f"cli.{name}")
 
 
 @dataclass

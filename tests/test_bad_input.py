@@ -164,7 +164,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(cli, tiny_data, tmp_path, 
 def test_resume_last_without_any_run_says_so(cli, tiny_data, tmp_path):
     """--resume last with no run to resume."""
     result = cli("train", "--resume", "last", "--output-dir", str(tmp_path / "runs"), "--data-dir", str(tiny_data))
-    assert_one_line_error(result, "--resume last: no runs with a checkpoints/last.ckpt")
+    assert_one_line_error(result, "--resume last: no runs under")
 
 
 def test_a_failed_test_leaves_an_existing_json_report_untouched(cli, tiny_data, checkpoints, tmp_path):

@@ -1,20 +1,24 @@
-"""The shipped configs are the course recipe, and the order of precedence is flags > config > defaults."""
+"""One resolved run configuration: the shipped configs are the course recipe, flags > config > defaults."""
 from __future__ import annotations
+
+import argparse
+import dataclasses
 
 import pytest
 
-from conftest import load_script
+from cli.train import build_train_parser, parse_run_config
+from run.config import COURSE_EPOCHS, DEFAULTS, RunConfig
 
-train = load_script("train")
+CPU = ["--accelerator", "cpu"]
 
 
 @pytest.mark.parametrize("model", ["vgg16", "resnet50"])
 def test_shipped_config_equals_the_built_in_course_defaults(model):
-    from_config = vars(train.parse_args(["--config", f"configs/{model}.yaml"]))
-    built_in = vars(train.parse_args(["--model", model]))
-    assert from_config.pop("config") == f"configs/{model}.yaml" and built_in.pop("config") is None
-    assert from_config.pop("epochs") == train.COURSE_EPOCHS[model] and built_in.pop("epochs") is None
+    from_config = dataclasses.asdict(parse_run_config(["--config", f"configs/{model}.yaml", *CPU]))
+    built_in = dataclasses.asdict(parse_run_config(["--model", model, *CPU]))
+    assert from_config.pop("config").name == f"{model}.yaml" and built_in.pop("config") is None
     assert from_config == built_in
+    assert built_in["epochs"] == COURSE_EPOCHS[model]
     assert (built_in["optimizer"], built_in["lr"], built_in["batch_size"]) == ("adam", 1e-3, 100)
     assert (built_in["scheduler"], built_in["step_size"], built_in["gamma"]) == ("step", 20, pytest.approx(1 / 3))
 
@@ -22,6 +26,28 @@ def test_shipped_config_equals_the_built_in_course_defaults(model):
 def test_flags_override_the_config_whatever_their_order(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("model: resnet50\nbatch_size: 64\nnesterov: true\noptimizer: sgd\n")
-    args = train.parse_args(["--batch-size", "32", "--config", str(config)])
-    assert (args.model, args.batch_size, args.nesterov, args.optimizer) == ("resnet50", 32, True, "sgd")
-    assert train.parse_args(["--config", str(config), "--no-nesterov"]).nesterov is False
+    resolved = parse_run_config(["--batch-size", "32", "--config", str(config), *CPU])
+    assert (resolved.model, resolved.batch_size, resolved.nesterov, resolved.optimizer) == ("resnet50", 32, True, "sgd")
+    assert parse_run_config(["--config", str(config), "--no-nesterov", *CPU]).nesterov is False
+
+
+def test_the_parser_holds_no_defaults_and_help_shows_the_configs():
+    """Every train.py default lives in RunConfig (or the constructor it reads); the parser only shows it."""
+    parser = build_train_parser()
+    flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert {action.dest for action in flags} <= set(DEFAULTS)
+    assert all(action.default is argparse.SUPPRESS for action in flags)
+    text = parser.format_help()
+    assert "DataLoader worker processes (--data-path loader) (default: 2)" in " ".join(text.split())
+    assert DEFAULTS["workers"] == 2
+
+
+def test_the_resolved_config_is_frozen_with_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_HOME", str(tmp_path / "d"))
+    resolved = parse_run_config(["--data-dir", "$DATA_HOME/cifar", "--output-dir", "out", *CPU])
+    assert resolved.data_dir == tmp_path / "d" / "cifar" and resolved.output_dir == tmp_path / "out"
+    assert (resolved.accelerator, resolved.devices, resolved.precision) == ("cpu", 1, "32-true")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.lr = 0.5  # type: ignore[misc]
+    assert isinstance(resolved, RunConfig)

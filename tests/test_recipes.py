@@ -212,7 +212,7 @@ def test_test_py_tta_flag_overrides_the_checkpoint(cli, ema_run, tiny_data, tmp_
 @pytest.mark.parametrize("config", FAST_CONFIGS)
 def test_fast_config_is_the_issue_recipe_and_runs(cli, tiny_data, tmp_path, config):
     """configs/*_fast.yaml: SGD Nesterov, one-cycle, label smoothing, weight decay, EMA, flip TTA, <= 40 epochs; fast-dev-run works."""
-    args = load_script("train").parse_args(["--config", str(ROOT / config)])
+    args = load_script("train").parse_run_config(["--config", str(ROOT / config), "--accelerator", "cpu"])
     assert (args.optimizer, args.nesterov, args.scheduler, args.tta) == ("sgd", True, "onecycle", "flip")
     assert args.epochs <= 40 and args.batch_size == 512 and 0.01 <= args.lr <= 0.2
     assert args.label_smoothing == 0.1 and args.weight_decay == 5e-4 and 0.99 <= args.ema_decay < 1

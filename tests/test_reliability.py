@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def test_resume_refuses_to_stretch_a_per_step_schedule(cli, tiny_data, tmp_path)
     last = tmp_path / "vgg16" / "version_0" / "checkpoints" / "last.ckpt"
     before = digest(last)
     result = cli("train", *recipe, "--epochs", "2", "--resume", "last")
-    assert_one_line_error(result, "onecycle schedule was built for 1 epochs", "--epochs 1")
+    assert_one_line_error(result, "--epochs 2 (the run has 1): its onecycle schedule was built", "--weights")
     record_files("the resumed run's last.ckpt", 1, int(digest(last) != before))
     assert digest(last) == before
 
@@ -360,11 +361,11 @@ def test_wrapped_and_gpu_checkpoints_test_like_the_plain_one(cli, tiny_data, tmp
 
 def test_resume_from_a_gpu_checkpoint_on_the_cpu(cli, one_epoch_run, tiny_data, tmp_path, monkeypatch):
     """A last.ckpt written on a GPU resumes on a CPU-only machine."""
-    gpu_last = tmp_path / "gpu_last.ckpt"
+    run = tmp_path / "gpu-run"  # the run folder as copied from the GPU machine
+    shutil.copytree(one_epoch_run, run)
+    gpu_last = run / "checkpoints" / "last.ckpt"
     _save_as_if_on_cuda(load(one_epoch_run / "checkpoints" / "last.ckpt"), gpu_last, monkeypatch)
-    output = tmp_path / "runs"
-    result = cli("train", *QUICK, "--resume", str(gpu_last), "--epochs", "2", "--data-dir", str(tiny_data),
-                 "--output-dir", str(output))
+    result = cli("train", *QUICK, "--resume", str(gpu_last), "--epochs", "2", "--data-dir", str(tiny_data))
     assert result.code == 0, result.err
-    resumed = load(output / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")
+    resumed = load(gpu_last)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * STEPS_PER_EPOCH

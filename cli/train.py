@@ -1,7 +1,15 @@
-"""train.py's flags, and turning them (with ``--config``) into one resolved ``RunConfig``."""
+"""Train VGG16 or ResNet50 on CIFAR-10 (the course recipe by default), then test the best checkpoint.
+
+    python train.py --model vgg16 --accelerator gpu
+    python train.py --config configs/resnet50.yaml --epochs 30 --data-dir ~/data/cifar10-jpeg.tar.gz
+    python train.py --resume last
+
+train.py's flags, turned (with ``--config``) into one resolved ``RunConfig``, and its ``main``.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from callbacks.reliability import REQUEUE_SIGNALS
@@ -19,10 +27,16 @@ from cli.flags import (
 from lit_modules import OPTIMIZERS, SCHEDULERS, TTA_MODES
 from models import MODEL_NAMES
 from run.config import RunConfig, resolve_run_config
+from run.training import summary_lines, train
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
-    parser = Parser(prog=prog, description=description, epilog="Flags typed on the command line override --config.")
+    parser = Parser(
+        prog=prog,
+        description=description or __doc__.splitlines()[0],
+        argument_default=argparse.SUPPRESS,
+        epilog="Flags typed on the command line override --config.",
+    )
     parser.add_argument("--config", help="YAML file of option defaults, e.g. configs/vgg16.yaml")
 
     group = parser.add_argument_group("model and recipe (defaults: the course's)")
@@ -115,3 +129,13 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
     typed = vars(parser.parse_args(list(argv)))
     config_file = parse_config_file(parser, typed["config"]) if "config" in typed else {}
     return resolve_run_config(config_file, typed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    outcome = train(parse_run_config(argv), argv)
+    if outcome.is_global_zero:
+        lines = summary_lines(outcome)
+        width = max(len(label) for label, _ in lines)
+        print("\n".join(f"{label:<{width}}  {value}" for label, value in lines))
+    return 0

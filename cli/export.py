@@ -1,0 +1,64 @@
+"""Export a checkpoint's network to ONNX, TorchScript or safetensors, for use outside this project.
+
+    python export.py --ckpt runs/vgg16/version_0/checkpoints/best.ckpt --format onnx
+    python export.py --ckpt resnet50_epoch285.ckpt --format safetensors --output models/resnet50.safetensors
+
+The output defaults to the checkpoint's path with the format's suffix (.onnx, .torchscript.pt,
+.safetensors). An existing file is only replaced with --force, and the file appears complete or
+not at all: it is written under a temporary name in the same folder, then renamed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from run.checkpoints import build_backbone
+from cli.flags import Parser
+from base.errors import UserError
+from run.exporting import EXPORTERS, FORMATS, default_output, export_metadata, load_any_checkpoint
+from base.files import atomic_write
+from run.inference import class_names
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="export.py", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--ckpt", required=True, help="a .ckpt written by train.py, a course state dict, or an exported .safetensors"
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="onnx: dynamic batch, input 'images' N,3,32,32 (normalised), output 'logits'; "
+        "torchscript: for torch.jit.load (deprecated by PyTorch, prefer onnx); "
+        "safetensors: the weights plus the metadata to rebuild the network",
+    )
+    parser.add_argument("--output", type=Path, help="where to write (default: beside the checkpoint)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    return parser
+
+
+def resolve_output(checkpoint: Path, fmt: str, output: Path | None, force: bool) -> Path:
+    """The file to write, refused before the export when writing it would lose something."""
+    output = output or default_output(checkpoint, fmt)
+    if output.is_dir():
+        example = output / default_output(checkpoint, fmt).name
+        raise UserError(f"--output {output} is a folder; name the file to write, e.g. {example}")
+    if output.exists() and output.resolve() == checkpoint.resolve():
+        raise UserError(f"--output {output} is the checkpoint being exported; choose another file")
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it, or choose another --output")
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    checkpoint = Path(args.ckpt)
+    contents = load_any_checkpoint(checkpoint)
+    output = resolve_output(checkpoint, args.format, args.output, args.force)
+    model = build_backbone(contents).eval()
+    metadata = export_metadata(contents, class_names(contents))
+    atomic_write(output, lambda file: EXPORTERS[args.format](model, file, metadata))
+    print(f"{contents.model_name} ({contents.num_classes} classes) exported to {output} ({args.format}, "
+          f"{output.stat().st_size / 2**20:.1f} MiB)")
+    return 0

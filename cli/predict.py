@@ -1,0 +1,116 @@
+"""Classify image files with a checkpoint: the predicted CIFAR-10 class and the top-k probabilities.
+
+    python predict.py --ckpt runs/vgg16/version_0/checkpoints/best.ckpt photo.jpg holiday/
+    python predict.py --ckpt vgg16_epoch250.ckpt --top-k 5 --json pictures/ > predictions.jsonl
+
+Any size and colour mode is accepted: each picture is centre-cropped to a square and resized to
+32x32 (see run/inference.py for why). Folders are searched recursively. An image that cannot
+be decoded is skipped with a warning on stderr and the exit code is 1; the others are still
+classified. A missing path, a folder without images or a bad checkpoint stop at once (exit 2).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from run.checkpoints import build_backbone
+from cli.flags import Parser, positive_int
+from run.hardware import ACCELERATORS, resolve_hardware
+from base.errors import UserError
+from run.exporting import load_any_checkpoint
+from run.inference import UnreadableImageError, class_names, find_images, load_images, predict_probabilities
+
+PROG = "predict.py"
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="predict.py", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders of images")
+    parser.add_argument(
+        "--ckpt", required=True, help="a .ckpt written by train.py, a course state dict, or an exported .safetensors"
+    )
+    parser.add_argument("--top-k", type=positive_int, default=3, help="how many of the most probable classes to show")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per image (JSON Lines) instead of a table"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images decoded and classified at once")
+    parser.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto picks a GPU when there is one")
+    return parser
+
+
+def inference_device(accelerator: str) -> torch.device:
+    """The one device to predict on; resolve_hardware has already refused unavailable ones."""
+    accelerator = resolve_hardware(accelerator, 1, "32-true").accelerator
+    return torch.device("cuda" if accelerator == "gpu" else accelerator)
+
+
+def prediction_record(path: Path, probabilities: list[float], classes: list[int], names: list[str]) -> dict[str, Any]:
+    """What is printed for one image; ``probabilities`` and ``classes`` are its top-k, best first."""
+    return {
+        "file": str(path),
+        "class": names[classes[0]],
+        "probability": round(probabilities[0], 6),
+        "top_k": [{"class": names[c], "probability": round(p, 6)} for c, p in zip(classes, probabilities)],
+    }
+
+
+def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
+    table = Table(title=title)
+    table.add_column("file", overflow="fold")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    if top_k > 1:
+        table.add_column(f"top {top_k}")
+    for record in records:
+        row = [record["file"], record["class"], f"{100 * record['probability']:.1f} %"]
+        if top_k > 1:
+            row.append(", ".join(f"{t['class']} {100 * t['probability']:.1f} %" for t in record["top_k"]))
+        table.add_row(*row)
+    Console().print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = inference_device(args.accelerator)
+    # Paths first: a typo in them is found before the checkpoint is read.
+    paths = find_images(args.inputs)
+    contents = load_any_checkpoint(args.ckpt)
+    if args.top_k > contents.num_classes:
+        raise UserError(
+            f"--top-k {args.top_k}: {args.ckpt} has {contents.num_classes} classes; choose 1 to {contents.num_classes}"
+        )
+    names = class_names(contents)
+    model = build_backbone(contents).to(device)
+
+    skipped: list[UnreadableImageError] = []
+
+    def skip(error: UnreadableImageError) -> None:
+        print(f"{PROG}: warning: {error}; skipped", file=sys.stderr)
+        skipped.append(error)
+
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(paths), args.batch_size):
+        images, kept = load_images(paths[start : start + args.batch_size], on_unreadable=skip)
+        if not kept:
+            continue
+        top = predict_probabilities(model, images, args.batch_size).topk(args.top_k, dim=1)
+        for path, probabilities, classes in zip(kept, top.values.tolist(), top.indices.tolist()):
+            record = prediction_record(path, probabilities, classes, names)
+            records.append(record)
+            if args.json:
+                # One line per image as soon as its batch is done, so long runs can be piped and followed.
+                print(json.dumps(record), flush=True)
+    if not records:
+        raise UserError(f"none of the {len(paths)} image(s) could be read (see the warnings above)")
+    if not args.json:
+        print_table(records, f"{contents.model_name} ({contents.num_classes} classes) from {args.ckpt}", args.top_k)
+        if skipped:
+            print(f"{len(records)} image(s) classified, {len(skipped)} skipped (unreadable)")
+    return 1 if skipped else 0

@@ -1,0 +1,206 @@
+"""A run owns its folder: one resolved configuration, resumes that continue exactly the run they name."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import QUICK_VGG
+from lightning.pytorch.callbacks import Callback
+from robustness import assert_one_line_error
+
+from callbacks.checkpoints import NamedCheckpoint
+from lit_modules import ImageClassifier
+from models import build_model
+from run import build as run_build
+
+pytestmark = pytest.mark.slow
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _PreemptAfterEpoch(Callback):
+    """Sends this process SIGTERM at the end of an epoch, as a cluster's preemption would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def preempt_after(monkeypatch):
+    """``preempt_after(n)``: the next train.py run in this process gets SIGTERM after epoch n."""
+    real = run_build.build_callbacks
+
+    def arm(epoch: int) -> None:
+        def build_callbacks(*args, **kwargs):
+            callbacks = real(*args, **kwargs)
+            callbacks.all.append(_PreemptAfterEpoch(epoch))
+            return callbacks
+
+        monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+
+    yield arm
+    monkeypatch.setattr(run_build, "build_callbacks", real)
+
+
+def test_tilde_in_output_dir_is_expanded_and_runs_are_not_overwritten(cli, tiny_data, tmp_path, monkeypatch):
+    """output_dir: ~/... in a config (and --output-dir=~/...) twice: two runs, absolute paths recorded."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "mine.yaml"
+    config.write_text("output_dir: ~/cifar-runs\nepochs: 1\n")
+    first = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--config", str(config))
+    second = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir=~/cifar-runs", "--epochs", "1")
+    assert first.code == 0 and second.code == 0, first.err + second.err
+    runs = tmp_path / "home" / "cifar-runs" / "vgg16"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    assert not (tmp_path / "~").exists()
+    saved = yaml.safe_load((runs / "version_1" / "config.yaml").read_text())
+    assert saved["output_dir"] == str(tmp_path / "home" / "cifar-runs")
+    assert saved["data_dir"] == str(tiny_data) and Path(saved["data_dir"]).is_absolute()
+
+
+def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, tmp_path, preempt_after):
+    """The README's SLURM recipe: two jobs of different seeds/lr, both preempted, each requeue resumes its own run."""
+    output = tmp_path / "runs"
+
+    def job(job_id: str, seed: str, lr: str):
+        return cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "2",
+                   "--seed", seed, "--lr", lr, "--run-name", f"slurm-{job_id}", "--resume", "last")
+
+    preempt_after(1)
+    assert job("101", "0", "0.001").code == 143
+    preempt_after(1)
+    assert job("102", "1", "0.002").code == 143
+    first, second = output / "vgg16" / "slurm-101", output / "vgg16" / "slurm-102"
+    second_before = (second / "checkpoints" / "last.ckpt").read_bytes()
+
+    requeued = job("101", "0", "0.001")  # SLURM requeues job 101 with the same command
+    assert requeued.code == 0, requeued.err
+    assert f"resuming {first}" in requeued.out.splitlines()[0]
+    assert ckpt(first / "checkpoints" / "last.ckpt")["global_step"] == 4  # 2 epochs of 2 steps
+    assert (second / "checkpoints" / "last.ckpt").read_bytes() == second_before
+    assert yaml.safe_load((first / "config.resumed.yaml").read_text())["seed"] == 0
+
+
+def test_resume_last_refuses_a_run_with_other_options(cli, tiny_data, tmp_path, preempt_after):
+    """--resume last picks the newest run; typed options that contradict it are refused, not silently applied."""
+    output = tmp_path / "runs"
+    common = [*QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "2"]
+    for seed in ("0", "1"):
+        preempt_after(1)
+        assert cli("train", *common, "--seed", seed).code == 143
+    result = cli("train", *common, "--seed", "0", "--resume", "last")
+    assert_one_line_error(result, "--seed 0 (the run has 1)")
+    assert "version_1" in result.err and "--weights" in result.err
+
+
+def test_a_moved_run_keeps_its_best_score(tmp_path):
+    """A run folder moved or copied: the best score and kept checkpoints come back, rebased onto the new folder."""
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    saved = NamedCheckpoint(dirpath=old, filename="best", monitor="acc/val", mode="max")
+    saved.best_model_score = torch.tensor(0.75)
+    saved.best_model_path = str(old / "best.ckpt")
+    saved.best_k_models = {str(old / "best.ckpt"): torch.tensor(0.75)}
+    saved.kth_best_model_path = str(old / "best.ckpt")
+    state = saved.state_dict()
+    moved = NamedCheckpoint(dirpath=new, filename="best", monitor="acc/val", mode="max")
+    moved.load_state_dict(state)
+    assert float(moved.best_model_score) == 0.75
+    assert moved.best_model_path == str(new / "best.ckpt")
+    assert list(moved.best_k_models) == [str(new / "best.ckpt")]
+
+
+def best_state(checkpoint: Path) -> dict:
+    return next(v for k, v in ckpt(checkpoint)["callbacks"].items() if "acc/val" in k)
+
+
+def test_a_moved_run_resumes_in_its_new_folder_without_losing_best(cli, tiny_data, tmp_path):
+    """Trained, renamed, resumed by folder: writes only into the new folder; the best score is never lowered."""
+    output = tmp_path / "runs"
+    args = [*QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output)]
+    assert cli("train", *args, "--epochs", "1").code == 0
+    before = float(best_state(output / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")["best_model_score"])
+    moved = tmp_path / "elsewhere" / "my-run"
+    moved.parent.mkdir()
+    shutil.move(output / "vgg16" / "version_0", moved)
+    result = cli("train", "--resume", str(moved), "--epochs", "3", "--accelerator", "cpu")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in (output / "vgg16").iterdir()) == []
+    state = best_state(moved / "checkpoints" / "last.ckpt")
+    assert state["dirpath"] == str(moved / "checkpoints")
+    assert state["best_model_path"] == str(moved / "checkpoints" / "best.ckpt")
+    assert float(state["best_model_score"]) >= before
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "changed"),
+    [
+        ("onecycle", ["--batch-size", "10"]),
+        ("onecycle", ["--limit-train-batches", "1"]),
+        ("onecycle", ["--devices", "2"]),
+        ("onecycle", ["--epochs", "3"]),
+        ("cosine", ["--batch-size", "10"]),
+        ("step", ["--lr", "0.5"]),
+        ("step", ["--gamma", "0.1"]),
+        ("step", ["--optimizer", "sgd"]),
+        ("step", ["--seed", "3"]),
+        ("step", ["--model", "resnet50"]),
+    ],
+)
+def test_options_that_cannot_change_mid_run_are_refused(cli, tiny_data, tmp_path, scheduler, changed, preempt_after):
+    """Resumed with another batch size, limit, device count, length, lr, gamma...: one line naming it, no files touched."""
+    output = tmp_path / "runs"
+    args = [*QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--scheduler", scheduler]
+    preempt_after(1)
+    assert cli("train", *args, "--epochs", "2").code == 143
+    run = output / "vgg16" / "version_0"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    result = cli("train", "--resume", str(run / "checkpoints" / "last.ckpt"), "--accelerator", "cpu", *changed)
+    assert_one_line_error(result, f"cannot resume {run} with {changed[0]} ")
+    assert "--weights" in result.err
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_options_that_may_change_are_applied_and_recorded(cli, tiny_data, tmp_path, preempt_after):
+    """A step-schedule run extended with more epochs and a larger eval batch: used, and recorded as used."""
+    output = tmp_path / "runs"
+    preempt_after(1)
+    assert cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "2").code == 143
+    run = output / "vgg16" / "version_0"
+    result = cli("train", "--resume", str(run), "--epochs", "3", "--eval-batch-size", "7", "--accelerator", "cpu")
+    assert result.code == 0, result.err
+    resumed = yaml.safe_load((run / "config.resumed.yaml").read_text())
+    assert resumed["epochs"] == 3 and resumed["eval_batch_size"] == 7 and resumed["lr"] == 0.001
+    assert resumed["resume"] == str(run / "checkpoints" / "last.ckpt")
+    assert ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 6  # 3 epochs of 2 steps
+    assert "best epoch" in result.out and "of 3 " in result.out
+
+
+def test_checkpoint_hparams_alone_rebuild_the_module(tmp_path):
+    """Lightning's own load_from_checkpoint(weights_only=True) rebuilds the network, also from today's format."""
+    backbone = build_model("resnet50", identity_shortcut=True)
+    hparams = {  # what train.py wrote before the network was built from hparams
+        "model_name": "resnet50", "num_classes": 10, "model_options": {"identity_shortcut": True},
+        "class_names": [f"c{i}" for i in range(10)], "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+        "nesterov": True, "weight_decay": 5e-4, "scheduler": "onecycle", "step_size": 20, "gamma": 1 / 3,
+        "label_smoothing": 0.1, "tta": "flip",
+    }
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0",
+                "epoch": 3, "global_step": 40}, path)
+    module = ImageClassifier.load_from_checkpoint(path, weights_only=True, map_location="cpu")
+    assert module.hparams.model_name == "resnet50" and module.hparams.lr == 0.05 and module.tta == "flip"
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(module.backbone.state_dict()[key], value)
