@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages
 
-from cli.flags import Parser, non_negative_int, run_main  # noqa: E402
-from base.errors import UserError  # noqa: E402
-from base.files import atomic_write_text  # noqa: E402
+from cli.flags import Parser, non_negative_int, run_main
+from base.errors import UserError
+from base.files import atomic_write_text
 
 SUMMARY, TABLE = "summary.json", "results.md"
 

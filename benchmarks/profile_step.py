@@ -10,23 +10,20 @@ network's own cost on this device and precision.
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from cli.flags import Parser, positive_int, run_main  # noqa: E402
-from run.hardware import resolve_hardware  # noqa: E402
-from run.hardware import prepare_backbone, use_channels_last  # noqa: E402
-from lit_modules import ImageClassifier  # noqa: E402
-from models import MODEL_NAMES, build_model  # noqa: E402
+from cli.flags import Parser, positive_int, run_main
+from run.hardware import resolve_hardware
+from run.hardware import prepare_backbone, use_channels_last
+from lit_modules import ImageClassifier
+from models import MODEL_NAMES, build_model
 
 
 def build_parser() -> Parser:

@@ -39,25 +39,23 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from cli.flags import Parser, non_negative_int, positive_int, run_main  # noqa: E402
-from run.build import quiet_lightning  # noqa: E402
-from run.hardware import resolve_hardware  # noqa: E402
-from base.errors import UserError  # noqa: E402
-from run.hardware import prepare_backbone, use_channels_last  # noqa: E402
-from datamodules import CIFAR10DataModule  # noqa: E402
-from datamodules.device_batches import DATA_PATHS, resolve_data_path  # noqa: E402
-from lit_modules import ImageClassifier  # noqa: E402
-from callbacks.progress import ThrottledProgressBar  # noqa: E402
-from callbacks.reliability import FiniteLossGuard  # noqa: E402
-from models import build_model  # noqa: E402
+from cli.flags import Parser, non_negative_int, positive_int, run_main
+from run.build import build_data_and_module, quiet_lightning
+from run.config import build_config, merge
+from run.hardware import resolve_hardware
+from base.errors import UserError
+from run.hardware import use_channels_last
+from datamodules import CIFAR10DataModule
+from datamodules.device_batches import DATA_PATHS, resolve_data_path
+from lit_modules import ImageClassifier
+from callbacks.progress import ThrottledProgressBar
+from callbacks.reliability import FiniteLossGuard
 
 MODELS = ("vgg16", "resnet50")
 VARIANTS = ("seed_loop", "lightning", "bare")
@@ -265,23 +263,16 @@ class StepTimer(Callback):
 
 
 def _pipeline(args: argparse.Namespace) -> tuple[str, str, torch.device, CIFAR10DataModule, ImageClassifier]:
-    """What train.py builds for one device: (accelerator, precision, device, datamodule, module)."""
-    hardware = resolve_hardware(args.accelerator, "1", args.precision)
-    device = _device(hardware.accelerator)
-    channels_last = use_channels_last(args.channels_last, hardware)
+    """What train.py builds for one device (run.build): (accelerator, precision, device, datamodule, module)."""
+    options = {"model": args.worker_model, "data_dir": args.data, "batch_size": args.batch_size, "workers": args.workers,
+               "data_path": args.data_path, "accelerator": args.accelerator, "devices": 1, "precision": args.precision,
+               "channels_last": args.channels_last, "compile": args.compile}
+    config = build_config(merge(options))
     quiet_lightning()
-    L.seed_everything(0, verbose=False)
-    datamodule = CIFAR10DataModule(
-        data_dir=args.data,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        download=False,
-        data_path=args.data_path,
-        channels_last=channels_last,
-        device=device,
-    )
-    backbone = prepare_backbone(build_model(args.worker_model), channels_last=channels_last, compile=args.compile)
-    return hardware.accelerator, hardware.precision, device, datamodule, ImageClassifier(backbone=backbone, model_name=args.worker_model)
+    datamodule, module = build_data_and_module(config)
+    device = _device(config.accelerator)
+    datamodule.device = device  # the bare loop has no Trainer to say where batches go
+    return config.accelerator, config.precision, device, datamodule, module
 
 
 def _peak_gpu_mb(device: torch.device) -> float | None:

@@ -43,7 +43,9 @@ def read_checkpoint_file(path: str | Path) -> Any:
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}; check the path (train.py prints where it saved them)")
     if path.is_dir():
-        raise UserError(f"{path} is a directory; pass a checkpoint file such as {path}/checkpoints/best.ckpt")
+        inside = path / "best.ckpt" if path.name == "checkpoints" else path / "checkpoints" / "best.ckpt"
+        example = inside if inside.is_file() else next(iter(sorted(path.rglob("*.ckpt"))), inside)
+        raise UserError(f"{path} is a directory; pass a checkpoint file such as {example}")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): it was not written completely; use another one")
     try:

@@ -63,6 +63,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[Path
     return output / "vgg16" / "version_0", printed.getvalue()
 
 
+@pytest.mark.slow
 def test_training_logs_per_class_validation_accuracy_every_epoch(run: tuple[Path, str], tiny_data: Path) -> None:
     events = read_events(run[0])
     acc_val = events.Scalars("acc/val")
@@ -133,6 +134,7 @@ def test_output_that_is_not_a_terminal_gets_one_line_per_epoch(run: tuple[Path, 
         assert seconds.endswith(" s") and float(seconds[:-2]) > 0, line
 
 
+@pytest.mark.slow
 def test_test_py_adds_its_results_to_the_run(cli, run: tuple[Path, str], tiny_data: Path, tmp_path: Path) -> None:
     # A copy of the run, so that the other tests read the run as train.py left it.
     run_dir = shutil.copytree(run[0], tmp_path / "runs" / "vgg16" / "version_0")
@@ -238,6 +240,7 @@ class _SlowRegression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+@pytest.mark.slow
 def test_progress_bar_shows_throughput_and_epochs_from_one_without_v_num(tmp_path: Path) -> None:
     bar = ThrottledProgressBar(metrics_interval=0.1)
     shown: list[dict] = []

@@ -41,6 +41,7 @@ def constant_image_folder(root: Path) -> set[int]:
     return train_ids
 
 
+@pytest.mark.slow
 def test_ddp_processes_share_the_data_and_report_global_metrics(tmp_path: Path) -> None:
     train_ids = constant_image_folder(tmp_path / "data")
     probe, output = tmp_path / "probe", tmp_path / "runs"

@@ -40,6 +40,7 @@ def trained(tmp_path_factory, tiny_data) -> Path:
     return output / "vgg16" / "version_0"
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_logs_and_config(trained: Path):
     checkpoints = {path.name for path in (trained / "checkpoints").iterdir()}
     assert {"best.ckpt", "last.ckpt", "epoch000.ckpt", "epoch001.ckpt"} <= checkpoints
@@ -72,6 +73,7 @@ def test_test_py_reports_every_test_image_and_each_class(cli, trained: Path, tin
     assert "all (top-1)" in result.out and "airplane" in result.out
 
 
+@pytest.mark.slow
 def test_resume_last_continues_the_same_run(cli, trained: Path, tiny_data: Path):
     output = trained.parent.parent
     result = cli("train", "--resume", "last", "--epochs", "3", "--output-dir", str(output),
@@ -83,6 +85,7 @@ def test_resume_last_continues_the_same_run(cli, trained: Path, tiny_data: Path)
     assert (trained / "config.resumed.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_course_state_dict_is_tested_and_used_as_starting_weights(cli, tiny_data: Path, tmp_path: Path, caplog):
     # A course checkpoint of the old skeleton: ResNet50 with the unused layer5 block.
     torch.manual_seed(0)
@@ -107,6 +110,7 @@ def test_course_state_dict_is_tested_and_used_as_starting_weights(cli, tiny_data
     assert "model: resnet50" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_config_file_gives_defaults_and_flags_override(cli, tiny_data: Path, tmp_path: Path):
     output = tmp_path / "runs"
     result = cli("train", "--config", "configs/resnet50.yaml", "--epochs", "1", "--fast-dev-run", "1",

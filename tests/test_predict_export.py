@@ -107,6 +107,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 # --- predict.py ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_predict_json_lines_for_a_folder(cli, checkpoints, photos):
     """JSON Lines for a folder: one object per image, top-k sorted."""
     result = cli("predict", "--ckpt", str(checkpoints["vgg16"]), str(photos), "--json", "--top-k", "3")
@@ -122,6 +123,7 @@ def test_predict_json_lines_for_a_folder(cli, checkpoints, photos):
         assert 0.0 < sum(t["probability"] for t in top) <= 1.0 + 1e-5
 
 
+@pytest.mark.slow
 def test_predictions_are_the_checkpoints_probabilities(cli, checkpoints, photos):
     """predict.py reports the network's own probabilities, whatever the batch size."""
     files = [photos / name for name in PHOTO_NAMES]
@@ -226,6 +228,7 @@ def exported_logits(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
         return model(images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 @pytest.mark.parametrize("model", ["vgg16", "resnet50"])
 def test_exported_model_gives_the_checkpoints_logits(cli, checkpoints, batch, reference_logits, tmp_path, model, fmt):
@@ -238,6 +241,7 @@ def test_exported_model_gives_the_checkpoints_logits(cli, checkpoints, batch, re
     torch.testing.assert_close(exported_logits(fmt, output, batch), reference_logits[model], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_safetensors_export_keeps_everything_needed_to_rebuild(cli, checkpoints, photos, tmp_path):
     """A safetensors export rebuilds the network and feeds predict.py."""
     output = tmp_path / "resnet.safetensors"
@@ -253,6 +257,7 @@ def test_safetensors_export_keeps_everything_needed_to_rebuild(cli, checkpoints,
     assert from_export.code == 0 and from_export.out == from_checkpoint.out
 
 
+@pytest.mark.slow
 def test_export_writes_beside_the_checkpoint_and_never_overwrites_silently(cli, checkpoints, tmp_path):
     """Default output path; existing files and the checkpoint itself are never overwritten silently."""
     ckpt = tmp_path / "best.ckpt"

@@ -105,6 +105,7 @@ def _test_py(cli, tmp_path: Path, tiny_data: Path, ckpt: Path, *flags: str) -> d
     return json.loads(report.read_text())
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_averaged_weights_that_both_tests_evaluate(cli, ema_run, tiny_data, tmp_path):
     """best.ckpt's state_dict is the EMA; train.py's final test and test.py both evaluate it, not the raw weights."""
     best_path = ema_run["run"] / "checkpoints" / "best.ckpt"
@@ -126,6 +127,7 @@ def test_checkpoints_hold_the_averaged_weights_that_both_tests_evaluate(cli, ema
     assert _test_py(cli, tmp_path, tiny_data, raw_path)["loss"] != pytest.approx(trained["test_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_evaluates_the_weights_the_checkpoint_holds(cli, ema_run, tiny_data, tmp_path):
     """The per-epoch test accuracy of --time-to-accuracy is that of the epoch's checkpoint (EMA, TTA)."""
     clock = ema_run["results"]["time_to_accuracy"]
@@ -152,6 +154,7 @@ def test_ema_decay_out_of_range_is_one_line(cli, tiny_data, tmp_path):
     assert not (tmp_path / "vgg16").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_ema_is_exact(cli, tiny_data, tmp_path):
     """With EMA on, 1 epoch then resumed to 2 equals 2 straight: averaged and raw weights, average state, optimiser."""
     # A step schedule, whose rates do not depend on the run length, so that 1 epoch then 2 is
@@ -197,6 +200,7 @@ def test_flip_tta_logits_are_the_mean_of_the_image_and_its_mirror():
     assert module.hparams.tta == "flip"
 
 
+@pytest.mark.slow
 def test_test_py_tta_flag_overrides_the_checkpoint(cli, ema_run, tiny_data, tmp_path):
     """test.py --tta none on a checkpoint trained with flip evaluates without it."""
     best = ema_run["run"] / "checkpoints" / "best.ckpt"
@@ -209,6 +213,7 @@ def test_test_py_tta_flag_overrides_the_checkpoint(cli, ema_run, tiny_data, tmp_
 # --- the named configs -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", FAST_CONFIGS)
 def test_fast_config_is_the_issue_recipe_and_runs(cli, tiny_data, tmp_path, config):
     """configs/*_fast.yaml: SGD Nesterov, one-cycle, label smoothing, weight decay, EMA, flip TTA, <= 40 epochs; fast-dev-run works."""
@@ -225,6 +230,7 @@ def test_fast_config_is_the_issue_recipe_and_runs(cli, tiny_data, tmp_path, conf
 # --- the accuracy runner ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_accuracy_runner_writes_runs_summary_and_table(tiny_data, tmp_path, capsys):
     """benchmarks/accuracy.py over 2 seeds: a JSON per run, mean/std/min/max, the Markdown table; a rerun skips."""
     import importlib.util

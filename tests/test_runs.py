@@ -18,7 +18,6 @@ from lit_modules import ImageClassifier
 from models import build_model
 from run import build as run_build
 
-pytestmark = pytest.mark.slow
 
 
 def ckpt(path: Path) -> dict:
@@ -53,6 +52,7 @@ def preempt_after(monkeypatch):
     monkeypatch.setattr(run_build, "build_callbacks", real)
 
 
+@pytest.mark.slow
 def test_tilde_in_output_dir_is_expanded_and_runs_are_not_overwritten(cli, tiny_data, tmp_path, monkeypatch):
     """output_dir: ~/... in a config (and --output-dir=~/...) twice: two runs, absolute paths recorded."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -70,6 +70,7 @@ def test_tilde_in_output_dir_is_expanded_and_runs_are_not_overwritten(cli, tiny_
     assert saved["data_dir"] == str(tiny_data) and Path(saved["data_dir"]).is_absolute()
 
 
+@pytest.mark.slow
 def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, tmp_path, preempt_after):
     """The README's SLURM recipe: two jobs of different seeds/lr, both preempted, each requeue resumes its own run."""
     output = tmp_path / "runs"
@@ -93,6 +94,7 @@ def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, 
     assert yaml.safe_load((first / "config.resumed.yaml").read_text())["seed"] == 0
 
 
+@pytest.mark.slow
 def test_resume_last_refuses_a_run_with_other_options(cli, tiny_data, tmp_path, preempt_after):
     """--resume last picks the newest run; typed options that contradict it are refused, not silently applied."""
     output = tmp_path / "runs"
@@ -125,6 +127,7 @@ def best_state(checkpoint: Path) -> dict:
     return next(v for k, v in ckpt(checkpoint)["callbacks"].items() if "acc/val" in k)
 
 
+@pytest.mark.slow
 def test_a_moved_run_resumes_in_its_new_folder_without_losing_best(cli, tiny_data, tmp_path):
     """Trained, renamed, resumed by folder: writes only into the new folder; the best score is never lowered."""
     output = tmp_path / "runs"
@@ -143,6 +146,7 @@ def test_a_moved_run_resumes_in_its_new_folder_without_losing_best(cli, tiny_dat
     assert float(state["best_model_score"]) >= before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("scheduler", "changed"),
     [
@@ -172,6 +176,7 @@ def test_options_that_cannot_change_mid_run_are_refused(cli, tiny_data, tmp_path
     assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_options_that_may_change_are_applied_and_recorded(cli, tiny_data, tmp_path, preempt_after):
     """A step-schedule run extended with more epochs and a larger eval batch: used, and recorded as used."""
     output = tmp_path / "runs"
@@ -204,3 +209,47 @@ def test_checkpoint_hparams_alone_rebuild_the_module(tmp_path):
     assert module.hparams.model_name == "resnet50" and module.hparams.lr == 0.05 and module.tta == "flip"
     for key, value in backbone.state_dict().items():
         torch.testing.assert_close(module.backbone.state_dict()[key], value)
+
+
+def test_resume_of_a_course_state_dict_points_to_weights(cli, tiny_data, tmp_path):
+    """--resume given torch.save(model.state_dict()): one line, --weights named, no run folder left."""
+    course = tmp_path / "vgg16_epoch250.pt"
+    torch.save(build_model("vgg16").state_dict(), course)
+    result = cli("train", "--resume", str(course), "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "runs"),
+                 "--accelerator", "cpu")
+    assert_one_line_error(result, "plain state dict", f"--weights {course}")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--devices", "0,1"], "a list names GPU indices"),
+        (["--devices", "[0, 1]"], "a list names GPU indices"),
+        (["--devices", "0"], "must be at least 1"),
+        (["--devices", "two"], "expected number of devices"),
+        (["--precision", "16-mixed"], "float16 autocast needs a GPU"),
+    ],
+)
+def test_documented_hardware_values_are_resolved_or_refused_on_the_cpu(cli, tiny_data, tmp_path, flags, fragment):
+    """--devices 0,1 / 16-mixed on a CPU: one line before any work, instead of a TypeError or a silent bf16."""
+    result = cli("train", "--accelerator", "cpu", *flags, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path))
+    assert_one_line_error(result, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_devices_all_on_the_cpu_is_one_process(tmp_path):
+    """-1 and auto ("all devices") are one process on the CPU, and recorded as such."""
+    from cli.train import parse_run_config
+
+    for value in ("-1", "auto"):
+        config = parse_run_config(["--accelerator", "cpu", "--devices", value, "--output-dir", str(tmp_path)])
+        assert config.devices == 1 and config.to_dict()["devices"] == 1
+
+
+def test_a_checkpoint_folder_given_as_a_file_suggests_a_real_file(cli, tmp_path):
+    """test.py --ckpt RUN/checkpoints: the suggestion is RUN/checkpoints/best.ckpt, not .../checkpoints/checkpoints/."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    result = cli("test", "--ckpt", str(folder))
+    assert_one_line_error(result, f"such as {folder / 'best.ckpt'}")

@@ -18,6 +18,7 @@ from callbacks.progress import ThrottledProgressBar
 from models import build_model
 
 
+@pytest.mark.slow
 def test_compiled_backbone_keeps_the_plain_state_dict_keys() -> None:
     plain = build_model("resnet50")
     compiled = prepare_backbone(build_model("resnet50"), channels_last=False, compile=True)
