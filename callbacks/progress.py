@@ -36,6 +36,11 @@ class ThrottledProgressBar(RichProgressBar):
         self._window_images = 0
         self._throughput: float | None = None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A run resumed in the middle of an epoch enters it without on_train_epoch_start.
+        self._window_start, self._window_images = time.monotonic(), 0
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         # A new window: the time since the last read holds validation and checkpointing.
@@ -104,6 +109,10 @@ class EpochLines(L.Callback):
         self._started = 0.0
         self._trained_until: float | None = None
         self._images = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed in the middle of an epoch enters it without on_train_epoch_start.
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started, self._trained_until, self._images = time.monotonic(), None, 0

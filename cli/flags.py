@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from rich.console import Console
 
 from base.errors import Interrupted, UserError
 from datamodules.device_batches import DATA_PATHS
@@ -140,6 +141,12 @@ def add_hardware_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="channels_last memory format for the model and its batches (default: on with CUDA)",
     )
+
+
+def wide_console() -> Console:
+    """A rich console for tables; into a file or a pipe it does not wrap at 80 columns (rich's
+    default there), which would cut file names over two lines."""
+    return Console() if sys.stdout.isatty() else Console(width=1000)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:

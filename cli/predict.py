@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from run.checkpoints import build_backbone
-from cli.flags import Parser, positive_int
+from base.files import printable
+from cli.flags import Parser, positive_int, wide_console
 from run.hardware import ACCELERATORS, resolve_hardware
 from base.errors import UserError
 from run.exporting import load_any_checkpoint
@@ -54,7 +54,7 @@ def inference_device(accelerator: str) -> torch.device:
 def prediction_record(path: Path, probabilities: list[float], classes: list[int], names: list[str]) -> dict[str, Any]:
     """What is printed for one image; ``probabilities`` and ``classes`` are its top-k, best first."""
     return {
-        "file": str(path),
+        "file": printable(path),
         "class": names[classes[0]],
         "probability": round(probabilities[0], 6),
         "top_k": [{"class": names[c], "probability": round(p, 6)} for c, p in zip(classes, probabilities)],
@@ -69,11 +69,11 @@ def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
     if top_k > 1:
         table.add_column(f"top {top_k}")
     for record in records:
-        row = [record["file"], record["class"], f"{100 * record['probability']:.1f} %"]
+        row = [printable(record["file"]), record["class"], f"{100 * record['probability']:.1f} %"]
         if top_k > 1:
             row.append(", ".join(f"{t['class']} {100 * t['probability']:.1f} %" for t in record["top_k"]))
         table.add_row(*row)
-    Console().print(table)
+    wide_console().print(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
-from rich.console import Console
 from rich.table import Table
 
 from base.files import atomic_write_text
-from cli.flags import Parser, add_data_args, add_hardware_args, batch_limit
+from cli.flags import Parser, add_data_args, add_hardware_args, batch_limit, wide_console
 from datamodules import check_data_dir, describe_source
 from lit_modules import TTA_MODES, ImageClassifier
 from models import MODEL_NAMES
@@ -97,7 +96,8 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         "checkpoint_kind": contents.kind,
         "tta": tta,
         "data": describe_source(config.data_dir),
-        "images": _images_tested(trainer, datamodule),
+        "images": int(metrics["images/test"]),
+        "test_set_images": len(datamodule.test_set),
         "accuracy": metrics["acc/test"],
         "top5_accuracy": metrics["acc_top5/test"],
         "loss": metrics["loss/test"],
@@ -108,16 +108,9 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _images_tested(trainer: Any, datamodule: Any) -> int:
-    limit = trainer.limit_test_batches
-    total = len(datamodule.test_set)
-    if isinstance(limit, int):
-        return min(total, limit * datamodule.eval_batch_size)
-    return min(total, int(limit * -(-total // datamodule.eval_batch_size)) * datamodule.eval_batch_size)
-
-
 def print_results(results: dict[str, Any]) -> None:
-    title = f"{results['model']} on {results['images']:,} test images"
+    limited = f" (of {results['test_set_images']:,}, --limit-test-batches)" if results["images"] < results["test_set_images"] else ""
+    title = f"{results['model']} on {results['images']:,} test images{limited}"
     table = Table(title=title, min_width=len(title))
     table.add_column("class")
     table.add_column("accuracy", justify="right")
@@ -126,7 +119,7 @@ def print_results(results: dict[str, Any]) -> None:
     table.add_section()
     table.add_row("all (top-1)", f"{100 * results['accuracy']:.2f} %", style="bold")
     table.add_row("all (top-5)", f"{100 * results['top5_accuracy']:.2f} %")
-    console = Console()
+    console = wide_console()
     console.print(table)
     # soft_wrap: a path cut over two lines cannot be copied back into a command.
     console.print(

@@ -138,4 +138,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = summary_lines(outcome)
         width = max(len(label) for label, _ in lines)
         print("\n".join(f"{label:<{width}}  {value}" for label, value in lines))
-    return 0
+    return 1 if outcome.test_error else 0

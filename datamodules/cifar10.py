@@ -7,17 +7,27 @@ and how they are transformed on their way into the model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from base.errors import UserError
-from datamodules.device_batches import DATA_PATHS, EvalBatches, TrainBatches, resolve_data_path
+from datamodules.device_batches import (
+    DATA_PATHS,
+    EpochProgress,
+    EvalBatches,
+    EvalShard,
+    ShuffledShard,
+    TrainBatches,
+    resolve_data_path,
+)
 from datamodules.sources import CLASSES, Split, check_data_dir, ensure_downloaded, load_split
 
+TEST_ORDER_SEED = 0
 # Per-channel statistics of the CIFAR-10 training set, as the course normalised with them.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
@@ -60,6 +70,58 @@ class TransformedTensorDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.images[index]), self.labels[index]
+
+
+class ShardSampler(Sampler[int]):
+    """This process's share of a seeded per-epoch permutation (``ShuffledShard``), for a DataLoader.
+
+    Lightning calls ``set_epoch`` at every epoch, as for a ``DistributedSampler``; ``skip`` drops
+    the first indices of the next iteration, for a resumed epoch.
+    """
+
+    def __init__(self, shard: ShuffledShard) -> None:
+        self.shard = shard
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.shard.draw()[0]
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch through Lightning's stateful-loader interface.
+
+    Its state is the epoch and how many of its batches were served (see ``EpochProgress``); a
+    resumed iteration of that epoch skips them in the sampler, so the remaining batches hold the
+    same images as in an uninterrupted run. Exact with ``--workers 0``; worker processes draw
+    their augmentation from their own streams, which are not saved.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = EpochProgress()
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        assert isinstance(sampler, ShardSampler)
+        first = self.progress.start(sampler.shard.epoch)
+        sampler.skip = first * self.batch_size
+        for batch in super().__iter__():
+            self.progress.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.progress.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.progress.load_state_dict(state_dict)
 
 
 def holdout_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +202,11 @@ class CIFAR10DataModule(L.LightningDataModule):
             self._setup_train_val()
         if stage in ("test", None) and self.test_set is None:
             images, labels = self._load("test")
+            # Sources list the test images class by class; a fixed shuffle makes any first batches
+            # (--limit-test-batches, --fast-dev-run) a fair sample of all classes, the same for
+            # every run, while a full test sees every image as before.
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
+            images, labels = images[order], labels[order]
             self.test_set = TransformedTensorDataset(images, labels, eval_transform())
 
     def _setup_train_val(self) -> None:
@@ -176,7 +243,18 @@ class CIFAR10DataModule(L.LightningDataModule):
                 world_size=world_size,
                 channels_last=self.channels_last,
             )
-        return self._loader(train_set, self.batch_size, shuffle=True)
+        sampler = ShardSampler(ShuffledShard(len(train_set), self.seed, rank, world_size))
+        return ResumableLoader(
+            train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            # Its own generator for the workers' base seed: drawing it from the global RNG at
+            # every iter() would make a resumed epoch's augmentation differ.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | EvalBatches | list:
         val_set = self._ready(self.val_set, "fit")
@@ -200,24 +278,19 @@ class CIFAR10DataModule(L.LightningDataModule):
                 world_size=world_size,
                 channels_last=self.channels_last,
             )
-        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_sampler=EvalShard(len(dataset), self.eval_batch_size, rank, world_size),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _placement(self) -> tuple[torch.device, int, int]:
         """(device, global rank, world size) that batches are built for: the Trainer's, when attached."""
         if self.trainer is None:
             return torch.device(self.device or "cpu"), 0, 1
         return self.trainer.strategy.root_device, self.trainer.global_rank, self.trainer.world_size
-
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
 
     @staticmethod
     def _ready(dataset: TransformedTensorDataset | None, stage: str) -> TransformedTensorDataset:

@@ -118,12 +118,44 @@ class ShuffledShard:
         return order[mine], dy[mine], dx[mine], flip[mine]
 
 
+class EpochProgress:
+    """Where a training loader stands in its epoch: what makes it resumable mid-epoch.
+
+    ``served`` counts the batches handed out in ``epoch``. Lightning builds no batch ahead when
+    a loader has a length, so at a checkpoint it is the number of batches trained. After
+    :meth:`load_state_dict`, the next iteration of that same epoch starts after them; any other
+    epoch starts from its first batch.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.served = 0
+        self._resume: dict[str, int] | None = None
+
+    def start(self, epoch: int) -> int:
+        """Begin iterating ``epoch``; returns the index of its first batch to serve."""
+        resume, self._resume = self._resume, None
+        first = resume["served"] if resume is not None and resume["epoch"] == epoch else 0
+        self.epoch, self.served = epoch, first
+        return first
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state_dict["epoch"]), "served": int(state_dict["served"])}
+
+
 class TrainBatches:
     """Shuffled, augmented, normalised training batches built on ``device``.
 
     ``images`` is a uint8 (N, 3, H, W) tensor, ``labels`` int64 (N,). Each epoch yields this
     rank's ``len(sampler)`` images in batches of ``batch_size``, the last one partial.
     ``channels_last`` gathers straight into that memory format.
+
+    Resumable mid-epoch (Lightning's ``state_dict`` / ``load_state_dict`` interface of stateful
+    loaders): the state is the epoch and how many of its batches were served; the epoch's draw
+    is a function of (seed, epoch), so a resumed iteration serves exactly the remaining batches.
     """
 
     def __init__(
@@ -151,6 +183,7 @@ class TrainBatches:
         self.labels = labels.to(self.device)
         self.size = images.shape[-1]
         self.normalize = _Normalize(mean, std, self.device)
+        self.progress = EpochProgress()
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -160,18 +193,24 @@ class TrainBatches:
         # first epoch's loader before it calls sampler.set_epoch for that epoch.
         indices, dy, dx, flip = (t.to(self.device) for t in self.sampler.draw())
         rows, cols = crop_coordinates(dy, dx, flip, self.size)
-        for start in range(0, len(indices), self.batch_size):
+        first = self.progress.start(self.sampler.epoch)
+        for start in range(first * self.batch_size, len(indices), self.batch_size):
             batch = slice(start, start + self.batch_size)
             images = gather_crops(self.padded, indices[batch], rows[batch], cols[batch], self.channels_last)
+            self.progress.served += 1
             yield self.normalize(images), self.labels[indices[batch]]
+
+    def state_dict(self) -> dict[str, int]:
+        return self.progress.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.progress.load_state_dict(state_dict)
 
 
 class EvalBatches:
     """Normalised evaluation batches built on ``device``, in dataset order, without augmentation.
 
-    Under several processes each rank takes one contiguous block of the images, so every image is
-    evaluated exactly once (a ``DistributedSampler`` would pad with repeats), and all ranks run
-    the same number of batches of at most ``batch_size`` images, as collective metric syncs need.
+    Under several processes each rank evaluates its :class:`EvalShard`.
     """
 
     def __init__(
@@ -188,21 +227,13 @@ class EvalBatches:
         channels_last: bool = False,
     ) -> None:
         _check_arrays(images, labels)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        blocks = torch.arange(len(images)).tensor_split(world_size)
-        self.num_batches = math.ceil(len(blocks[0]) / batch_size)  # the first block is the longest
-        if len(blocks[-1]) < self.num_batches:
-            raise UserError(
-                f"{len(images)} evaluation image(s) over {world_size} processes leave a process fewer images "
-                f"than batches; use a larger --eval-batch-size or --val-size"
-            )
-        block = blocks[rank]
+        batches = EvalShard(len(images), batch_size, rank, world_size).batches()
+        self.num_batches = len(batches)
         self.device = torch.device(device)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.images = images[block].to(self.device).contiguous(memory_format=memory_format)
-        self.labels = labels[block].to(self.device)
-        self.bounds = [(int(part[0]), int(part[-1]) + 1) for part in torch.arange(len(block)).tensor_split(self.num_batches)]
+        self.images = images.to(self.device).contiguous(memory_format=memory_format)
+        self.labels = labels.to(self.device)
+        self.bounds = [(int(batch[0]), int(batch[-1]) + 1) for batch in batches]
         self.normalize = _Normalize(mean, std, self.device)
 
     def __len__(self) -> int:
@@ -211,6 +242,37 @@ class EvalBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start, stop in self.bounds:
             yield self.normalize(self.images[start:stop]), self.labels[start:stop]
+
+
+class EvalShard:
+    """This process's evaluation batches: a contiguous block of the images, split evenly.
+
+    Every image is evaluated exactly once (a ``DistributedSampler`` would pad with repeats), and
+    all ranks run the same number of batches of at most ``batch_size`` images, as collective
+    metric syncs need. Iterating gives each batch's image indices (a DataLoader batch sampler).
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        blocks = torch.arange(size).tensor_split(world_size)
+        self.num_batches = math.ceil(len(blocks[0]) / batch_size)  # the first block is the longest
+        if len(blocks[-1]) < self.num_batches:
+            raise UserError(
+                f"{size} evaluation image(s) over {world_size} processes leave a process fewer images "
+                f"than batches; use a larger --eval-batch-size or --val-size"
+            )
+        self.block = blocks[rank]
+
+    def batches(self) -> list[torch.Tensor]:
+        return list(self.block.tensor_split(self.num_batches)) if self.num_batches else []
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches():
+            yield batch.tolist()
 
 
 def crop_coordinates(

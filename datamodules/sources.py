@@ -21,7 +21,6 @@ import logging
 import os
 import pickle
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets import utils as tv_utils
 
 from base.errors import UserError
+from base.files import atomic_write, printable
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,9 @@ def _load_cached(source: _Source, split: Split, cache_dir: Path) -> tuple[np.nda
 
 
 def _cache_key(source: _Source, split: Split) -> str:
-    digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.kind}|{source.path}|{split}".encode())
+    # File names are hashed as the bytes they are on disk (os.fsencode): a name that is not
+    # valid UTF-8 (a Windows archive unzipped here) is a str that .encode() refuses.
+    digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.kind}|{split}|".encode() + os.fsencode(source.path))
     if source.kind == "archive":
         stat = source.path.stat()
         digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -392,8 +394,7 @@ def _cache_key(source: _Source, split: Split) -> str:
         # A folder's own mtime does not change when files deeper down do, so key on every file.
         for path in sorted((source.path / split).rglob("*")):
             stat = path.stat()
-            name = path.relative_to(source.path)
-            digest.update(f"|{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(b"|" + os.fsencode(path.relative_to(source.path)) + f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:20]
 
 
@@ -420,24 +421,53 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    # Write to a temporary file in the same folder, then rename over the target: the rename is
-    # atomic, so a run killed mid-write leaves at most a stray temp file, never a truncated cache.
+    # Atomic: a run killed mid-write leaves at most a stray temp file, never a truncated cache.
     # Failing to cache only costs time next run, so it warns instead of stopping this one.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, lambda f: np.savez(f, x=images, y=labels))
     except OSError as exc:
-        log.warning("cannot write cache %s (%s); decoding again next run", path, exc)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=images, y=labels)
-        os.replace(tmp_name, path)
-    except OSError as exc:
-        log.warning("cannot write cache %s (%s); decoding again next run", path, exc)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        log.warning("cannot write cache %s (%s); decoding again next run", printable(path), exc)
+
+
+# Modes Pillow converts to RGB correctly as they are: 8 bits per channel, no transparency.
+_PLAIN_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"}
+# Transparent pixels show this colour: white, the usual backdrop of cut-out photos and icons.
+_BACKGROUND = (255, 255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, whatever its mode; a UserError for modes with no RGB meaning.
+
+    Transparency is composited onto white. 16- and 32-bit integer and float images (``I;16``,
+    ``I``, ``F``: 16-bit PNGs, scientific TIFFs) are scaled by their real range, where Pillow's
+    own ``convert("RGB")`` would clip every value above 255 to white: 16-bit images (and 32-bit
+    ones whose values fit in 16 bits) are divided by 257, floats in [0, 1] multiplied by 255,
+    values in 0-255 kept, anything else stretched from its minimum to its maximum.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(_to_uint8(values, mode)).convert("RGB")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _BACKGROUND), rgba).convert("RGB")
+    if mode in _PLAIN_MODES:
+        return image.convert("RGB")
+    raise UserError(f"image mode {mode} has no RGB meaning here; convert the image to RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (low >= 0 and 255 < high <= 65535):
+        scaled = values / 257
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    elif low >= 0 and high <= 255:
+        scaled = values
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
 
 
 def _decode_image(data: BinaryIO, name: str) -> np.ndarray:
@@ -446,12 +476,12 @@ def _decode_image(data: BinaryIO, name: str) -> np.ndarray:
         with Image.open(data) as image:
             if image.size != (32, 32):
                 raise UserError(
-                    f"image {name} is {image.size[0]}x{image.size[1]}, CIFAR-10 images are 32x32: "
+                    f"image {printable(name)} is {image.size[0]}x{image.size[1]}, CIFAR-10 images are 32x32: "
                     "resize or remove it"
                 )
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(to_rgb(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot decode image {name} ({exc}): replace or remove the file") from exc
+        raise UserError(f"cannot decode image {printable(name)} ({exc}): replace or remove the file") from exc
 
 
 def _stack(decoded: list[tuple[int, str, np.ndarray]], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -495,7 +525,7 @@ def _decode_folder(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
                     data = file.read_bytes()
                 except OSError as exc:
                     raise UserError(
-                        f"cannot read image {file} ({exc.strerror or exc}): fix its permissions "
+                        f"cannot read image {printable(file)} ({exc.strerror or exc}): fix its permissions "
                         "or remove it"
                     ) from exc
                 decoded.append((label, file.name, _decode_image(io.BytesIO(data), str(file))))

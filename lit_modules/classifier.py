@@ -1,17 +1,20 @@
 """The LightningModule: a course network, the course's loss/optimiser/schedule, metrics per stage."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from models import build_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
 # Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
 TTA_MODES = ("none", "flip")
@@ -94,6 +97,9 @@ class ImageClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)
+        # How many images each evaluation saw: a limited one (--limit-*-batches) says so.
+        self.val_images = SumMetric()
+        self.test_images = SumMetric()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -113,7 +119,14 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        if images.shape[0] == 1:
+            # Batch statistics of one image do not exist (BatchNorm raises "Expected more than 1
+            # value per channel"): a last batch of one, or --batch-size 1, normalises with the
+            # running statistics instead, as evaluation does, and leaves them as they are.
+            with _running_batchnorm(self.backbone):
+                logits = self(images)
+        else:
+            logits = self(images)
         loss = self.criterion(logits, labels)
         # update(), not a call: only the epoch value is logged, so the per-batch accuracy that a
         # call also computes would be wasted kernels.
@@ -135,6 +148,8 @@ class ImageClassifier(L.LightningModule):
         self.log("loss/val", self.criterion(logits, labels), sync_dist=True, prog_bar=True)
         self.log("acc/val", self.val_acc, prog_bar=True)
         self.log("acc_top5/val", self.val_acc_top5)
+        self.val_images.update(torch.tensor(float(labels.shape[0]), device=labels.device))
+        self.log("images/val", self.val_images)
         # For callbacks that look at the predictions (callbacks/dashboards.py).
         return {"logits": logits, "labels": labels}
 
@@ -147,6 +162,8 @@ class ImageClassifier(L.LightningModule):
         self.log("loss/test", self.criterion(logits, labels), sync_dist=True)
         self.log("acc/test", self.test_acc)
         self.log("acc_top5/test", self.test_acc_top5)
+        self.test_images.update(torch.tensor(float(labels.shape[0]), device=labels.device))
+        self.log("images/test", self.test_images)
         return {"logits": logits, "labels": labels}
 
     def on_test_epoch_end(self) -> None:
@@ -196,3 +213,16 @@ class ImageClassifier(L.LightningModule):
                 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
             interval = "step"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}
+
+
+@contextmanager
+def _running_batchnorm(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` in evaluation mode for the duration; the rest untouched."""
+    switched = [m for m in module.modules() if isinstance(m, _BATCHNORMS) and m.training]
+    for layer in switched:
+        layer.train(False)
+    try:
+        yield
+    finally:
+        for layer in switched:
+            layer.train(True)

@@ -156,6 +156,9 @@ def build_trainer(config: RunConfig, *, logger: Logger | bool, callbacks: list[C
         limit_test_batches=config.limit_test_batches,
         log_every_n_steps=config.log_every_n_steps,
         benchmark=config.accelerator == "gpu",
+        # Both data paths shard the data between processes themselves (datamodules/), and their
+        # training loaders are resumable; a sampler Lightning swapped in would be neither.
+        use_distributed_sampler=False,
     )
 
 

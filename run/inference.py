@@ -28,13 +28,13 @@ from torchvision.transforms.v2 import functional as F
 
 from run.checkpoints import CheckpointContents
 from base.errors import UserError
+from base.files import printable
 from datamodules import CLASSES
 from datamodules.cifar10 import eval_transform
+from datamodules.sources import to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IMAGE_SIZE = 32
-# Background for transparent pixels: white, the usual backdrop of cut-out product photos and icons.
-_BACKGROUND = (255, 255, 255, 255)
 _resize = v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)
 _normalise = eval_transform()
 
@@ -77,13 +77,6 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, _BACKGROUND), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def load_image(path: str | Path) -> torch.Tensor:
     """One image file as a uint8 3x32x32 tensor (see the module docstring for how).
 
@@ -92,10 +85,12 @@ def load_image(path: str | Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             # Animated GIF/WebP: the first frame, which is what Image.open positions on.
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            rgb = to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UnreadableImageError(f"cannot read image {path}: {reason}") from None
+        raise UnreadableImageError(f"cannot read image {printable(path)}: {reason}") from None
+    except UserError as exc:  # an image mode with no RGB meaning
+        raise UnreadableImageError(f"cannot read image {printable(path)}: {exc}") from None
     pixels = F.pil_to_tensor(rgb)
     side = min(pixels.shape[-2:])
     return _resize(F.center_crop(pixels, [side, side]))

@@ -7,13 +7,15 @@ this returns.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning import LightningModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from base.errors import Interrupted
+from base.errors import Interrupted, UserError
 from callbacks.reliability import PreemptionCheckpoint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
@@ -47,6 +49,47 @@ class RunOutcome:
     last: str | None = None
     test_metrics: dict[str, float] = field(default_factory=dict)
     data: str = ""
+    test_error: str | None = None  # the final test failed; the run's checkpoints are kept
+
+
+def check_outputs(config: RunConfig, module: LightningModule) -> None:
+    """Refuse, before any heavy work, output paths that cannot be written and a disk too full.
+
+    The checkpoints a run keeps (best, last, one every ``--checkpoint-every`` epochs, each with
+    the optimiser's state, plus one temporary file while saving) must fit on the disk.
+    """
+    _check_writable(config.output_dir, "--output-dir")
+    if config.results_json is not None:
+        if config.results_json.is_dir():
+            raise UserError(f"--results-json {config.results_json} is a folder; name a file, e.g. {config.results_json / 'results.json'}")
+        _check_writable(config.results_json.parent, "--results-json")
+    if config.fast_dev_run:
+        return
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    copies = 1 + {"sgd": 1 if config.momentum else 0}.get(config.optimizer, 2) + (2 if config.ema_decay else 0)
+    kept = 3 + config.epochs // config.checkpoint_every
+    needed = weights * copies * kept
+    free = shutil.disk_usage(_existing_ancestor(config.output_dir)).free
+    if free < needed:
+        raise UserError(
+            f"--output-dir {config.output_dir}: {free / 2**30:.1f} GiB free, and this run keeps about "
+            f"{needed / 2**30:.1f} GiB of checkpoints ({kept} of {weights * copies / 2**20:.0f} MiB); free space, "
+            "choose another --output-dir, or keep fewer with a larger --checkpoint-every"
+        )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    existing = _existing_ancestor(folder)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: no permission to write in {existing}; choose another path")
 
 
 def open_run_dir(config: RunConfig) -> tuple[Path, bool]:
@@ -82,9 +125,13 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     saving it on Ctrl-C.
     """
     started = time.perf_counter()
-    # Data and network first (a download, weights to load): a failure must not leave a run folder.
+    # Everything that can be checked before training is, and before the run folder exists: the
+    # data (downloaded if need be; both splits read, so a missing test split is found now, not
+    # after hours of training), the weights to start from, the output paths and free disk.
     parts = build_data_and_module(config)
+    check_outputs(config, parts[1])
     parts[0].prepare_data()
+    parts[0].setup()
     run_dir, created = open_run_dir(config)
     try:
         assembly = build(config, run_dir, run_logger(run_dir), parts)
@@ -127,7 +174,12 @@ def _test_and_record(
         data=describe_source(config.data_dir),
     )
     epochs_trained, test_started = trainer.current_epoch, time.perf_counter()
-    results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
+    try:
+        results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
+    except UserError as exc:
+        # The training is done and its checkpoints are on disk: report, never throw them away.
+        outcome.test_error = str(exc)
+        results = []
     outcome.test_metrics = dict(results[0]) if results else {}
     if not trainer.is_global_zero:
         return outcome
@@ -139,6 +191,7 @@ def _test_and_record(
             "hp/best_epoch": outcome.best_epoch,
             "hp/test_acc": outcome.test_metrics.get("acc/test"),
             "hp/test_loss": outcome.test_metrics.get("loss/test"),
+            "hp/test_images": outcome.test_metrics.get("images/test"),
         }
         log_final_hparams(trainer.logger, config.to_dict(), final, step=trainer.global_step)
     if config.results_json:
@@ -163,10 +216,20 @@ def _test_and_record(
     return outcome
 
 
+def tested_on(metrics: dict[str, float], data: str) -> str:
+    """``85.10 % on 1,000 test images of DATA``: an accuracy never goes without its sample size."""
+    if "acc/test" not in metrics:
+        return "n/a"
+    images = f"{int(metrics['images/test']):,} test images of " if "images/test" in metrics else ""
+    return f"{100 * metrics['acc/test']:.2f} % on {images}{data}"
+
+
 def summary_lines(outcome: RunOutcome) -> list[tuple[str, str]]:
     """(label, value) rows that train.py prints at the end of a run."""
     config, metrics = outcome.config, outcome.test_metrics
-    lines = [("test accuracy", f"{100 * metrics['acc/test']:.2f} % on {outcome.data}" if "acc/test" in metrics else "n/a")]
+    lines = [("test accuracy", tested_on(metrics, outcome.data))]
+    if outcome.test_error:
+        lines = [("final test", f"failed: {outcome.test_error}; the checkpoints below are kept, test one with test.py")]
     if not outcome.best:
         return lines + [("checkpoints", "none written (--fast-dev-run)")]
     score = f", acc/val {100 * outcome.best_score:.2f} %" if outcome.best_score is not None else ""

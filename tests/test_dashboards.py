@@ -60,7 +60,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[Path
         run_main(load_script("train").main, ["--model", "vgg16", "--data-dir", str(tiny_data), "--epochs", str(EPOCHS),
                                              *QUICK, "--output-dir", str(output)])
     assert exit_info.value.code == 0
-    return output / "vgg16" / "version_0", printed.getvalue()
+    yield output / "vgg16" / "version_0", printed.getvalue()
+    shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def trained(tmp_path_factory, tiny_data) -> Path:
 
         run_main(load_script("train").main, [*args, *QUICK, "--output-dir", str(output)])
     assert exit_info.value.code == 0
-    return output / "vgg16" / "version_0"
+    yield output / "vgg16" / "version_0"
+    shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,8 @@ def checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
                      ["--model", model, "--data-dir", str(tiny_data), "--output-dir", str(output), *TINY_RUN])
         assert exit_info.value.code == 0
         found[model] = output / model / "version_0" / "checkpoints" / "best.ckpt"
-    return found
+    yield found
+    shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def ema_run(tmp_path_factory, tiny_data) -> dict:
                                              str(output), "--ema-decay", "0.5", "--tta", "flip",
                                              "--time-to-accuracy", "0.05", "--results-json", str(results)])
     assert exit_info.value.code == 0
-    return {"run": output / "vgg16" / "version_0", "results": json.loads(results.read_text())}
+    yield {"run": output / "vgg16" / "version_0", "results": json.loads(results.read_text())}
+    shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them
 
 
 def _test_py(cli, tmp_path: Path, tiny_data: Path, ckpt: Path, *flags: str) -> dict:

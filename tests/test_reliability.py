@@ -52,7 +52,8 @@ def one_epoch_run(tmp_path_factory, tiny_data) -> Path:
         run_main(load_script("train").main, [*QUICK, "--data-dir", str(tiny_data), "--epochs", "1",
                                              "--output-dir", str(output)])
     assert exit_info.value.code == 0
-    return output / "vgg16" / "version_0"
+    yield output / "vgg16" / "version_0"
+    shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them
 
 
 # --- atomic checkpoints ------------------------------------------------------------------------
