@@ -1,12 +1,80 @@
-"""Console progress: a bar that does not make the host wait for the GPU at every step, and epoch lines for logs."""
+"""Console progress: a bar that does not make the host wait for the GPU at every step, epoch lines
+for logs, and the run's time left (ETA) with a heads-up when a run will take many hours."""
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+
+
+def clock_text(seconds: float) -> str:
+    """``1:02:03`` for hours, ``2:03`` below an hour."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class RunClock(L.Callback):
+    """How long the rest of the run will take, from the pace so far; one heads-up when that is long.
+
+    The pace is the median time of the finished epochs (training, validation and checkpoints),
+    or, within the first epoch, the time per training batch so far times the epoch's batches.
+    After ``probe_batches`` batches of the first epoch, a run projected to last more than
+    ``heads_up_hours`` on the CPU prints one line saying so and what shortens it.
+    """
+
+    def __init__(self, heads_up_hours: float = 3.0, probe_batches: int = 20) -> None:
+        self.heads_up_hours = heads_up_hours
+        self.probe_batches = probe_batches
+        self.epoch_seconds: list[float] = []
+        self._epoch_started = time.monotonic()
+        self._batches = 0
+        self._in_epoch = False
+        self._warned = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)  # a mid-epoch resume starts without that hook
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_started, self._batches, self._in_epoch = time.monotonic(), 0, True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches += 1
+        if self._batches == self.probe_batches and not self._warned and trainer.is_global_zero:
+            self._warned = True
+            left = self.eta_seconds(trainer)
+            if trainer.strategy.root_device.type == "cpu" and left is not None and left > 3600 * self.heads_up_hours:
+                print(
+                    f"heads-up: at this pace the run's {trainer.max_epochs} epochs take about {left / 3600:.0f} h on "
+                    "this CPU; a GPU (--accelerator gpu), --precision bf16-mixed on CPUs with bf16, or a shorter "
+                    "recipe (--epochs, configs/*_fast.yaml) shortens it; Ctrl-C saves the run, --resume continues it",
+                    flush=True,
+                )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_seconds.append(time.monotonic() - self._epoch_started)
+        self._in_epoch = False
+
+    def eta_seconds(self, trainer: L.Trainer) -> float | None:
+        """Seconds until the last epoch ends, or None before there is a pace to go by."""
+        if trainer.max_epochs in (None, -1):
+            return None
+        in_epoch = time.monotonic() - self._epoch_started
+        if self.epoch_seconds:
+            per_epoch = statistics.median(self.epoch_seconds)
+        elif self._batches and trainer.num_training_batches not in (0, float("inf")):
+            per_epoch = in_epoch / self._batches * trainer.num_training_batches
+        else:
+            return None
+        epochs_after_this = trainer.max_epochs - trainer.current_epoch - 1
+        rest_of_this = max(0.0, per_epoch - in_epoch) if self._in_epoch else 0.0
+        return rest_of_this + per_epoch * epochs_after_this
 
 
 class ThrottledProgressBar(RichProgressBar):
@@ -26,9 +94,10 @@ class ThrottledProgressBar(RichProgressBar):
     summary counts them, and Lightning's ``v_num`` (the run's version number) is left out.
     """
 
-    def __init__(self, metrics_interval: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, metrics_interval: float = 0.5, clock: RunClock | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.metrics_interval = metrics_interval
+        self.clock = clock
         self._in_train_batch_end = False
         self._metrics: dict[str, Any] | None = None
         self._read_at = float("-inf")
@@ -83,6 +152,9 @@ class ThrottledProgressBar(RichProgressBar):
             self._window_start, self._window_images = read, 0
         if self._throughput is not None:
             metrics["img/s"] = f"{self._throughput:,.0f}"
+        left = self.clock.eta_seconds(trainer) if self.clock is not None and trainer.training else None
+        if left is not None:
+            metrics["run eta"] = clock_text(left)
         self._metrics = metrics
         self._read_at = now
         return metrics
@@ -104,8 +176,9 @@ class EpochLines(L.Callback):
     images of all processes trained before validation started.
     """
 
-    def __init__(self, enabled: bool | None = None) -> None:
+    def __init__(self, enabled: bool | None = None, clock: RunClock | None = None) -> None:
         self.enabled = (not sys.stdout.isatty()) if enabled is None else enabled
+        self.clock = clock
         self._started = 0.0
         self._trained_until: float | None = None
         self._images = 0
@@ -147,4 +220,7 @@ class EpochLines(L.Callback):
         if trained > 0:
             fields.append(f"{self._images / trained:,.0f} img/s")
         fields.append(f"{ended - self._started:.1f} s")
+        left = self.clock.eta_seconds(trainer) if self.clock is not None else None
+        if left is not None and trainer.current_epoch + 1 < trainer.max_epochs:
+            fields.append(f"run eta {clock_text(left)}")
         print(" | ".join(fields), flush=True)

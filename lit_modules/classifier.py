@@ -79,6 +79,8 @@ class ImageClassifier(L.LightningModule):
             }
         )
         self.backbone = backbone if backbone is not None else build_model(model_name, num_classes, **(model_options or {}))
+        # One CIFAR-10 image: Lightning's model summary then shows real shapes and FLOPs per image.
+        self.example_input_array = torch.zeros(1, 3, 32, 32)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # An attribute besides the hparam, so that test.py can evaluate with another mode than the
         # checkpoint's training run used.

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import Logger
 
 from callbacks.checkpoints import NamedCheckpoint
 from callbacks.dashboards import Dashboards
-from callbacks.progress import EpochLines, ThrottledProgressBar
+from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
 from callbacks.recipes import TimeToAccuracy, recipe_callbacks
 from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG
 from datamodules import CIFAR10DataModule
@@ -37,6 +37,8 @@ def quiet_lightning() -> None:
         ".*LeafSpec.*",
         # A resumed run writes into its own checkpoint folder, which is never empty.
         ".*Checkpoint directory .* exists and is not empty.*",
+        # Quick runs have fewer batches than --log-every-n-steps: the epoch values are still logged.
+        ".*is smaller than the logging interval.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -81,6 +83,8 @@ def build_module(config: RunConfig, class_names: tuple[str, ...] | list[str]) ->
         tta=config.tta,
     )
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
+    if config.compile:
+        module.example_input_array = None  # the summary's forward would compile one more shape
     return module
 
 
@@ -115,6 +119,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         save_top_k=-1,
         auto_insert_metric_name=False,
     )
+    clock = RunClock()  # the run's ETA, for the bar and the epoch lines
     # Fast recipes: EMA of the weights, time-to-accuracy benchmark (callbacks/recipes.py).
     extras = recipe_callbacks(config.ema_decay, config.time_to_accuracy)
     callbacks: list[Callback] = [
@@ -124,16 +129,17 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         LearningRateMonitor(),
         # Confusion matrices, per-class validation accuracy, misclassified test images.
         Dashboards(class_names),
-        ThrottledProgressBar(),
-        EpochLines(),
+        clock,
+        ThrottledProgressBar(clock=clock),
+        EpochLines(clock=clock),
         # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume.
         FiniteLossGuard(),
         PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=config.requeue_signal),
         ResumableRNG(),
         *extras,
     ]
-    clock = next((callback for callback in extras if isinstance(callback, TimeToAccuracy)), None)
-    return RunCallbacks(callbacks, best, latest, clock)
+    timer = next((callback for callback in extras if isinstance(callback, TimeToAccuracy)), None)
+    return RunCallbacks(callbacks, best, latest, timer)
 
 
 def build_trainer(config: RunConfig, *, logger: Logger | bool, callbacks: list[Callback]) -> L.Trainer:

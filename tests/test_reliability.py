@@ -381,3 +381,38 @@ def test_resume_from_a_gpu_checkpoint_on_the_cpu(cli, one_epoch_run, tiny_data, 
     assert result.code == 0, result.err
     resumed = load(gpu_last)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_checkpoint_exits_130_and_a_second_one_aborts(tiny_data, tmp_path):
+    """A real SIGINT to train.py in the middle of a run: last.ckpt saved, the way to continue printed, exit 130."""
+    output = tmp_path / "runs"
+    last = output / "vgg16" / "version_0" / "checkpoints" / "last.ckpt"
+    command = [sys.executable, "train.py", *QUICK, "--data-dir", str(tiny_data), "--epochs", "1000",
+               "--output-dir", str(output)]
+
+    def run_and_interrupt(signals: int) -> tuple[int, str]:
+        with (tmp_path / "err.txt").open("w") as err:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                deadline = time.monotonic() + 300
+                while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert last.exists(), (tmp_path / "err.txt").read_text()[-2000:]
+                for _ in range(signals):
+                    process.send_signal(signal.SIGINT)
+                return process.wait(timeout=300), (tmp_path / "err.txt").read_text()
+            finally:
+                if process.poll() is None:
+                    process.kill()
+
+    code, stderr = run_and_interrupt(1)
+    assert code == 130, stderr[-2000:]
+    assert "interrupted: saving last.ckpt" in stderr and f"--resume {last.parent.parent}" in stderr
+    assert "Traceback" not in stderr
+    assert load(last)["global_step"] >= STEPS_PER_EPOCH
+    shutil.rmtree(output)
+    code, stderr = run_and_interrupt(2)
+    assert code == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    load(last)  # whatever was on disk is whole
