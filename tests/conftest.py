@@ -84,7 +84,7 @@ def cli(capsys: pytest.CaptureFixture[str]):
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """With ROBUSTNESS_REPORT=path set, write the table of bad inputs tried (tests/robustness.py)."""
     target = os.environ.get(robustness.REPORT_ENV)
-    if not target or not (robustness.CASES or robustness.FILE_CHECKS):
+    if not target or not (robustness.CASES or robustness.FILE_CHECKS or robustness.RUN_CHECKS):
         return
     descriptions = {}
     for item in session.items:

@@ -41,8 +41,17 @@ class FileCheck:
     corrupted: int
 
 
+@dataclass
+class RunCheck:
+    test: str
+    what: str
+    runs: int
+    lost: int
+
+
 CASES: list[Case] = []
 FILE_CHECKS: list[FileCheck] = []
+RUN_CHECKS: list[RunCheck] = []
 
 
 def current_test() -> str:
@@ -108,13 +117,19 @@ def record_files(what: str, files: int, corrupted: int) -> None:
     FILE_CHECKS.append(FileCheck(current_test(), what, files, corrupted))
 
 
+def record_runs(what: str, runs: int, lost: int) -> None:
+    """Record that a test checked ``runs`` training runs after an interruption, a resume or a refusal,
+    and found ``lost`` of them damaged: overwritten, continued by another run, or no longer resumable."""
+    RUN_CHECKS.append(RunCheck(current_test(), what, runs, lost))
+
+
 def _group(test: str) -> str:
     return test.split("[", 1)[0]
 
 
 def recorded_tests() -> set[str]:
     """Names of the test functions that recorded something."""
-    return {_group(entry.test) for entry in [*CASES, *FILE_CHECKS]}
+    return {_group(entry.test) for entry in [*CASES, *FILE_CHECKS, *RUN_CHECKS]}
 
 
 def _cell(text: str) -> str:
@@ -123,7 +138,7 @@ def _cell(text: str) -> str:
 
 def write_report(path: Path, command: str, descriptions: Mapping[str, str]) -> None:
     """Write the markdown report; ``descriptions`` maps test function names to one-line summaries."""
-    columns = ("tried", "clear", "tracebacks", "files", "corrupted")
+    columns = ("tried", "clear", "tracebacks", "files", "corrupted", "runs", "lost")
     groups: dict[str, dict[str, int]] = {}
     for case in CASES:
         row = groups.setdefault(_group(case.test), dict.fromkeys(columns, 0))
@@ -134,6 +149,10 @@ def write_report(path: Path, command: str, descriptions: Mapping[str, str]) -> N
         row = groups.setdefault(_group(check.test), dict.fromkeys(columns, 0))
         row["files"] += check.files
         row["corrupted"] += check.corrupted
+    for run in RUN_CHECKS:
+        row = groups.setdefault(_group(run.test), dict.fromkeys(columns, 0))
+        row["runs"] += run.runs
+        row["lost"] += run.lost
     totals = {key: sum(row[key] for row in groups.values()) for key in columns}
 
     out = [
@@ -145,25 +164,28 @@ def write_report(path: Path, command: str, descriptions: Mapping[str, str]) -> N
         "",
         f"**{totals['tried']} bad inputs tried, {totals['clear']} rejected with a clear one-line message "
         f"(exit code 2), {totals['tracebacks']} tracebacks shown; {totals['files']} files checked after "
-        f"failures, kills and signals, {totals['corrupted']} corrupted.**",
+        f"failures, kills and signals, {totals['corrupted']} corrupted; {totals['runs']} runs checked after "
+        f"interruptions, resumes and refusals, {totals['lost']} lost.**",
         "",
         "A clear message is exactly one line on stderr, starting `error:` after the program name, exit code 2, "
         "no traceback. Files checked are checkpoints, reports and configs that must survive a failed save, "
-        "a SIGKILL or SIGTERM during training, or a rejected input: each must still load (or be unchanged).",
+        "a SIGKILL or SIGTERM during training, or a rejected input: each must still load (or be unchanged). "
+        "A run is lost when it was overwritten, continued by another run's resume, or can no longer be resumed "
+        "to the result it would have had.",
         "",
         "## Summary",
         "",
-        "| check | test | tried | clear message | tracebacks | files checked | files corrupted |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| check | test | tried | clear message | tracebacks | files checked | files corrupted | runs checked | runs lost |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in groups.items():
         out.append(
             f"| {_cell(descriptions.get(name, name))} | `{name}` | {row['tried']} | {row['clear']} | "
-            f"{row['tracebacks']} | {row['files']} | {row['corrupted']} |"
+            f"{row['tracebacks']} | {row['files']} | {row['corrupted']} | {row['runs']} | {row['lost']} |"
         )
     out.append(
         f"| **total** | | **{totals['tried']}** | **{totals['clear']}** | **{totals['tracebacks']}** | "
-        f"**{totals['files']}** | **{totals['corrupted']}** |"
+        f"**{totals['files']}** | **{totals['corrupted']}** | **{totals['runs']}** | **{totals['lost']}** |"
     )
     out += [
         "",
@@ -190,5 +212,15 @@ def write_report(path: Path, command: str, descriptions: Mapping[str, str]) -> N
         ]
         for check in FILE_CHECKS:
             out.append(f"| `{_cell(check.test)}` | {_cell(check.what)} | {check.files} | {check.corrupted} |")
+    if RUN_CHECKS:
+        out += [
+            "",
+            "## Runs checked after interruptions, resumes and refusals",
+            "",
+            "| test | what was checked | runs | lost |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for run in RUN_CHECKS:
+            out.append(f"| `{_cell(run.test)}` | {_cell(run.what)} | {run.runs} | {run.lost} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out) + "\n")

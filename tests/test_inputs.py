@@ -1,6 +1,7 @@
 """Inputs people really bring: odd batch sizes, preemption mid-epoch, odd file names and image modes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -11,10 +12,11 @@ from conftest import CPU, QUICK_VGG
 from fakedata import make_image_folder
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
-from robustness import assert_one_line_error
+from robustness import assert_one_line_error, record_runs
 
 from datamodules import CLASSES, load_split
 from datamodules.sources import to_rgb
+from models import build_model
 from run import build as run_build
 from run.inference import load_image
 
@@ -67,8 +69,10 @@ def test_stop_anywhere_then_resume_equals_the_uninterrupted_run(cli, tiny_data, 
     assert resumed.code == 0, resumed.err
     a = ckpt(straight / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")
     b = ckpt(split / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == 20
-    assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
+    same = a["global_step"] == b["global_step"] == 20 and all(
+        torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
+    record_runs(f"SIGTERM at step 3 of 10, then --resume last ({data_path} path): equal to the uninterrupted run", 1, int(not same))
+    assert same
     # The resumed epoch's line counts only what it trained, over the time it took.
     line = next(line for line in resumed.out.splitlines() if line.startswith("epoch 1/2"))
     rate, seconds = line.split(" | ")[-2:]
@@ -162,3 +166,24 @@ def test_non_utf8_and_unusual_file_names_neither_crash_nor_print_wrongly(cli, tm
     assert_one_line_error(result, "bad \\xe9.png")
     predicted = cli("predict", "--ckpt", str(tmp_path / "none.ckpt"), os.fsdecode(folder + b"/caf\xe9 [1] \xff.png"))
     assert predicted.code == 2  # the checkpoint is missing; the name itself did not crash anything
+
+
+@pytest.mark.slow
+def test_a_limited_test_is_a_fair_sample_of_class_sorted_data(cli, tmp_path):
+    """A model that answers "airplane" to everything: 10 % on the full test, and about that on 2 batches, not 100 %."""
+    data = make_image_folder(tmp_path / "data", 1, 60)  # 600 test images, stored class by class
+    model = build_model("vgg16")
+    with torch.no_grad():
+        last = model.classifier[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([10.0] + [0.0] * 9))
+    ckpt_path = tmp_path / "airplane.pt"
+    torch.save(model.state_dict(), ckpt_path)
+    common = ["--ckpt", str(ckpt_path), "--data-dir", str(data), "--eval-batch-size", "100", *CPU]
+    full = cli("test", *common, "--json", str(tmp_path / "full.json"))
+    limited = cli("test", *common, "--limit-test-batches", "2", "--json", str(tmp_path / "limited.json"))
+    assert full.code == 0 and limited.code == 0, full.err + limited.err
+    full_result, limited_result = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("full", "limited"))
+    assert full_result["accuracy"] == pytest.approx(0.1) and full_result["images"] == 600
+    assert limited_result["images"] == 200 and "200 test images (of 600" in limited.out
+    assert abs(limited_result["accuracy"] - full_result["accuracy"]) < 0.05

@@ -416,3 +416,22 @@ def test_ctrl_c_saves_last_checkpoint_exits_130_and_a_second_one_aborts(tiny_dat
     assert code == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     load(last)  # whatever was on disk is whole
+
+
+def test_atomic_writes_keep_the_permissions_of_a_plain_open(tmp_path):
+    """Under umask 022 checkpoints, configs and exports are 0644 (mkstemp alone would make them 0600)."""
+    import os
+
+    from base.files import atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
+        assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "config.yaml").chmod(0o640)  # a replaced file keeps what its owner gave it
+        atomic_write_text(tmp_path / "config.yaml", "a: 2\n")
+        assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)

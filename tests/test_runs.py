@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import QUICK_VGG
 from lightning.pytorch.callbacks import Callback
-from robustness import assert_one_line_error
+from robustness import assert_one_line_error, record_runs
 
 from callbacks.checkpoints import NamedCheckpoint
 from lit_modules import ImageClassifier
@@ -63,7 +63,9 @@ def test_tilde_in_output_dir_is_expanded_and_runs_are_not_overwritten(cli, tiny_
     second = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir=~/cifar-runs", "--epochs", "1")
     assert first.code == 0 and second.code == 0, first.err + second.err
     runs = tmp_path / "home" / "cifar-runs" / "vgg16"
-    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    kept = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+    record_runs("two runs into output_dir ~/cifar-runs: each in its own folder", 2, 2 - len(kept))
+    assert kept == ["version_0", "version_1"]
     assert not (tmp_path / "~").exists()
     saved = yaml.safe_load((runs / "version_1" / "config.yaml").read_text())
     assert saved["output_dir"] == str(tmp_path / "home" / "cifar-runs")
@@ -87,6 +89,9 @@ def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, 
     second_before = (second / "checkpoints" / "last.ckpt").read_bytes()
 
     requeued = job("101", "0", "0.001")  # SLURM requeues job 101 with the same command
+    continued = requeued.code == 0 and ckpt(first / "checkpoints" / "last.ckpt")["global_step"] == 4
+    untouched = (second / "checkpoints" / "last.ckpt").read_bytes() == second_before
+    record_runs("two preempted SLURM jobs in one folder, the first requeued", 2, (not continued) + (not untouched))
     assert requeued.code == 0, requeued.err
     assert f"resuming {first}" in requeued.out.splitlines()[0]
     assert ckpt(first / "checkpoints" / "last.ckpt")["global_step"] == 4  # 2 epochs of 2 steps
@@ -102,7 +107,10 @@ def test_resume_last_refuses_a_run_with_other_options(cli, tiny_data, tmp_path, 
     for seed in ("0", "1"):
         preempt_after(1)
         assert cli("train", *common, "--seed", seed).code == 143
+    newest = output / "vgg16" / "version_1" / "checkpoints" / "last.ckpt"
+    before = newest.read_bytes()
     result = cli("train", *common, "--seed", "0", "--resume", "last")
+    record_runs("--resume last with the other job's seed: the newest run is left as it was", 1, int(newest.read_bytes() != before))
     assert_one_line_error(result, "--seed 0 (the run has 1)")
     assert "version_1" in result.err and "--weights" in result.err
 
@@ -141,6 +149,7 @@ def test_a_moved_run_resumes_in_its_new_folder_without_losing_best(cli, tiny_dat
     assert result.code == 0, result.err
     assert sorted(p.name for p in (output / "vgg16").iterdir()) == []
     state = best_state(moved / "checkpoints" / "last.ckpt")
+    record_runs("a run folder moved, then resumed: its best score kept", 1, int(float(state["best_model_score"]) < before))
     assert state["dirpath"] == str(moved / "checkpoints")
     assert state["best_model_path"] == str(moved / "checkpoints" / "best.ckpt")
     assert float(state["best_model_score"]) >= before
@@ -171,9 +180,11 @@ def test_options_that_cannot_change_mid_run_are_refused(cli, tiny_data, tmp_path
     run = output / "vgg16" / "version_0"
     before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
     result = cli("train", "--resume", str(run / "checkpoints" / "last.ckpt"), "--accelerator", "cpu", *changed)
+    after = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    record_runs(f"resume with {' '.join(changed)}: refused, the run untouched", 1, int(after != before))
     assert_one_line_error(result, f"cannot resume {run} with {changed[0]} ")
     assert "--weights" in result.err
-    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert after == before
 
 
 @pytest.mark.slow
@@ -253,3 +264,36 @@ def test_a_checkpoint_folder_given_as_a_file_suggests_a_real_file(cli, tmp_path)
     folder.mkdir(parents=True)
     result = cli("test", "--ckpt", str(folder))
     assert_one_line_error(result, f"such as {folder / 'best.ckpt'}")
+
+
+@pytest.mark.slow
+def test_first_line_names_the_run_and_test_py_uses_the_runs_data(cli, tiny_data, tmp_path, monkeypatch):
+    """New and resumed runs say which run, with its options, first; test.py --ckpt tests on the run's data."""
+    output = tmp_path / "runs"
+    first = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "1")
+    run = output / "vgg16" / "version_0"
+    assert first.code == 0 and first.out.splitlines()[0].startswith(f"new run {run}: vgg16, 1 epochs, batch 20")
+    resumed = cli("train", "--resume", "last", "--output-dir", str(output), "--epochs", "2", "--accelerator", "cpu")
+    assert resumed.code == 0, resumed.err
+    assert resumed.out.splitlines()[0].startswith(f"resuming {run} from last.ckpt: vgg16, 2 epochs")
+    assert "best epoch" in resumed.out and " of 2 (counting from 1)" in resumed.out
+    monkeypatch.chdir(tmp_path)  # no ./data here: test.py must find the run's data, offline
+    tested = cli("test", "--ckpt", str(run / "checkpoints" / "best.ckpt"), "--accelerator", "cpu")
+    assert tested.code == 0, tested.err
+    assert f"data: image-folder tree {tiny_data}" in tested.out
+
+
+@pytest.mark.slow
+def test_an_interrupted_start_leaves_no_empty_run_and_last_resumes_the_newest(cli, tiny_data, tmp_path, monkeypatch):
+    """A run stopped before its first checkpoint removes its folder, so --resume last cannot pick a stale one silently."""
+    output = tmp_path / "runs"
+    assert cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "1").code == 0
+
+    def fail_in_fit(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lightning.Trainer.fit", fail_in_fit)
+    interrupted = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "1")
+    assert interrupted.code == 130
+    assert sorted(p.name for p in (output / "vgg16").iterdir()) == ["version_0"]
+    assert "removed the run folder" in interrupted.out
