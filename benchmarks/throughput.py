@@ -11,8 +11,11 @@ For each model it times N training steps after W warm-up steps, on one device, i
 * ``bare``: the same model, data and ``training_step`` in a plain loop without Lightning, so
   that ``lightning`` against ``bare`` is Lightning's own overhead.
 
-Each runs in its own process (clean peak memory and caches), from the repository root, and
-reports images/second over the timed steps (the clock starts after step W, with a CUDA sync on
+Each runs in its own process (clean peak memory and caches), from the repository root, and the
+variants are interleaved over ``--repeats`` rounds (seed_loop, lightning, bare, seed_loop, ...)
+so that a machine that slows down or speeds up affects all of them alike; each variant's
+figure is the median over the rounds, with its minimum and maximum, and each ratio is the median
+of the per-round ratios. A run reports images/second over the timed steps (the clock starts after step W, with a CUDA sync on
 GPUs, as seed_loop's does), the peak resident memory of that process and, on CUDA, its peak
 allocated GPU memory. Prints a table and a JSON document; ``--out`` also writes the JSON.
 
@@ -29,6 +32,7 @@ import os
 import platform
 import runpy
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,9 +74,11 @@ def build_parser() -> Parser:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="networks to time")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="pipelines to time")
     parser.add_argument("--steps", type=positive_int, default=50, help="timed training steps")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="rounds of all variants, interleaved")
     parser.add_argument("--warmup", type=positive_int, default=10, help="untimed steps first (compiling, cuDNN autotuning)")
     parser.add_argument("--batch-size", type=positive_int, default=100, help="per step, as the course")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 source, as train.py's --data-dir")
+    parser.add_argument("--seed-loop", default=str(SEED_LOOP), help="the course's training loop script (the yardstick)")
     parser.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "cuda"), default="auto", help="one device of it")
     parser.add_argument(
         "--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto", help="ours only: seed_loop is fp32"
@@ -104,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hardware = resolve_hardware(args.accelerator, "1", args.precision)
     if not Path(args.data).exists():
         raise UserError(f"data not found: {args.data}; pass --data pointing at CIFAR-10 (see train.py --data-dir)")
-    if "seed_loop" in args.variants and not SEED_LOOP.is_file():
-        raise UserError(f"the yardstick {SEED_LOOP} is missing; run without seed_loop in --variants")
+    if "seed_loop" in args.variants and not Path(args.seed_loop).is_file():
+        raise UserError(f"the yardstick {args.seed_loop} is missing; pass --seed-loop, or leave seed_loop out of --variants")
 
     report: dict[str, Any] = {
         "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["benchmarks/throughput.py", *argv]),
@@ -114,9 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lightning": L.__version__,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_capabilities": cpu_capabilities(),
         "settings": {
             "batch_size": args.batch_size,
             "steps": args.steps,
+            "repeats": args.repeats,
             "warmup": args.warmup,
             "precision": hardware.precision,
             "data_path": resolve_data_path(args.data_path, _device(hardware.accelerator)),
@@ -127,8 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": {},
     }
     for model in args.models:
-        results = {variant: run_child(args, model, variant) for variant in args.variants}
-        results["ratios"] = ratios(results)
+        rounds = [{variant: run_child(args, model, variant) for variant in args.variants} for _ in range(args.repeats)]
+        results: dict[str, Any] = {variant: summarise([r[variant] for r in rounds]) for variant in args.variants}
+        per_round = [ratios(r) for r in rounds]
+        results["ratios"] = {name: round(statistics.median(r[name] for r in per_round), 3) for name in per_round[0]}
+        results["ratios_per_round"] = per_round
         report["models"][model] = results
     text = json.dumps(report, indent=2)
     print_table(report)
@@ -162,10 +173,33 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
              "--data", str(Path(args.data).resolve()), "--accelerator", args.accelerator,
              "--precision", args.precision, "--data-path", args.data_path, "--workers", str(args.workers),
-             "--compile" if args.compile else "--no-compile"]
+             "--compile" if args.compile else "--no-compile", "--seed-loop", str(Path(args.seed_loop).resolve())]
     if args.channels_last is not None:
         flags.append("--channels-last" if args.channels_last else "--no-channels-last")
     return flags
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """What PyTorch reports of this CPU: its vector ISA and whether it has native bfloat16."""
+    ask = lambda name: bool(getattr(torch.cpu, name, lambda: False)())  # noqa: E731 - private, may vanish
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": ask("_is_avx512_bf16_supported"),
+        "amx": ask("_is_amx_tile_supported"),
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant over the rounds: median images/s (and its spread), each round's, the peak memories."""
+    speeds = [run["images_per_s"] for run in runs]
+    return {
+        **runs[0],
+        "images_per_s": round(statistics.median(speeds), 1),
+        "images_per_s_min": min(speeds),
+        "images_per_s_max": max(speeds),
+        "images_per_s_runs": speeds,
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+    }
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -187,13 +221,14 @@ def print_table(report: dict[str, Any]) -> None:
           f"batch {settings['batch_size']}, {settings['steps']} timed steps after {settings['warmup']}, "
           f"ours: {settings['precision']}, data path {settings['data_path']}, "
           f"channels_last {settings['channels_last']}, compile {settings['compile']}")
-    print(f"{'model':<10} {'variant':<10} {'images/s':>10} {'peak RSS MB':>12} {'peak GPU MB':>12}")
+    print(f"{'model':<10} {'variant':<10} {'images/s':>10} {'min-max':>15} {'peak RSS MB':>12} {'peak GPU MB':>12}")
     for model, results in report["models"].items():
         for variant in VARIANTS:
             if variant in results:
                 r = results[variant]
                 gpu = "-" if r.get("peak_gpu_mb") is None else f"{r['peak_gpu_mb']:.0f}"
-                print(f"{model:<10} {variant:<10} {r['images_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} {gpu:>12}")
+                spread = f"{r.get('images_per_s_min', r['images_per_s']):.1f}-{r.get('images_per_s_max', r['images_per_s']):.1f}"
+                print(f"{model:<10} {variant:<10} {r['images_per_s']:>10.1f} {spread:>15} {r['peak_rss_mb']:>12.0f} {gpu:>12}")
         for name, value in results["ratios"].items():
             print(f"{model:<10} {name}: {value}")
 
@@ -349,12 +384,13 @@ def time_seed_loop(args: argparse.Namespace) -> dict[str, Any]:
     seed_args = ["--model-factory", f"models:{args.worker_model}", "--data", args.data, "--device", device,
                  "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     printed = io.StringIO()
-    sys.argv = [str(SEED_LOOP), *seed_args]
+    seed_loop = Path(args.seed_loop).resolve()
+    sys.argv = [str(seed_loop), *seed_args]
     with contextlib.redirect_stdout(printed):
-        runpy.run_path(str(SEED_LOOP), run_name="__main__")
+        runpy.run_path(str(seed_loop), run_name="__main__")
     output = json.loads(printed.getvalue().strip().splitlines()[-1])
     return {"images_per_s": output["train_images_per_s"], "peak_gpu_mb": _peak_gpu_mb(torch.device(device)),
-            "command": shlex.join(["python", os.path.relpath(SEED_LOOP, ROOT), *seed_args]), "output": output}
+            "command": shlex.join(["python", os.path.relpath(seed_loop, ROOT), *seed_args]), "output": output}
 
 
 WORKERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {

@@ -18,7 +18,7 @@ from rich.console import Console
 from base.errors import Interrupted, UserError
 from datamodules.device_batches import DATA_PATHS
 from run.config import DEFAULTS
-from run.hardware import ACCELERATORS, DEVICES_HELP, PRECISIONS
+from run.hardware import ACCELERATORS, DEVICES_HELP, PRECISION_HELP, PRECISIONS
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
 # "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
@@ -135,7 +135,7 @@ def add_hardware_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("hardware")
     group.add_argument("--accelerator", choices=ACCELERATORS, help="auto picks a GPU when there is one")
     group.add_argument("--devices", help=DEVICES_HELP)
-    group.add_argument("--precision", choices=PRECISIONS, help="auto: bf16-mixed on GPUs that support it, else 32-true")
+    group.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     group.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,

@@ -89,6 +89,7 @@ class RunConfig:
     accelerator: str = _option("auto")
     devices: Any = _option("auto", fixed=_SCHEDULE)
     precision: str = _option("auto")
+    precision_reason: str | None = _option(None)  # resolved: why this precision (no flag)
     channels_last: bool | None = _option(None)
     compile: bool = _option(False)
     num_nodes: int = _option(1, fixed=_SCHEDULE)
@@ -113,7 +114,7 @@ class RunConfig:
 
     @property
     def hardware(self) -> Hardware:
-        return Hardware(self.accelerator, self.devices, self.precision)
+        return Hardware(self.accelerator, self.devices, self.precision, self.precision_reason or "asked for")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON values: paths as strings, a device list as ``0,1``."""
@@ -170,7 +171,8 @@ def build_config(values: Mapping[str, Any], model: str | None = None, model_opti
         raise UserError(f"unknown model {values['model']!r}: choose one of {', '.join(COURSE_EPOCHS)}")
     values["epochs"] = values["epochs"] or COURSE_EPOCHS[values["model"]]
     hardware = resolve_hardware(values["accelerator"], values["devices"], values["precision"])
-    values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision)
+    values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision,
+                  precision_reason=hardware.precision_reason)
     values["channels_last"] = use_channels_last(values["channels_last"], hardware)
     if values["run_name"] is not None:
         _check_run_name(values["run_name"])

@@ -17,6 +17,7 @@ from base.errors import UserError
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
+PRECISION_HELP = "auto: bf16-mixed on GPUs and CPUs with native bfloat16 (AMX, AVX512-BF16), else 32-true"
 DEVICES_HELP = "number of devices, a list of GPU indices such as 0,1, -1 for all, or auto"
 
 
@@ -28,6 +29,7 @@ class Hardware:
     accelerator: str
     devices: int | tuple[int, ...]
     precision: str
+    precision_reason: str = "asked for"
 
     @property
     def device_count(self) -> int:
@@ -76,7 +78,8 @@ def resolve_hardware(accelerator: str, devices: str | int | list[int] | tuple[in
     if accelerator == "auto":
         accelerator = "gpu" if cuda else ("mps" if torch.backends.mps.is_available() else "cpu")
     accelerator = "gpu" if accelerator == "cuda" else accelerator
-    return Hardware(accelerator, _resolve_devices(accelerator, parse_devices(devices)), _resolve_precision(accelerator, precision))
+    resolved, reason = _resolve_precision(accelerator, precision)
+    return Hardware(accelerator, _resolve_devices(accelerator, parse_devices(devices)), resolved, reason)
 
 
 def _resolve_devices(accelerator: str, devices: str | int | tuple[int, ...]) -> int | tuple[int, ...]:
@@ -105,10 +108,30 @@ def _resolve_devices(accelerator: str, devices: str | int | tuple[int, ...]) -> 
     return int(devices)
 
 
-def _resolve_precision(accelerator: str, precision: str) -> str:
+def cpu_has_native_bf16() -> str | None:
+    """The CPU's bfloat16 instructions as PyTorch reports them (``AMX``, ``AVX512-BF16``), or None.
+
+    Without them PyTorch emulates bf16 matrix products, slower than fp32.
+    """
+    ask = lambda name: bool(getattr(torch.cpu, name, lambda: False)())  # noqa: E731 - private API, may vanish
+    if ask("_is_amx_tile_supported"):
+        return "AMX"
+    if ask("_is_avx512_bf16_supported"):
+        return "AVX512-BF16"
+    return None
+
+
+def _resolve_precision(accelerator: str, precision: str) -> tuple[str, str]:
+    """(precision, why): what ``auto`` means here, and refusals of what cannot run here."""
     bf16_gpu = accelerator == "gpu" and torch.cuda.is_bf16_supported()
     if precision == "auto":
-        return "bf16-mixed" if bf16_gpu else "32-true"
+        if bf16_gpu:
+            return "bf16-mixed", "auto: the GPU supports bfloat16"
+        native = cpu_has_native_bf16() if accelerator == "cpu" else None
+        if native:
+            return "bf16-mixed", f"auto: the CPU has native bfloat16 ({native})"
+        where = "the CPU has no native bfloat16" if accelerator == "cpu" else f"auto on {accelerator}"
+        return "32-true", f"auto: {where}"
     if precision == "16-mixed" and accelerator == "cpu":
         raise UserError(
             "--precision 16-mixed: float16 autocast needs a GPU (on the CPU Lightning would silently run bf16); "
@@ -116,7 +139,7 @@ def _resolve_precision(accelerator: str, precision: str) -> str:
         )
     if precision.startswith("bf16") and accelerator == "gpu" and not bf16_gpu:
         raise UserError(f"--precision {precision}: this GPU has no bfloat16 support; use --precision 16-mixed or 32-true")
-    return precision
+    return precision, "asked for"
 
 
 def use_channels_last(requested: bool | None, hardware: Hardware) -> bool:

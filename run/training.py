@@ -112,7 +112,8 @@ def describe(config: RunConfig) -> str:
         f"{config.optimizer} lr {config.lr:g}",
         schedule,
         f"seed {config.seed}",
-        f"{config.accelerator} x{config.hardware.device_count} {config.precision}",
+        f"{config.accelerator} x{config.hardware.device_count} {config.precision}"
+        + (f" ({config.precision_reason})" if config.precision_reason and config.precision_reason != "asked for" else ""),
     ]
     return ", ".join(parts)
 

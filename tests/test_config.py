@@ -8,6 +8,7 @@ import pytest
 
 from cli.train import build_train_parser, parse_run_config
 from run.config import COURSE_EPOCHS, DEFAULTS, RunConfig
+from run.hardware import cpu_has_native_bf16
 
 CPU = ["--accelerator", "cpu"]
 
@@ -47,7 +48,23 @@ def test_the_resolved_config_is_frozen_with_absolute_paths(tmp_path, monkeypatch
     monkeypatch.setenv("DATA_HOME", str(tmp_path / "d"))
     resolved = parse_run_config(["--data-dir", "$DATA_HOME/cifar", "--output-dir", "out", *CPU])
     assert resolved.data_dir == tmp_path / "d" / "cifar" and resolved.output_dir == tmp_path / "out"
-    assert (resolved.accelerator, resolved.devices, resolved.precision) == ("cpu", 1, "32-true")
+    native = cpu_has_native_bf16()
+    assert (resolved.accelerator, resolved.devices) == ("cpu", 1)
+    assert resolved.precision == ("bf16-mixed" if native else "32-true") and "auto: " in resolved.precision_reason
     with pytest.raises(dataclasses.FrozenInstanceError):
         resolved.lr = 0.5  # type: ignore[misc]
     assert isinstance(resolved, RunConfig)
+
+
+def test_auto_precision_on_the_cpu_follows_its_native_bf16(monkeypatch):
+    """--precision auto: bf16-mixed where PyTorch reports AMX or AVX512-BF16, fp32 elsewhere; the reason is kept."""
+    import torch
+
+    for amx, avx512_bf16, expected in ((True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (False, False, "32-true")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        resolved = parse_run_config(CPU)
+        assert resolved.precision == expected
+        assert ("has native bfloat16" in resolved.precision_reason) == (expected == "bf16-mixed")
+        assert resolved.to_dict()["precision_reason"] == resolved.precision_reason
+    assert parse_run_config([*CPU, "--precision", "32-true"]).precision_reason == "asked for"

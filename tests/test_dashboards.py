@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 import time
 from pathlib import Path
@@ -125,8 +126,14 @@ def test_output_that_is_not_a_terminal_gets_one_line_per_epoch(run: tuple[Path, 
     lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
     assert [line.split(" | ")[0] for line in lines] == [f"epoch {n}/{EPOCHS}" for n in range(1, EPOCHS + 1)]
     events = read_events(run_dir)
-    for line, acc_val, loss_train in zip(lines, events.Scalars("acc/val"), events.Scalars("loss/train_epoch")):
-        fields = dict(field.split(" ", 1) for field in line.split(" | "))
+    for number, (line, acc_val, loss_train) in enumerate(zip(lines, events.Scalars("acc/val"), events.Scalars("loss/train_epoch")), 1):
+        parts = line.split(" | ")
+        # Every epoch but the last says how long the rest of the run will take.
+        assert parts[-1].startswith("run eta ") == (number < EPOCHS), line
+        if number < EPOCHS:
+            assert re.fullmatch(r"run eta \d+:\d\d", parts.pop()), line
+        line = " | ".join(parts)
+        fields = dict(field.split(" ", 1) for field in parts)
         assert fields["val"].endswith(f"acc {100 * acc_val.value:.2f} %"), line
         assert fields["train"].startswith(f"loss {loss_train.value:.4f} acc "), line
         assert fields["lr"] and float(fields["lr"]) > 0, line
