@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from datamodules.cifar10 import MEAN, STD
+from models.explain import grad_cam
 
 STAGES = ("val", "test")
 
@@ -87,8 +88,13 @@ def misclassified_figure(
     class_names: Sequence[str],
     title: str,
     columns: int = 4,
+    heat_maps: torch.Tensor | None = None,
 ) -> Figure:
-    """A grid of normalised images, each titled with its true class, the prediction and its probability."""
+    """A grid of normalised images, each titled with its true class, the prediction and its probability.
+
+    ``heat_maps`` (N, H, W) in [0, 1], when given, are drawn over the images: where the network
+    saw the evidence for its (wrong) prediction (Grad-CAM, ``models/explain.py``).
+    """
     n = len(images)
     rows = max(1, -(-n // columns))
     figure = Figure(figsize=(1.75 * columns, 0.45 + 1.95 * rows), dpi=100, layout="constrained")
@@ -99,6 +105,8 @@ def misclassified_figure(
         axes = figure.add_subplot(rows, columns, index + 1)
         # Nearest-neighbour keeps the 32x32 pixels sharp instead of blurring them when enlarged.
         axes.imshow(image, interpolation="nearest")
+        if heat_maps is not None:
+            axes.imshow(heat_maps[index].numpy(), cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0, interpolation="bilinear")
         axes.set_title(f"true: {class_names[label]}\npred: {class_names[pred]} {100 * confidence:.0f}%", fontsize=8.5)
         axes.axis("off")
     return figure
@@ -282,8 +290,12 @@ class Dashboards(L.Callback):
         if mistakes is not None and len(mistakes["scores"]):
             wrong = int(matrix.sum() - matrix.trace())
             title = f"most confident mistakes on the test set: {len(mistakes['scores'])} of {wrong:,}"
+            heat_maps = _explain(pl_module, mistakes["images"], mistakes["preds"])
+            if heat_maps is not None:
+                title += "\nGrad-CAM of the predicted class over each image"
             figure = misclassified_figure(
-                mistakes["images"], mistakes["labels"], mistakes["preds"], mistakes["scores"], self.class_names, title
+                mistakes["images"], mistakes["labels"], mistakes["preds"], mistakes["scores"], self.class_names, title,
+                heat_maps=heat_maps,
             )
             self._add_figure(writer, "misclassified/test", figure, trainer)
 
@@ -308,6 +320,19 @@ class Dashboards(L.Callback):
         # at the same step as acc/val.
         step = self.step if self.step is not None else trainer.fit_loop.epoch_loop._batches_that_stepped
         writer.add_image(tag, figure_to_array(figure), global_step=step, dataformats="HWC")
+
+
+def _explain(pl_module: L.LightningModule, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor | None:
+    """Grad-CAM maps (on the CPU) of ``classes`` for the module's backbone; None where it names no layer.
+
+    A compiled backbone is left alone: hooks on its layers would make it compile again.
+    """
+    backbone = getattr(pl_module, "backbone", None)
+    if backbone is None or not hasattr(backbone, "cam_layer") or getattr(backbone, "_compiled_call_impl", None):
+        return None
+    device = next(backbone.parameters()).device
+    with torch.autocast(device.type, enabled=False):
+        return grad_cam(backbone, images.to(device).float(), classes.to(device)).cpu()
 
 
 def _step_outputs(outputs: Any, hook: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,11 @@ def positive_float(text: str) -> float:
     return value
 
 
+def learning_rate(text: str) -> float | str:
+    """A positive number, or ``find``: the learning-rate range test's suggestion."""
+    return "find" if text.strip().lower() == "find" else positive_float(text)
+
+
 def open_fraction(text: str) -> float:
     """A number strictly between 0 and 1 (an EMA decay, a target accuracy)."""
     try:

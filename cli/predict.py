@@ -19,13 +19,21 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from run.checkpoints import build_backbone
-from base.files import printable
-from cli.flags import Parser, positive_int, wide_console
-from run.hardware import ACCELERATORS, resolve_hardware
 from base.errors import UserError
+from base.files import atomic_write, printable
+from cli.flags import Parser, positive_int, wide_console
+from models.explain import grad_cam
+from run.checkpoints import build_backbone
 from run.exporting import load_any_checkpoint
-from run.inference import UnreadableImageError, class_names, find_images, load_images, predict_probabilities
+from run.hardware import ACCELERATORS, resolve_hardware
+from run.inference import (
+    UnreadableImageError,
+    class_names,
+    explanation_picture,
+    find_images,
+    load_images,
+    predict_probabilities,
+)
 
 PROG = "predict.py"
 
@@ -42,6 +50,14 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images decoded and classified at once")
     parser.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto picks a GPU when there is one")
+    parser.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        type=Path,
+        help="also write, per image, OUT_DIR/NAME.gradcam.png: the picture beside its Grad-CAM heat map "
+        "(where the network found the evidence for the predicted class), at the picture's size",
+    )
+    parser.add_argument("--explain-class", metavar="NAME", help="with --explain: explain this class instead of the prediction")
     return parser
 
 
@@ -76,6 +92,31 @@ def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
     wide_console().print(table)
 
 
+def explain(
+    model: torch.nn.Module, images: torch.Tensor, predicted: torch.Tensor, paths: list[Path], args: Any, names: list[str]
+) -> list[str]:
+    """Write each image's Grad-CAM picture into ``args.explain``; returns the files written."""
+    target = torch.full_like(predicted, names.index(args.explain_class)) if args.explain_class else predicted
+    device = next(model.parameters()).device
+    maps = grad_cam(model, images.to(device), target.to(device)).cpu()
+    args.explain.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, heat_map, label in zip(paths, maps, target.tolist()):
+        out = _free_name(args.explain, f"{Path(path).stem}.gradcam-{names[label]}.png")
+        atomic_write(out, lambda file: explanation_picture(path, heat_map).save(file, format="PNG"))
+        written.append(printable(out))
+    return written
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    # Pictures of the same name from different folders must not overwrite each other.
+    candidate, number = folder / name, 1
+    while candidate.exists():
+        number += 1
+        candidate = folder / name.replace(".gradcam-", f"-{number}.gradcam-", 1)
+    return candidate
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = inference_device(args.accelerator)
@@ -87,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--top-k {args.top_k}: {args.ckpt} has {contents.num_classes} classes; choose 1 to {contents.num_classes}"
         )
     names = class_names(contents)
+    if args.explain_class is not None and args.explain_class not in names:
+        raise UserError(f"--explain-class {args.explain_class!r}: not a class of {args.ckpt}; choose one of {', '.join(names)}")
+    if args.explain_class is not None and args.explain is None:
+        raise UserError("--explain-class needs --explain OUT_DIR, the folder to write the pictures to")
+    if args.explain is not None and args.explain.exists() and not args.explain.is_dir():
+        raise UserError(f"--explain {args.explain} is a file; name a folder to write the pictures to")
     model = build_backbone(contents).to(device)
 
     skipped: list[UnreadableImageError] = []
@@ -101,8 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not kept:
             continue
         top = predict_probabilities(model, images, args.batch_size).topk(args.top_k, dim=1)
-        for path, probabilities, classes in zip(kept, top.values.tolist(), top.indices.tolist()):
+        explained = explain(model, images, top.indices[:, 0], kept, args, names) if args.explain else [None] * len(kept)
+        for path, probabilities, classes, picture in zip(kept, top.values.tolist(), top.indices.tolist(), explained):
             record = prediction_record(path, probabilities, classes, names)
+            if picture is not None:
+                record["explanation"] = picture
             records.append(record)
             if args.json:
                 # One line per image as soon as its batch is done, so long runs can be piped and followed.
@@ -113,4 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table(records, f"{contents.model_name} ({contents.num_classes} classes) from {args.ckpt}", args.top_k)
         if skipped:
             print(f"{len(records)} image(s) classified, {len(skipped)} skipped (unreadable)")
+    if args.explain and not args.json:
+        layer = "the last activation of features" if contents.model_name.startswith("vgg") else "layer4"
+        print(f"Grad-CAM pictures ({layer}) written to {printable(args.explain)}")
     return 1 if skipped else 0

@@ -21,13 +21,14 @@ from cli.flags import (
     batch_limit,
     non_negative_int,
     open_fraction,
+    learning_rate,
     positive_float,
     positive_int,
 )
 from lit_modules import OPTIMIZERS, SCHEDULERS, TTA_MODES
 from models import MODEL_NAMES
 from run.config import RunConfig, resolve_run_config
-from run.training import summary_lines, train
+from run.training import find_lr_only, summary_lines, train
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
@@ -50,7 +51,15 @@ def build_train_parser(prog: str | None = None, description: str | None = None) 
     group.add_argument(
         "--batch-size", type=positive_int, help="per device: each step trains on batch x devices x nodes"
     )
-    group.add_argument("--lr", type=positive_float, help="learning rate (peak for onecycle)")
+    group.add_argument(
+        "--lr", type=learning_rate, help="learning rate (peak for onecycle), or find: run the range test first and use its suggestion"
+    )
+    group.add_argument(
+        "--find-lr",
+        action="store_true",
+        help="only run the learning-rate range test (Lightning's lr_find) on this model, data and optimiser: "
+        "prints the suggested rate and saves the plot, then exits",
+    )
     group.add_argument("--optimizer", choices=OPTIMIZERS, help="optimiser")
     group.add_argument("--momentum", type=float, help="sgd only")
     group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="sgd only")
@@ -133,7 +142,11 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    outcome = train(parse_run_config(argv), argv)
+    config = parse_run_config(argv)
+    if config.find_lr:
+        find_lr_only(config)
+        return 0
+    outcome = train(config, argv)
     if outcome.is_global_zero:
         lines = summary_lines(outcome)
         width = max(len(label) for label, _ in lines)

@@ -30,6 +30,8 @@ def quiet_lightning() -> None:
     """Keep the console to what the user asked for: Lightning's hints are noise in a finished tool."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+    # "weights_only was not set" on every save: about what a save includes, not about loading.
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
     for pattern in (
         ".*does not have many workers.*",
         ".*GPU available but not used.*",
@@ -142,8 +144,10 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
     return RunCallbacks(callbacks, best, latest, timer)
 
 
-def build_trainer(config: RunConfig, *, logger: Logger | bool, callbacks: list[Callback]) -> L.Trainer:
-    """The Trainer of ``config``; ``logger`` and ``callbacks`` as the caller needs them."""
+def build_trainer(
+    config: RunConfig, *, logger: Logger | bool, callbacks: list[Callback], root_dir: Path | None = None
+) -> L.Trainer:
+    """The Trainer of ``config``; ``logger``, ``callbacks`` and Lightning's own folder as the caller needs them."""
     quiet_lightning()
     devices = list(config.devices) if isinstance(config.devices, tuple) else config.devices
     return L.Trainer(
@@ -165,6 +169,7 @@ def build_trainer(config: RunConfig, *, logger: Logger | bool, callbacks: list[C
         # Both data paths shard the data between processes themselves (datamodules/), and their
         # training loaders are resumable; a sampler Lightning swapped in would be neither.
         use_distributed_sampler=False,
+        default_root_dir=root_dir,
     )
 
 

@@ -67,7 +67,7 @@ class RunConfig:
     epochs: int | None = _option(None)  # None: COURSE_EPOCHS of the model
     batch_size: int = _option(_DATA["batch_size"], fixed=_SCHEDULE)
     optimizer: str = _option(_RECIPE["optimizer"], fixed=_OPTIMISER)
-    lr: float = _option(_RECIPE["lr"], fixed=_OPTIMISER)
+    lr: float | str = _option(_RECIPE["lr"], fixed=_OPTIMISER)  # "find": the range test's suggestion
     momentum: float = _option(_RECIPE["momentum"], fixed=_OPTIMISER)
     nesterov: bool = _option(_RECIPE["nesterov"], fixed=_OPTIMISER)
     weight_decay: float = _option(_RECIPE["weight_decay"], fixed=_OPTIMISER)
@@ -106,6 +106,7 @@ class RunConfig:
     time_to_accuracy: float | None = _option(None, per_invocation=True)
     log_every_n_steps: int = _option(50)
     requeue_signal: str | None = _option(None)
+    find_lr: bool = _option(False, per_invocation=True)  # only the learning-rate range test
     # quick runs
     fast_dev_run: int = _option(0, per_invocation=True)
     limit_train_batches: int | float | None = _option(None, fixed=_SCHEDULE)
@@ -176,6 +177,7 @@ def build_config(values: Mapping[str, Any], model: str | None = None, model_opti
     values["channels_last"] = use_channels_last(values["channels_last"], hardware)
     if values["run_name"] is not None:
         _check_run_name(values["run_name"])
+
     return RunConfig(**values)
 
 
@@ -229,6 +231,11 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     with ``--weights`` takes its network from that checkpoint.
     """
     asked = merge(config_file, typed)
+    if asked["resume"] is not None and (asked["lr"] == "find" or asked["find_lr"]):
+        raise UserError(
+            "--lr find / --find-lr with --resume: a resumed run keeps its learning rate and optimiser state; "
+            "run the range test without --resume, or start a new run from these weights with --weights"
+        )
     model = asked["model"] if "model" in typed or "model" in config_file else None
     output_dir = absolute_path(asked["output_dir"])
     resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None

@@ -147,3 +147,28 @@ def class_names(contents: CheckpointContents) -> list[str]:
     if contents.num_classes == len(CLASSES):
         return list(CLASSES)
     return [f"class {i}" for i in range(contents.num_classes)]
+
+
+def explanation_picture(path: str | Path, heat_map: torch.Tensor) -> Image.Image:
+    """The picture at ``path`` beside itself overlaid with ``heat_map``, at the picture's own size.
+
+    ``heat_map`` (32, 32) in [0, 1] is over the model's input, the centred square that
+    :func:`load_image` cropped: it is resized to that square's size and drawn there (red: the
+    evidence), the rest of the picture dimmed. The result is twice the picture's width.
+    """
+    from matplotlib import colormaps
+
+    with Image.open(path) as image:
+        picture = to_rgb(ImageOps.exif_transpose(image))
+    width, height = picture.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    heat = F.resize(heat_map[None, None].float(), [side, side], antialias=True)[0, 0].clamp(0, 1).numpy()
+    colours = Image.fromarray((colormaps["jet"](heat)[..., :3] * 255).astype("uint8"))
+    overlay = Image.blend(picture, Image.new("RGB", picture.size), 0.5)  # dim outside the square
+    square = picture.crop((left, top, left + side, top + side))
+    overlay.paste(Image.blend(square, colours, 0.45), (left, top))
+    pair = Image.new("RGB", (2 * width, height), "white")
+    pair.paste(picture, (0, 0))
+    pair.paste(overlay, (width, 0))
+    return pair

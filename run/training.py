@@ -6,6 +6,7 @@ this returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import Interrupted, UserError
@@ -21,6 +23,7 @@ from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig
+from run.lr_find import find_lr
 from run.folder import (
     CONFIG_NAME,
     RESUMED_CONFIG_NAME,
@@ -118,6 +121,20 @@ def describe(config: RunConfig) -> str:
     return ", ".join(parts)
 
 
+def find_lr_only(config: RunConfig) -> Path:
+    """``--find-lr``: the range test alone, its plot and numbers in ``OUTPUT_DIR/MODEL/lr_find/version_N``."""
+    finding = find_lr(config)
+    folder = create_run_dir(config.output_dir / config.model, "lr_find", None)
+    picture = finding.save(folder)
+    logger = TensorBoardLogger(save_dir=folder, name="", version="", default_hp_metric=False)
+    logger.experiment.add_figure("lr_find", finding.figure)
+    logger.finalize("success")
+    print(finding.describe())
+    print(f"plot: {picture} (also in tensorboard --logdir {folder})")
+    print(f"train with it: python train.py --lr {finding.suggestion:.3g} ..., or let train.py do both: --lr find")
+    return folder
+
+
 def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     """Fit ``config``'s run, test its best checkpoint, record everything; returns the outcome.
 
@@ -126,6 +143,11 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     saving it on Ctrl-C.
     """
     started = time.perf_counter()
+    finding = None
+    if config.lr == "find":
+        finding = find_lr(config)
+        print(finding.describe(), flush=True)
+        config = dataclasses.replace(config, lr=finding.suggestion)  # what the run records is what it uses
     # Everything that can be checked before training is, and before the run folder exists: the
     # data (downloaded if need be; both splits read, so a missing test split is found now, not
     # after hours of training), the weights to start from, the output paths and free disk.
@@ -137,6 +159,9 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     try:
         assembly = build(config, run_dir, run_logger(run_dir), parts)
         trainer = assembly.trainer
+        if finding is not None and trainer.is_global_zero:
+            finding.save(run_dir)
+            trainer.logger.experiment.add_figure("lr_find", finding.figure)
         if trainer.is_global_zero and not config.fast_dev_run:
             write_config(config.to_dict(), run_dir / (RESUMED_CONFIG_NAME if config.resume else CONFIG_NAME))
         if trainer.is_global_zero:

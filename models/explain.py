@@ -1,0 +1,43 @@
+"""Grad-CAM: where in an image the evidence for a class lies, by captum's ``LayerGradCam``.
+
+Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+Localization", ICCV 2017: the activations of a late convolutional layer, weighted by the mean
+gradient of the class score over each channel, summed over channels, then ReLU. Each course
+network names its layer (``cam_layer()``: VGG16's last activation in ``features``, ResNet50's
+``layer4``); both are 2x2 on 32x32 inputs, so a map says which quarter of the picture, blended.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from captum.attr import LayerGradCam
+from torch import nn
+
+
+def cam_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM explains for ``model``; a ValueError for networks that name none."""
+    layer = getattr(model, "cam_layer", None)
+    if layer is None:
+        raise ValueError(f"{type(model).__name__} names no layer for Grad-CAM (a cam_layer() method)")
+    return layer()
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
+    """Grad-CAM maps (N, H, W) in [0, 1], at the images' own size, for ``classes`` (N,).
+
+    ``images`` are the network's normalised input (N, 3, H, W); each map is scaled by its own
+    maximum (an all-zero map stays zero). The model runs in evaluation mode, with gradients,
+    whatever the caller's mode; its parameters' gradients are left untouched.
+    """
+    layer = layer if layer is not None else cam_layer(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = images.detach().clone().requires_grad_(True)
+            maps = LayerGradCam(model, layer).attribute(inputs, target=classes.tolist(), relu_attributions=True)
+    finally:
+        model.train(was_training)
+    maps = F.interpolate(maps.detach().float(), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return (maps / peak[:, None, None]).clamp(0, 1)

@@ -1,0 +1,76 @@
+"""The learning-rate range test (``--find-lr``, ``--lr find``): Lightning's ``Tuner.lr_find`` on the run's
+own network, data, optimiser and batch size.
+
+Smith, "Cyclical Learning Rates for Training Neural Networks" (2017): train for a few steps while
+the learning rate grows exponentially from ``MIN_LR`` to ``MAX_LR``, record the loss, and suggest
+the rate where the loss falls fastest (Lightning's suggestion: the steepest negative gradient of
+the smoothed loss curve). Lightning swaps in its own schedule for the test, whatever the run's
+scheduler, and puts the weights back afterwards; its temporary checkpoint goes to a scratch
+folder that is removed, so nothing is left behind but the plot and the numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.tuner import Tuner
+
+from base.errors import UserError
+from base.files import atomic_write, atomic_write_text
+from run.build import build_data_and_module, build_trainer
+from run.config import RunConfig
+
+MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
+
+
+@dataclass
+class LrFinding:
+    """The range test's outcome: the suggested rate, and the curve (rates and smoothed losses)."""
+
+    suggestion: float
+    lrs: list[float]
+    losses: list[float]
+    figure: Any  # matplotlib Figure of loss against learning rate, the suggestion marked
+
+    def describe(self) -> str:
+        return (f"learning-rate range test: suggested lr {self.suggestion:.3g} (swept {MIN_LR:g} to {MAX_LR:g} "
+                f"over {len(self.lrs)} steps)")
+
+    def save(self, folder: Path) -> Path:
+        """Write ``lr_find.png`` and ``lr_find.json`` into ``folder``; returns the picture's path."""
+        picture = folder / "lr_find.png"
+        atomic_write(picture, lambda file: self.figure.savefig(file, format="png", dpi=100))
+        numbers = {"suggestion": self.suggestion, "min_lr": MIN_LR, "max_lr": MAX_LR, "lrs": self.lrs, "losses": self.losses}
+        atomic_write_text(folder / "lr_find.json", json.dumps(numbers, indent=1) + "\n")
+        return picture
+
+
+def find_lr(config: RunConfig) -> LrFinding:
+    """Run the range test for ``config`` (its ``lr`` is ignored); a UserError when it suggests nothing."""
+    # Any number will do for building: the test sets the optimiser's rate at every step.
+    # Enough epochs for STEPS steps however small the data: Lightning's test stops at max_epochs too.
+    probe = dataclasses.replace(config, lr=MIN_LR, fast_dev_run=0, limit_val_batches=0, epochs=max(config.epochs, STEPS))
+    datamodule, module = build_data_and_module(probe)
+    datamodule.prepare_data()
+    with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch:
+        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch))
+        finder = Tuner(trainer).lr_find(
+            module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR, num_training=STEPS, update_attr=False,
+            # The whole sweep, always: Lightning's default stops once the loss is 4x its best, which
+            # a noisy first few batches can trigger before there is a curve to suggest from.
+            early_stop_threshold=None,
+        )
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        raise UserError(
+            "the learning-rate range test found no falling stretch in the loss to suggest a rate from "
+            "(too few training batches?); pass a number to --lr"
+        )
+    figure = finder.plot(suggest=True)
+    figure.axes[0].set_title(f"{config.model}, {config.optimizer}, batch {config.batch_size}: suggested lr {suggestion:.3g}")
+    return LrFinding(float(suggestion), [float(x) for x in finder.results["lr"]],
+                     [float(x) for x in finder.results["loss"]], figure)
