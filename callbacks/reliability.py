@@ -32,10 +32,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import UserError
+from base.options import REQUEUE_SIGNALS
 from base.files import TEMP_SUFFIX, atomic_write, temp_prefix
 
-# Signals that --requeue-signal may name; SLURM's ``--signal=USR1@90`` style warnings.
-REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
 def non_finite_keys(tensors: Mapping[str, Any]) -> list[str]:

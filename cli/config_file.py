@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from base.errors import UserError
-from run.folder import read_config
+from run.config import read_config
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

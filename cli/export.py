@@ -12,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from run.checkpoints import build_backbone
-from cli.flags import Parser
 from base.errors import UserError
-from run.exporting import EXPORTERS, FORMATS, default_output, export_metadata, load_any_checkpoint
 from base.files import atomic_write
-from run.inference import class_names
+from base.options import EXPORT_FORMATS as FORMATS
+from cli.flags import Parser
 
 
 def build_parser() -> Parser:
@@ -40,9 +38,10 @@ def build_parser() -> Parser:
 
 def resolve_output(checkpoint: Path, fmt: str, output: Path | None, force: bool) -> Path:
     """The file to write, refused before the export when writing it would lose something."""
-    output = output or default_output(checkpoint, fmt)
+    default = checkpoint.with_name(checkpoint.stem + FORMATS[fmt])  # best.ckpt -> best.onnx, beside it
+    output = output or default
     if output.is_dir():
-        example = output / default_output(checkpoint, fmt).name
+        example = output / default.name
         raise UserError(f"--output {output} is a folder; name the file to write, e.g. {example}")
     if output.exists() and output.resolve() == checkpoint.resolve():
         raise UserError(f"--output {output} is the checkpoint being exported; choose another file")
@@ -54,6 +53,11 @@ def resolve_output(checkpoint: Path, fmt: str, output: Path | None, force: bool)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     checkpoint = Path(args.ckpt)
+    # torch loads only now: --help and a mistyped flag answer at once.
+    from run.checkpoints import build_backbone
+    from run.exporting import EXPORTERS, export_metadata, load_any_checkpoint
+    from run.inference import class_names
+
     contents = load_any_checkpoint(checkpoint)
     output = resolve_output(checkpoint, args.format, args.output, args.force)
     model = build_backbone(contents).eval()

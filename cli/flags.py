@@ -12,13 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from base.errors import Interrupted, UserError
-from datamodules.device_batches import DATA_PATHS
+from base.options import ACCELERATORS, DATA_PATHS, DEVICES_HELP, PRECISION_HELP, PRECISIONS
 from run.config import DEFAULTS
-from run.hardware import ACCELERATORS, DEVICES_HELP, PRECISION_HELP, PRECISIONS
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
 # "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
@@ -167,7 +165,11 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except SIGTERMException:
+    except SystemExit as exc:
+        # Lightning's SIGTERMException, matched by name: importing Lightning here would make
+        # every command (--help too) wait for it to load.
+        if type(exc).__name__ != "SIGTERMException":
+            raise
         print(f"{prog}: stopped by a termination signal (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     except Interrupted as exc:

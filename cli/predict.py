@@ -16,24 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
 from base.errors import UserError
-from base.files import atomic_write, printable
+from base.files import printable
+from base.options import ACCELERATORS
 from cli.flags import Parser, positive_int, wide_console
-from models.explain import grad_cam
-from run.checkpoints import build_backbone
-from run.exporting import load_any_checkpoint
-from run.hardware import ACCELERATORS, resolve_hardware
-from run.inference import (
-    UnreadableImageError,
-    class_names,
-    explanation_picture,
-    find_images,
-    load_images,
-    predict_probabilities,
-)
 
 PROG = "predict.py"
 
@@ -61,12 +49,6 @@ def build_parser() -> Parser:
     return parser
 
 
-def inference_device(accelerator: str) -> torch.device:
-    """The one device to predict on; resolve_hardware has already refused unavailable ones."""
-    accelerator = resolve_hardware(accelerator, 1, "32-true").accelerator
-    return torch.device("cuda" if accelerator == "gpu" else accelerator)
-
-
 def prediction_record(path: Path, probabilities: list[float], classes: list[int], names: list[str]) -> dict[str, Any]:
     """What is printed for one image; ``probabilities`` and ``classes`` are its top-k, best first."""
     return {
@@ -92,33 +74,20 @@ def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
     wide_console().print(table)
 
 
-def explain(
-    model: torch.nn.Module, images: torch.Tensor, predicted: torch.Tensor, paths: list[Path], args: Any, names: list[str]
-) -> list[str]:
-    """Write each image's Grad-CAM picture into ``args.explain``; returns the files written."""
-    target = torch.full_like(predicted, names.index(args.explain_class)) if args.explain_class else predicted
-    device = next(model.parameters()).device
-    maps = grad_cam(model, images.to(device), target.to(device)).cpu()
-    args.explain.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path, heat_map, label in zip(paths, maps, target.tolist()):
-        out = _free_name(args.explain, f"{Path(path).stem}.gradcam-{names[label]}.png")
-        atomic_write(out, lambda file: explanation_picture(path, heat_map).save(file, format="PNG"))
-        written.append(printable(out))
-    return written
-
-
-def _free_name(folder: Path, name: str) -> Path:
-    # Pictures of the same name from different folders must not overwrite each other.
-    candidate, number = folder / name, 1
-    while candidate.exists():
-        number += 1
-        candidate = folder / name.replace(".gradcam-", f"-{number}.gradcam-", 1)
-    return candidate
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # torch loads only now: --help and a mistyped flag answer at once.
+    from run.checkpoints import build_backbone
+    from run.exporting import load_any_checkpoint
+    from run.inference import (
+        class_names,
+        explain_images,
+        find_images,
+        inference_device,
+        load_images,
+        predict_probabilities,
+    )
+
     device = inference_device(args.accelerator)
     # Paths first: a typo in them is found before the checkpoint is read.
     paths = find_images(args.inputs)
@@ -136,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--explain {args.explain} is a file; name a folder to write the pictures to")
     model = build_backbone(contents).to(device)
 
-    skipped: list[UnreadableImageError] = []
+    skipped: list[Exception] = []
 
-    def skip(error: UnreadableImageError) -> None:
+    def skip(error: Exception) -> None:
         print(f"{PROG}: warning: {error}; skipped", file=sys.stderr)
         skipped.append(error)
 
@@ -148,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not kept:
             continue
         top = predict_probabilities(model, images, args.batch_size).topk(args.top_k, dim=1)
-        explained = explain(model, images, top.indices[:, 0], kept, args, names) if args.explain else [None] * len(kept)
+        explained = (
+            explain_images(model, images, top.indices[:, 0], kept, args.explain, args.explain_class, names)
+            if args.explain
+            else [None] * len(kept)
+        )
         for path, probabilities, classes, picture in zip(kept, top.values.tolist(), top.indices.tolist(), explained):
             record = prediction_record(path, probabilities, classes, names)
             if picture is not None:

@@ -12,7 +12,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from callbacks.reliability import REQUEUE_SIGNALS
 from cli.config_file import parse_config_file
 from cli.flags import (
     Parser,
@@ -25,10 +24,8 @@ from cli.flags import (
     positive_float,
     positive_int,
 )
-from lit_modules import OPTIMIZERS, SCHEDULERS, TTA_MODES
-from models import MODEL_NAMES
-from run.config import RunConfig, resolve_run_config
-from run.training import find_lr_only, summary_lines, train
+from base.options import MODEL_NAMES, OPTIMIZERS, REQUEUE_SIGNALS, SCHEDULERS, TTA_MODES
+from run.config import RunConfig
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
@@ -137,12 +134,17 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
     parser = build_train_parser(prog, description)
     typed = vars(parser.parse_args(list(argv)))
     config_file = parse_config_file(parser, typed["config"]) if "config" in typed else {}
+    # torch and Lightning load from here on: a mistyped flag or --help never waits for them.
+    from run.resolve import resolve_run_config
+
     return resolve_run_config(config_file, typed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_run_config(argv)
+    from run.training import find_lr_only, summary_lines, train
+
     if config.find_lr:
         find_lr_only(config)
         return 0

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from base.errors import UserError
+from base.options import DATA
 from datamodules.device_batches import (
     DATA_PATHS,
     EpochProgress,
@@ -148,17 +149,17 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path = "data",
-        batch_size: int = 100,
-        eval_batch_size: int = 500,
-        val_size: int = 5000,
-        num_workers: int = 2,
+        data_dir: str | Path = DATA.data_dir,
+        batch_size: int = DATA.batch_size,
+        eval_batch_size: int = DATA.eval_batch_size,
+        val_size: int = DATA.val_size,
+        num_workers: int = DATA.num_workers,
         seed: int = 0,
         train_limit: int | None = None,
         cache_dir: Path | None = None,
         download: bool = True,
         pin_memory: bool = False,
-        data_path: str = "auto",
+        data_path: str = DATA.data_path,
         channels_last: bool = False,
         device: str | torch.device | None = None,
     ) -> None:

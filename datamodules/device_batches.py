@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from base.errors import UserError
+from base.options import DATA_PATHS
 
-DATA_PATHS = ("auto", "device", "loader")
 PAD = 4  # RandomCrop(32, padding=4)
 # Offsets a padded image can be cropped at, per axis: 0 .. 2 * PAD (torchvision draws them the same).
 OFFSETS = 2 * PAD + 1

@@ -11,13 +11,11 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from base.options import COURSE_RECIPE as COURSE
+from base.options import OPTIMIZERS, SCHEDULERS, TTA_MODES
 from models import build_model
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-SCHEDULERS = ("step", "cosine", "onecycle", "none")
-# Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
-TTA_MODES = ("none", "flip")
 
 
 class ImageClassifier(L.LightningModule):
@@ -35,22 +33,22 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(
         self,
-        model_name: str = "vgg16",
+        model_name: str = COURSE.model_name,
         *,
         backbone: nn.Module | None = None,
         num_classes: int = 10,
         model_options: dict[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        scheduler: str = "step",
-        step_size: int = 20,
-        gamma: float = 1 / 3,
-        label_smoothing: float = 0.0,
-        tta: str = "none",
+        optimizer: str = COURSE.optimizer,
+        lr: float = COURSE.lr,
+        momentum: float = COURSE.momentum,
+        nesterov: bool = COURSE.nesterov,
+        weight_decay: float = COURSE.weight_decay,
+        scheduler: str = COURSE.scheduler,
+        step_size: int = COURSE.step_size,
+        gamma: float = COURSE.gamma,
+        label_smoothing: float = COURSE.label_smoothing,
+        tta: str = COURSE.tta,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:

@@ -9,11 +9,11 @@ from typing import Any
 from torch import nn
 
 from base.errors import UserError
+from base.options import MODEL_NAMES
 from models.resnet import Bottleneck, ResNet50Layer4, resnet50
 from models.vgg import CFG_VGG16, VGG, vgg16, vgg16_bn
 from models.weights import infer_architecture, load_weights, normalize_keys
 
-MODEL_NAMES = ("vgg16", "vgg16_bn", "resnet50")
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,

@@ -1,45 +1,31 @@
 """The resolved configuration of one training run: every option, merged once, typed, never mutated.
 
 Built-in defaults, a resumed run's saved options, a ``--config`` file and the flags typed are
-merged in that order (a later source wins) by :func:`resolve_run_config`, which returns a frozen
+merged in that order (a later source wins) by ``run.resolve.resolve_run_config``, which returns a frozen
 :class:`RunConfig` in which nothing is left to decide later: the network is known (from the
 checkpoint when one is resumed or started from), ``epochs`` is a number, hardware ``auto``
 values are what Lightning will use here, and every path is expanded (``~``, ``$VARS``) and
 absolute. ``config.yaml`` in the run folder is :meth:`RunConfig.to_dict` of it.
 
-Defaults live in one place each: the recipe's in ``ImageClassifier``'s signature, the data's in
-``CIFAR10DataModule``'s, the run's here.
+Defaults live in one place each: the course recipe's and the data's in ``base.options`` (which
+``ImageClassifier`` and ``CIFAR10DataModule`` use too), the run's here. This module loads neither
+torch nor Lightning until :func:`build_config` resolves the hardware, so that the command-line
+tools parse and check their flags first; ``run.resolve`` does the rest of the resolution.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from base.errors import UserError
-from datamodules import CIFAR10DataModule
-from lit_modules import ImageClassifier
-from run.checkpoints import load_checkpoint
-from run.folder import CONFIG_NAME, find_resume, read_config
-from run.hardware import Hardware, resolve_hardware, use_channels_last
-
-
-def _defaults(function: Callable[..., Any]) -> dict[str, Any]:
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(function).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
-
-
-_RECIPE = _defaults(ImageClassifier.__init__)
-_DATA = _defaults(CIFAR10DataModule.__init__)
-# The course trained VGG16 for 250 epochs and ResNet50 for 285; that is the default run length.
-COURSE_EPOCHS = {"vgg16": 250, "vgg16_bn": 250, "resnet50": 285}
+from base.files import atomic_write_text
+from base.options import COURSE_EPOCHS, COURSE_RECIPE, DATA
 
 # Why an option may not change when a run is resumed; everything not listed here may.
 _TRAINING = "it decides what the run trains on"
@@ -59,32 +45,32 @@ def _option(default: Any, fixed: str | None = None, path: bool = False, per_invo
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every option of a training run, resolved. Build it with :func:`resolve_run_config`."""
+    """Every option of a training run, resolved. Build it with ``run.resolve.resolve_run_config``."""
 
     # network and recipe
-    model: str = _option(_RECIPE["model_name"], fixed=_TRAINING)
+    model: str = _option(COURSE_RECIPE.model_name, fixed=_TRAINING)
     identity_shortcut: bool = _option(False, fixed=_TRAINING)
     epochs: int | None = _option(None)  # None: COURSE_EPOCHS of the model
-    batch_size: int = _option(_DATA["batch_size"], fixed=_SCHEDULE)
-    optimizer: str = _option(_RECIPE["optimizer"], fixed=_OPTIMISER)
-    lr: float | str = _option(_RECIPE["lr"], fixed=_OPTIMISER)  # "find": the range test's suggestion
-    momentum: float = _option(_RECIPE["momentum"], fixed=_OPTIMISER)
-    nesterov: bool = _option(_RECIPE["nesterov"], fixed=_OPTIMISER)
-    weight_decay: float = _option(_RECIPE["weight_decay"], fixed=_OPTIMISER)
-    scheduler: str = _option(_RECIPE["scheduler"], fixed=_SCHEDULE)
-    step_size: int = _option(_RECIPE["step_size"], fixed=_SCHEDULE)
-    gamma: float = _option(_RECIPE["gamma"], fixed=_SCHEDULE)
-    label_smoothing: float = _option(_RECIPE["label_smoothing"], fixed=_TRAINING)
+    batch_size: int = _option(DATA.batch_size, fixed=_SCHEDULE)
+    optimizer: str = _option(COURSE_RECIPE.optimizer, fixed=_OPTIMISER)
+    lr: float | str = _option(COURSE_RECIPE.lr, fixed=_OPTIMISER)  # "find": the range test's suggestion
+    momentum: float = _option(COURSE_RECIPE.momentum, fixed=_OPTIMISER)
+    nesterov: bool = _option(COURSE_RECIPE.nesterov, fixed=_OPTIMISER)
+    weight_decay: float = _option(COURSE_RECIPE.weight_decay, fixed=_OPTIMISER)
+    scheduler: str = _option(COURSE_RECIPE.scheduler, fixed=_SCHEDULE)
+    step_size: int = _option(COURSE_RECIPE.step_size, fixed=_SCHEDULE)
+    gamma: float = _option(COURSE_RECIPE.gamma, fixed=_SCHEDULE)
+    label_smoothing: float = _option(COURSE_RECIPE.label_smoothing, fixed=_TRAINING)
     ema_decay: float | None = _option(None, fixed=_TRAINING)
-    tta: str = _option(_RECIPE["tta"], fixed="the best checkpoint was chosen with it")
+    tta: str = _option(COURSE_RECIPE.tta, fixed="the best checkpoint was chosen with it")
     # data
-    data_dir: Path = _option(_DATA["data_dir"], path=True)
-    eval_batch_size: int = _option(_DATA["eval_batch_size"])
-    data_path: str = _option(_DATA["data_path"])
-    workers: int = _option(_DATA["num_workers"])
-    cache_dir: Path | None = _option(_DATA["cache_dir"], path=True)
-    val_size: int = _option(_DATA["val_size"], fixed=_TRAINING)
-    train_limit: int | None = _option(_DATA["train_limit"], fixed=_TRAINING)
+    data_dir: Path = _option(DATA.data_dir, path=True)
+    eval_batch_size: int = _option(DATA.eval_batch_size)
+    data_path: str = _option(DATA.data_path)
+    workers: int = _option(DATA.num_workers)
+    cache_dir: Path | None = _option(None, path=True)
+    val_size: int = _option(DATA.val_size, fixed=_TRAINING)
+    train_limit: int | None = _option(None, fixed=_TRAINING)
     # hardware (resolved: never auto)
     accelerator: str = _option("auto")
     devices: Any = _option("auto", fixed=_SCHEDULE)
@@ -114,7 +100,10 @@ class RunConfig:
     limit_test_batches: int | float | None = _option(None, per_invocation=True)
 
     @property
-    def hardware(self) -> Hardware:
+    def hardware(self) -> Any:
+        """This run's ``run.hardware.Hardware``."""
+        from run.hardware import Hardware
+
         return Hardware(self.accelerator, self.devices, self.precision, self.precision_reason or "asked for")
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +124,26 @@ FIELDS = {option.name: option for option in dataclasses.fields(RunConfig)}
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in FIELDS.items()}
 FIXED_ON_RESUME = {name: option.metadata["fixed"] for name, option in FIELDS.items() if option.metadata["fixed"]}
 PER_INVOCATION = {name for name, option in FIELDS.items() if option.metadata["per_invocation"]}
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of option names to values (a ``--config`` file or a run's ``config.yaml``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must be a mapping of option names to values, e.g. 'batch_size: 100'")
+    return data
+
+
+def write_config(values: Mapping[str, Any], path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(dict(values), sort_keys=False))
 
 
 def absolute_path(value: str | os.PathLike[str]) -> Path:
@@ -171,6 +180,9 @@ def build_config(values: Mapping[str, Any], model: str | None = None, model_opti
     if values["model"] not in COURSE_EPOCHS:
         raise UserError(f"unknown model {values['model']!r}: choose one of {', '.join(COURSE_EPOCHS)}")
     values["epochs"] = values["epochs"] or COURSE_EPOCHS[values["model"]]
+    # torch loads here, once the flags are known to be well-formed (start-up: --help answers at once).
+    from run.hardware import resolve_hardware, use_channels_last
+
     hardware = resolve_hardware(values["accelerator"], values["devices"], values["precision"])
     values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision,
                   precision_reason=hardware.precision_reason)
@@ -209,6 +221,8 @@ def changed_fixed_options(saved: Mapping[str, Any], wanted: RunConfig) -> list[s
 
 
 def _device_count(devices: Any, accelerator: str) -> Any:
+    from run.hardware import resolve_hardware
+
     try:
         return resolve_hardware(accelerator, devices, "32-true").device_count
     except UserError:
@@ -222,41 +236,3 @@ def _show(value: Any) -> str:
         return f"{value:g}"
     return str(value)
 
-
-def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> RunConfig:
-    """The run that ``config_file``'s options and the ``typed`` flags ask for, resolved and checked.
-
-    A resume continues the run it names with that run's saved options, overlaid by the config
-    file and the flags; options that may not change mid-run are refused in one line. A new run
-    with ``--weights`` takes its network from that checkpoint.
-    """
-    asked = merge(config_file, typed)
-    if asked["resume"] is not None and (asked["lr"] == "find" or asked["find_lr"]):
-        raise UserError(
-            "--lr find / --find-lr with --resume: a resumed run keeps its learning rate and optimiser state; "
-            "run the range test without --resume, or start a new run from these weights with --weights"
-        )
-    model = asked["model"] if "model" in typed or "model" in config_file else None
-    output_dir = absolute_path(asked["output_dir"])
-    resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
-    if resume is None:
-        values = {**asked, "resume": None}
-        if asked["weights"] is None:
-            return build_config(values)
-        start = load_checkpoint(absolute_path(asked["weights"]), expected_model=model)
-        return build_config(values, start.model_name, start.model_options)
-    run_dir = resume.parent.parent
-    saved_file = {k: v for k, v in read_config(run_dir / CONFIG_NAME).items() if k in FIELDS and k not in PER_INVOCATION}
-    saved = merge(saved_file)
-    values = merge(saved_file, config_file, typed)
-    # The run stays in its folder, wherever that folder is now (moved, copied, requeued).
-    values.update(resume=resume, output_dir=run_dir.parent.parent, run_name=run_dir.name)
-    config = build_config(values)
-    problems = changed_fixed_options(saved, config)
-    if problems:
-        more = f" (and {len(problems) - 1} more option(s))" if len(problems) > 1 else ""
-        raise UserError(
-            f"cannot resume {run_dir} with {problems[0]}{more}; resume without changing it, "
-            f"or start a new run from these weights with --weights {resume}"
-        )
-    return config

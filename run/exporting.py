@@ -18,23 +18,17 @@ from torch import nn
 
 from run.checkpoints import CheckpointContents, load_checkpoint
 from base.errors import UserError
+from base.options import EXPORT_FORMATS
 from run.inference import IMAGE_SIZE
 from datamodules import MEAN, STD
 from models import infer_architecture
 
-# Format name -> suffix of the exported file. TorchScript gets a two-part suffix because a bare
-# ".pt" is also what course state dicts are called, and the export must never replace its source.
-FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+FORMATS = EXPORT_FORMATS
 PRODUCER = "cifar10-lightning"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # torch.export specialises a dimension whose example size is 0 or 1, so the example batch holds 2.
 _EXAMPLE_BATCH = 2
 _INSTALL_HINT = 'install the export extras: pip install -e ".[export]"'
-
-
-def default_output(checkpoint: Path, fmt: str) -> Path:
-    """``runs/.../best.ckpt`` -> ``runs/.../best.onnx`` (or .torchscript.pt, .safetensors)."""
-    return checkpoint.with_name(checkpoint.stem + FORMATS[fmt])
 
 
 def export_metadata(contents: CheckpointContents, class_names: list[str]) -> dict[str, str]:

@@ -12,37 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from base.errors import UserError
-from base.files import atomic_write_text
 from callbacks.dashboards import Dashboards
 from run.checkpoints import CheckpointContents, read_checkpoint_file
 
 CONFIG_NAME = "config.yaml"
 RESUMED_CONFIG_NAME = "config.resumed.yaml"
 LAST_NAME = "last.ckpt"
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping of option names to values (a ``--config`` file or a run's ``config.yaml``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must be a mapping of option names to values, e.g. 'batch_size: 100'")
-    return data
-
-
-def write_config(values: Mapping[str, Any], path: Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(dict(values), sort_keys=False))
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:

@@ -14,11 +14,8 @@ import torch
 from torch import nn
 
 from base.errors import UserError
+from base.options import ACCELERATORS, DEVICES_HELP, PRECISIONS
 
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
-PRECISION_HELP = "auto: bf16-mixed on GPUs and CPUs with native bfloat16 (AMX, AVX512-BF16), else 32-true"
-DEVICES_HELP = "number of devices, a list of GPU indices such as 0,1, -1 for all, or auto"
 
 
 @dataclass(frozen=True)

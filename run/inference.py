@@ -26,12 +26,14 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from run.checkpoints import CheckpointContents
 from base.errors import UserError
-from base.files import printable
+from base.files import atomic_write, printable
 from datamodules import CLASSES
 from datamodules.cifar10 import eval_transform
 from datamodules.sources import to_rgb
+from models.explain import grad_cam
+from run.checkpoints import CheckpointContents
+from run.hardware import resolve_hardware
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IMAGE_SIZE = 32
@@ -172,3 +174,44 @@ def explanation_picture(path: str | Path, heat_map: torch.Tensor) -> Image.Image
     pair.paste(picture, (0, 0))
     pair.paste(overlay, (width, 0))
     return pair
+
+
+def inference_device(accelerator: str) -> torch.device:
+    """The one device to predict on; resolve_hardware has already refused unavailable ones."""
+    accelerator = resolve_hardware(accelerator, 1, "32-true").accelerator
+    return torch.device("cuda" if accelerator == "gpu" else accelerator)
+
+
+def explain_images(
+    model: nn.Module,
+    images: torch.Tensor,
+    predicted: torch.Tensor,
+    paths: Sequence[Path],
+    folder: Path,
+    explain_class: str | None,
+    names: Sequence[str],
+) -> list[str]:
+    """Write each image's Grad-CAM picture (:func:`explanation_picture`) into ``folder``.
+
+    ``images`` are the model inputs of ``paths`` (N, 3, 32, 32); each map is of the ``predicted``
+    class (N,), or of ``explain_class`` for all. Returns the files written, as printable text.
+    """
+    target = torch.full_like(predicted, list(names).index(explain_class)) if explain_class else predicted
+    device = next(model.parameters()).device
+    maps = grad_cam(model, images.to(device), target.to(device)).cpu()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, heat_map, label in zip(paths, maps, target.tolist()):
+        out = _free_name(folder, f"{Path(path).stem}.gradcam-{names[label]}.png")
+        atomic_write(out, lambda file: explanation_picture(path, heat_map).save(file, format="PNG"))
+        written.append(printable(out))
+    return written
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    # Pictures of the same name from different folders must not overwrite each other.
+    candidate, number = folder / name, 1
+    while candidate.exists():
+        number += 1
+        candidate = folder / name.replace(".gradcam-", f"-{number}.gradcam-", 1)
+    return candidate

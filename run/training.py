@@ -22,7 +22,7 @@ from callbacks.reliability import PreemptionCheckpoint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint
-from run.config import RunConfig
+from run.config import RunConfig, write_config
 from run.lr_find import find_lr
 from run.folder import (
     CONFIG_NAME,
@@ -31,7 +31,6 @@ from run.folder import (
     discard_if_unfinished,
     log_final_hparams,
     run_logger,
-    write_config,
 )
 from run.report import run_results, write_results_json
 

@@ -1,0 +1,69 @@
+"""Testing one checkpoint (test.py): ours or a course state dict, on the test split of some data.
+
+A checkpoint of a train.py run is tested on that run's data unless ``data_dir`` says otherwise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import RichProgressBar
+
+from datamodules import check_data_dir, describe_source
+from lit_modules import ImageClassifier
+from run.build import build_datamodule, build_trainer
+from run.checkpoints import build_backbone, load_checkpoint
+from run.config import build_config, merge, read_config
+from run.folder import CONFIG_NAME, require_run_dir, run_dashboards, run_dir_of
+from run.hardware import prepare_backbone
+
+SHARED_OPTIONS = ("data_dir", "eval_batch_size", "data_path", "workers", "cache_dir", "accelerator", "devices",
+                  "precision", "channels_last", "limit_test_batches")
+
+
+def data_of_run(checkpoint: str) -> dict[str, Any]:
+    """``{"data_dir": ...}`` of the train.py run that wrote ``checkpoint``, if it is in a run folder."""
+    run = run_dir_of(Path(checkpoint)) if Path(checkpoint).is_file() else None
+    saved = read_config(run / CONFIG_NAME).get("data_dir") if run else None
+    return {"data_dir": saved} if saved else {}
+
+
+def evaluate(args: dict[str, Any]) -> dict[str, Any]:
+    shared = {name: args[name] for name in SHARED_OPTIONS if name in args}
+    # One device unless asked: a distributed sampler would pad the test set with repeated images.
+    config = build_config(merge({"devices": 1}, data_of_run(args["ckpt"]), shared))
+    run_dir = require_run_dir(args["ckpt"]) if args.get("log_to_run") else None
+    check_data_dir(config.data_dir, download=True)
+    contents = load_checkpoint(args["ckpt"], expected_model=args.get("model"))
+    # A flag wins; otherwise the checkpoint is evaluated as its own run evaluated it.
+    tta = args.get("tta") or contents.hparams.get("tta", "none")
+    datamodule = build_datamodule(config)
+    backbone = build_backbone(contents, num_classes=datamodule.num_classes)
+    module = ImageClassifier(
+        contents.model_name,
+        backbone=prepare_backbone(backbone, channels_last=config.channels_last, compile=False),
+        num_classes=contents.num_classes,
+        model_options=contents.model_options,
+        class_names=datamodule.classes,
+        tta=tta,
+    )
+    dashboards = [run_dashboards(run_dir, contents, datamodule.classes)] if run_dir else []
+    trainer = build_trainer(config, logger=False, callbacks=[RichProgressBar(), *dashboards])
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    per_class_prefix = "acc_per_class/test/"
+    return {
+        "checkpoint": str(args["ckpt"]),
+        "model": contents.model_name,
+        "checkpoint_kind": contents.kind,
+        "tta": tta,
+        "data": describe_source(config.data_dir),
+        "images": int(metrics["images/test"]),
+        "test_set_images": len(datamodule.test_set),
+        "accuracy": metrics["acc/test"],
+        "top5_accuracy": metrics["acc_top5/test"],
+        "loss": metrics["loss/test"],
+        "per_class_accuracy": {
+            key.removeprefix(per_class_prefix): value for key, value in metrics.items() if key.startswith(per_class_prefix)
+        },
+        "logged_to_run": str(run_dir) if run_dir else None,
+    }

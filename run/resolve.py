@@ -1,0 +1,61 @@
+"""Resolving a training run's options: what a resume or a ``--weights`` start brings, checked.
+
+See ``run.config`` for the order of precedence; this part reads checkpoints and run folders.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from base.errors import UserError
+from run.checkpoints import load_checkpoint
+from run.config import (
+    FIELDS,
+    PER_INVOCATION,
+    RunConfig,
+    absolute_path,
+    build_config,
+    changed_fixed_options,
+    merge,
+    read_config,
+)
+from run.folder import CONFIG_NAME, find_resume
+
+
+def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> RunConfig:
+    """The run that ``config_file``'s options and the ``typed`` flags ask for, resolved and checked.
+
+    A resume continues the run it names with that run's saved options, overlaid by the config
+    file and the flags; options that may not change mid-run are refused in one line. A new run
+    with ``--weights`` takes its network from that checkpoint.
+    """
+    asked = merge(config_file, typed)
+    if asked["resume"] is not None and (asked["lr"] == "find" or asked["find_lr"]):
+        raise UserError(
+            "--lr find / --find-lr with --resume: a resumed run keeps its learning rate and optimiser state; "
+            "run the range test without --resume, or start a new run from these weights with --weights"
+        )
+    model = asked["model"] if "model" in typed or "model" in config_file else None
+    output_dir = absolute_path(asked["output_dir"])
+    resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
+    if resume is None:
+        values = {**asked, "resume": None}
+        if asked["weights"] is None:
+            return build_config(values)
+        start = load_checkpoint(absolute_path(asked["weights"]), expected_model=model)
+        return build_config(values, start.model_name, start.model_options)
+    run_dir = resume.parent.parent
+    saved_file = {k: v for k, v in read_config(run_dir / CONFIG_NAME).items() if k in FIELDS and k not in PER_INVOCATION}
+    saved = merge(saved_file)
+    values = merge(saved_file, config_file, typed)
+    # The run stays in its folder, wherever that folder is now (moved, copied, requeued).
+    values.update(resume=resume, output_dir=run_dir.parent.parent, run_name=run_dir.name)
+    config = build_config(values)
+    problems = changed_fixed_options(saved, config)
+    if problems:
+        more = f" (and {len(problems) - 1} more option(s))" if len(problems) > 1 else ""
+        raise UserError(
+            f"cannot resume {run_dir} with {problems[0]}{more}; resume without changing it, "
+            f"or start a new run from these weights with --weights {resume}"
+        )
+    return config
