@@ -23,6 +23,7 @@ import pickle
 import tarfile
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Literal
@@ -517,32 +518,44 @@ def _decode_folder(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     missing = [name for name in CLASSES if not (split_dir / name).is_dir()]
     if missing:
         raise UserError(f"missing class folder(s) {', '.join(missing)} in {split_dir}: add them")
-    decoded = []
+    files = []
     for label, name in enumerate(CLASSES):
         for file in (split_dir / name).iterdir():
             if _is_image_name(file.name) and file.is_file():
                 try:
-                    data = file.read_bytes()
+                    files.append((label, file.name, str(file), file.read_bytes()))
                 except OSError as exc:
                     raise UserError(
                         f"cannot read image {printable(file)} ({exc.strerror or exc}): fix its permissions "
                         "or remove it"
                     ) from exc
-                decoded.append((label, file.name, _decode_image(io.BytesIO(data), str(file))))
-    return _stack(decoded, str(split_dir))
+    return _stack(_decode_all(files), str(split_dir))
 
 
 def _decode_archive(archive: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
-    decoded = []
     try:
-        for label, name, data in _archive_images(archive, split):
-            image = _decode_image(io.BytesIO(data), f"{archive}:{name}")
-            decoded.append((label, PurePosixPath(name).name, image))
+        files = [(label, PurePosixPath(name).name, f"{archive}:{name}", data)
+                 for label, name, data in _archive_images(archive, split)]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise _corrupt_archive_error(archive, exc) from exc
-    if not decoded:
+    if not files:
         raise _corrupt_archive_error(archive, f"no images under {split}/<class>/")
-    return _stack(decoded, f"{archive}:{split}/")
+    return _stack(_decode_all(files), f"{archive}:{split}/")
+
+
+def _decode_all(files: list[tuple[int, str, str, bytes]]) -> list[tuple[int, str, np.ndarray]]:
+    """(label, file name, 32,32,3 image) of every (label, file name, name for errors, bytes) given.
+
+    Decoded on all CPU cores at once: Pillow lets go of the GIL while it decodes, so threads
+    suffice (benchmarks/startup.py measures the cold start this shortens).
+    """
+    def decode(item: tuple[int, str, str, bytes]) -> tuple[int, str, np.ndarray]:
+        label, name, shown, data = item
+        return label, name, _decode_image(io.BytesIO(data), shown)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        return list(pool.map(decode, files))
 
 
 def _archive_images(archive: Path, split: Split) -> Iterator[tuple[int, str, bytes]]:

@@ -23,7 +23,6 @@ from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig, write_config
-from run.lr_find import find_lr
 from run.folder import (
     CONFIG_NAME,
     RESUMED_CONFIG_NAME,
@@ -32,6 +31,7 @@ from run.folder import (
     log_final_hparams,
     run_logger,
 )
+from run.lr_find import find_lr
 from run.report import run_results, write_results_json
 
 # DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it.

@@ -187,3 +187,39 @@ def test_a_limited_test_is_a_fair_sample_of_class_sorted_data(cli, tmp_path):
     assert full_result["accuracy"] == pytest.approx(0.1) and full_result["images"] == 600
     assert limited_result["images"] == 200 and "200 test images (of 600" in limited.out
     assert abs(limited_result["accuracy"] - full_result["accuracy"]) < 0.05
+
+
+def test_a_data_tree_without_test_split_is_refused_before_training(cli, tmp_path):
+    """train/ but no test/: found before any training, no run folder left behind."""
+    tree = make_image_folder(tmp_path / "data", 4, 1)
+    for path in sorted((tree / "test").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (tree / "test").rmdir()
+    result = cli("train", *QUICK_VGG, "--data-dir", str(tree), "--output-dir", str(tmp_path / "runs"), "--epochs", "1")
+    assert_one_line_error(result, "missing folder", "test")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["disk-full", "results-json-is-a-folder", "output-dir-read-only"])
+def test_outputs_that_cannot_be_written_are_refused_before_training(cli, tiny_data, tmp_path, monkeypatch, case):
+    """A disk too small for the run's checkpoints, --results-json naming a folder, an output folder without write permission."""
+    output, extra = tmp_path / "runs", []
+    if case == "disk-full":
+        import shutil
+        from collections import namedtuple
+
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 50 * 2**20, 50 * 2**20))
+        fragment = "GiB free"
+    elif case == "results-json-is-a-folder":
+        (tmp_path / "out").mkdir()
+        extra, fragment = ["--results-json", str(tmp_path / "out")], "is a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root may write anywhere")
+        output.mkdir()
+        output.chmod(0o500)
+        fragment = "no permission to write"
+    result = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "1", *extra)
+    assert_one_line_error(result, fragment)
+    assert not (output / "vgg16").exists()

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Start-up times of train.py: --help, a refused flag, and the command to the first training step.
+
+Each figure is the median (and min-max) over ``--repeats`` runs of a fresh ``python train.py``
+process, timed from just before the process starts:
+
+* ``help``: ``train.py --help`` to exit;
+* ``flag_error``: ``train.py --model vgg17`` to its one-line error;
+* ``first_step_cold``: to the start of the first training step of a one-epoch run on ``--data``,
+  with an empty decode cache (every image decoded);
+* ``first_step_warm``: the same with the cache of the previous run.
+
+The first step is marked by a callback added to train.py's own list (run.build.build_callbacks),
+which exits the process there, so the figure holds everything before it: imports, flag
+checks, reading and decoding the data, building the network, the sanity check.
+
+    python benchmarks/startup.py --data ~/data/cifar10-jpeg.tar.gz --out benchmarks/results/startup.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from run.report import device_name
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs train.py's main with a callback that reports the first step's start and exits at once.
+_CHILD = """
+import os, sys, time
+from lightning.pytorch.callbacks import Callback
+from run import build
+
+class FirstStep(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        print(f"FIRST_STEP {time.time():.6f}", flush=True)
+        os._exit(0)
+
+real = build.build_callbacks
+def with_mark(*args, **kwargs):
+    callbacks = real(*args, **kwargs)
+    callbacks.all.append(FirstStep())
+    return callbacks
+build.build_callbacks = with_mark
+from cli.flags import run_main
+from cli.train import main
+sys.argv = ["train.py", *sys.argv[1:]]
+run_main(main)
+"""
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    started = time.time()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    ended = time.time()
+    marks = [line for line in done.stdout.splitlines() if line.startswith("FIRST_STEP ")]
+    if marks:
+        return float(marks[-1].split()[1]) - started, done.stdout
+    return ended - started, done.stdout + done.stderr
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="CIFAR-10, as train.py's --data-dir (the 60,000-image archive)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs: dict[str, list[float]] = {"help": [], "flag_error": [], "first_step_cold": [], "first_step_warm": []}
+    quick = ["--model", "vgg16", "--epochs", "1", "--data-dir", args.data, "--accelerator", "cpu"]
+    for _ in range(args.repeats):
+        runs["help"].append(timed([sys.executable, "train.py", "--help"], env)[0])
+        runs["flag_error"].append(timed([sys.executable, "train.py", "--model", "vgg17"], env)[0])
+        with tempfile.TemporaryDirectory() as scratch:
+            cache = Path(scratch) / "cache"
+            for name in ("first_step_cold", "first_step_warm"):
+                command = [sys.executable, "-c", _CHILD, *quick, "--cache-dir", str(cache),
+                           "--output-dir", str(Path(scratch) / "runs")]
+                seconds, output = timed(command, env)
+                if "FIRST_STEP" not in output:
+                    raise SystemExit(f"{name}: no first step reached:\n{output[-2000:]}")
+                runs[name].append(seconds)
+    report = {
+        "command": " ".join(["python", "benchmarks/startup.py", *sys.argv[1:]]),
+        "machine": device_name("cpu"),
+        "python": platform.python_version(),
+        "seconds": {
+            name: {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+                   "max": round(max(values), 2), "runs": [round(v, 2) for v in values]}
+            for name, values in runs.items()
+        },
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
