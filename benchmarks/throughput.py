@@ -301,7 +301,9 @@ def _pipeline(args: argparse.Namespace) -> tuple[str, str, torch.device, CIFAR10
     """What train.py builds for one device (run.build): (accelerator, precision, device, datamodule, module)."""
     options = {"model": args.worker_model, "data_dir": args.data, "batch_size": args.batch_size, "workers": args.workers,
                "data_path": args.data_path, "accelerator": args.accelerator, "devices": 1, "precision": args.precision,
-               "channels_last": args.channels_last, "compile": args.compile}
+               "channels_last": args.channels_last, "compile": args.compile,
+               # Training only: no validation images need holding out (and tiny data has few).
+               "val_size": 0}
     config = build_config(merge(options))
     quiet_lightning()
     datamodule, module = build_data_and_module(config)

@@ -24,8 +24,9 @@ def short_test(monkeypatch):
 def test_find_lr_plots_suggests_within_the_sweep_and_leaves_nothing(cli, tiny_data, tmp_path, monkeypatch, optimizer, scheduler):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "runs"
+    # Batches of 4: the 30 steps take a few epochs of the tiny data, not fifteen.
     result = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--find-lr",
-                 "--optimizer", optimizer, "--scheduler", scheduler, "--epochs", "2")
+                 "--optimizer", optimizer, "--scheduler", scheduler, "--epochs", "2", "--batch-size", "4")
     assert result.code == 0, result.err
     folder = output / "vgg16" / "lr_find" / "version_0"
     numbers = json.loads((folder / "lr_find.json").read_text())
