@@ -72,3 +72,22 @@ def test_compiled_run_on_the_gpu_writes_checkpoints_that_load_uncompiled(cli, ti
                        weights_only=True)["state_dict"]
     model = build_model("vgg16")
     model.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+
+
+def test_lr_find_on_the_gpu(cli, tiny_data, tmp_path, monkeypatch):
+    from run import lr_find
+
+    monkeypatch.setattr(lr_find, "STEPS", 20)
+    result = cli("train", *QUICK_VGG, *GPU, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--find-lr",
+                 "--batch-size", "4")
+    assert result.code == 0, result.err
+    suggestion = json.loads((tmp_path / "vgg16" / "lr_find" / "version_0" / "lr_find.json").read_text())["suggestion"]
+    assert lr_find.MIN_LR <= suggestion <= lr_find.MAX_LR
+
+
+def test_grad_cam_on_the_gpu():
+    from models.explain import grad_cam
+
+    model = build_model("resnet50").cuda()
+    maps = grad_cam(model, torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([1, 2], device="cuda"))
+    assert maps.is_cuda and maps.shape == (2, 32, 32)
