@@ -50,10 +50,14 @@ class RunClock(L.Callback):
             self._warned = True
             left = self.eta_seconds(trainer)
             if trainer.strategy.root_device.type == "cpu" and left is not None and left > 3600 * self.heads_up_hours:
+                faster = ["a GPU (--accelerator gpu)"]
+                if not str(trainer.precision).startswith("bf16"):
+                    faster.append("--precision bf16-mixed on CPUs with native bfloat16")
+                faster.append("a shorter recipe (--epochs, configs/*_fast.yaml)")
                 print(
                     f"heads-up: at this pace the run's {trainer.max_epochs} epochs take about {left / 3600:.0f} h on "
-                    "this CPU; a GPU (--accelerator gpu), --precision bf16-mixed on CPUs with bf16, or a shorter "
-                    "recipe (--epochs, configs/*_fast.yaml) shortens it; Ctrl-C saves the run, --resume continues it",
+                    f"this CPU; {', '.join(faster[:-1])} or {faster[-1]} shorten it; Ctrl-C saves the run, "
+                    "--resume continues it",
                     flush=True,
                 )
 

@@ -215,17 +215,22 @@ class PreemptionCheckpoint(Callback):
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Lightning calls no teardown hooks after an exception.
-        self._restore_handlers()
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
-            return
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state: loops, callbacks, optimiser
-        if trainer.is_global_zero:
-            print(
-                f"stopped by {self.received} at epoch {trainer.current_epoch}, step {trainer.global_step}: "
-                f"saved {self.path}; continue with: python train.py --resume {self.path}",
-                file=sys.stderr,
-            )
+        # Lightning calls no teardown hooks after an exception. The handlers go back only after the
+        # save: a second Ctrl-C during it must abort (the previous last.ckpt stays whole), not raise
+        # KeyboardInterrupt in the middle of torch.save.
+        try:
+            if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+                trainer.save_checkpoint(self.path, weights_only=False)  # full state: loops, callbacks, optimiser
+                if trainer.is_global_zero:
+                    signal_name = "Ctrl-C" if self.received == "SIGINT" else self.received
+                    print(
+                        f"stopped by {signal_name} in epoch {trainer.current_epoch + 1}, after step "
+                        f"{trainer.global_step}: saved {self.path}; continue with: python train.py --resume "
+                        f"{self.path.parent.parent}",
+                        file=sys.stderr,
+                    )
+        finally:
+            self._restore_handlers()
 
 
 def _abort_now(signum: int, frame: FrameType | None) -> None:

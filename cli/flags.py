@@ -173,7 +173,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         print(f"{prog}: stopped by a termination signal (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     except Interrupted as exc:
-        print(f"{prog}: interrupted: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

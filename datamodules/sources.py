@@ -129,6 +129,7 @@ def ensure_downloaded(data_dir: str | Path) -> None:
     path = Path(data_dir)
     if _detect(path) is not None:
         return
+    existed = path.exists()
     try:
         # What CIFAR10(root, download=True) does, minus loading the arrays: fetch the official
         # tarball, check its md5 and extract cifar-10-batches-py/ into data_dir.
@@ -139,9 +140,11 @@ def ensure_downloaded(data_dir: str | Path) -> None:
         # The folder held no data before, so any tarball is our partial download; left behind it
         # would be taken for a local copy on the next run.
         (path / CIFAR10.filename).unlink(missing_ok=True)
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # nothing on disk is left changed by a failed attempt
         raise UserError(
-            f"could not download CIFAR-10 into {data_dir} (no network?): pass --data-dir pointing "
-            f"at a local copy: {_LAYOUTS}"
+            f"no CIFAR-10 at {data_dir}, and downloading it there failed (no network?): pass --data-dir "
+            f"pointing at a local copy: {_LAYOUTS}"
         ) from exc
 
 

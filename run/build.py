@@ -6,6 +6,7 @@ test.py and the benchmarks get the same pieces for the same options.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
     # "weights_only was not set" on every save: about what a save includes, not about loading.
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
+    # "Received SIGTERM" also for Ctrl-C, which is forwarded as SIGTERM: the stop is reported by
+    # callbacks/reliability.py, with the signal's real name.
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     for pattern in (
         ".*does not have many workers.*",
         ".*GPU available but not used.*",
@@ -41,6 +45,8 @@ def quiet_lightning() -> None:
         ".*Checkpoint directory .* exists and is not empty.*",
         # Quick runs have fewer batches than --log-every-n-steps: the epoch values are still logged.
         ".*is smaller than the logging interval.*",
+        # The summary's size estimate in bf16; the parameters are fp32 under bf16-mixed anyway.
+        ".*is not supported by the model summary.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -122,6 +128,9 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         auto_insert_metric_name=False,
     )
     clock = RunClock()  # the run's ETA, for the bar and the epoch lines
+    # In a terminal a live bar; in a log file (nohup, SLURM, CI) one line per epoch, since a
+    # live bar draws nothing there until its last frame.
+    console = [ThrottledProgressBar(clock=clock)] if sys.stdout.isatty() else [EpochLines(clock=clock)]
     # Fast recipes: EMA of the weights, time-to-accuracy benchmark (callbacks/recipes.py).
     extras = recipe_callbacks(config.ema_decay, config.time_to_accuracy)
     callbacks: list[Callback] = [
@@ -132,8 +141,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         # Confusion matrices, per-class validation accuracy, misclassified test images.
         Dashboards(class_names),
         clock,
-        ThrottledProgressBar(clock=clock),
-        EpochLines(clock=clock),
+        *console,
         # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume.
         FiniteLossGuard(),
         PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=config.requeue_signal),
@@ -145,9 +153,15 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
 
 
 def build_trainer(
-    config: RunConfig, *, logger: Logger | bool, callbacks: list[Callback], root_dir: Path | None = None
+    config: RunConfig,
+    *,
+    logger: Logger | bool,
+    callbacks: list[Callback],
+    root_dir: Path | None = None,
+    progress_bar: bool = True,
 ) -> L.Trainer:
-    """The Trainer of ``config``; ``logger``, ``callbacks`` and Lightning's own folder as the caller needs them."""
+    """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
+    add its progress bar as the caller needs them."""
     quiet_lightning()
     devices = list(config.devices) if isinstance(config.devices, tuple) else config.devices
     return L.Trainer(
@@ -170,6 +184,7 @@ def build_trainer(
         # training loaders are resumable; a sampler Lightning swapped in would be neither.
         use_distributed_sampler=False,
         default_root_dir=root_dir,
+        enable_progress_bar=progress_bar,
     )
 
 
@@ -195,5 +210,6 @@ def build(config: RunConfig, run_dir: Path, logger: Logger, parts: tuple[CIFAR10
     """
     datamodule, module = parts or build_data_and_module(config)
     callbacks = build_callbacks(config, run_dir, datamodule.classes)
-    trainer = build_trainer(config, logger=logger, callbacks=callbacks.all)
+    has_bar = any(isinstance(callback, ThrottledProgressBar) for callback in callbacks.all)
+    trainer = build_trainer(config, logger=logger, callbacks=callbacks.all, progress_bar=has_bar)
     return Assembly(datamodule, module, trainer, callbacks)

@@ -48,9 +48,20 @@ def read_checkpoint_file(path: str | Path) -> Any:
         raise UserError(f"{path} is a directory; pass a checkpoint file such as {example}")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): it was not written completely; use another one")
+    with path.open("rb") as file:
+        head = file.read(4)
+    # torch.save writes a zip archive (PK..) since PyTorch 1.6, a bare pickle (0x80) before.
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise UserError(
+            f"{path} is not a PyTorch checkpoint file (not what torch.save writes); pass a .ckpt written by "
+            "train.py or a course state dict saved with torch.save(model.state_dict())"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "GLOBAL" not in str(exc):
+            reason = str(exc).splitlines()[0][:120]
+            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {reason}") from None
         offending = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"the pickled global {offending.group(1)}" if offending else "pickled Python objects"
         raise UserError(

@@ -230,6 +230,8 @@ def _device_count(devices: Any, accelerator: str) -> Any:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "not set"
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if isinstance(value, float):

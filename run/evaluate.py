@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
 
+from base.errors import ctrl_c_raises
 from datamodules import check_data_dir, describe_source
 from lit_modules import ImageClassifier
 from run.build import build_datamodule, build_trainer
@@ -49,7 +50,8 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     )
     dashboards = [run_dashboards(run_dir, contents, datamodule.classes)] if run_dir else []
     trainer = build_trainer(config, logger=False, callbacks=[RichProgressBar(), *dashboards])
-    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    with ctrl_c_raises("stopped by Ctrl-C; nothing was written"):
+        metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     per_class_prefix = "acc_per_class/test/"
     return {
         "checkpoint": str(args["ckpt"]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,8 @@ def find_lr(config: RunConfig) -> LrFinding:
     datamodule, module = build_data_and_module(probe)
     datamodule.prepare_data()
     with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch:
-        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch))
+        # Lightning's own bar for the test in a terminal; in a log file it would print every step.
+        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=sys.stdout.isatty())
         finder = Tuner(trainer).lr_find(
             module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR, num_training=STEPS, update_attr=False,
             # The whole sweep, always: Lightning's default stops once the loss is 4x its best, which

@@ -17,7 +17,7 @@ from lightning import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from base.errors import Interrupted, UserError
+from base.errors import Interrupted, UserError, ctrl_c_raises
 from callbacks.reliability import PreemptionCheckpoint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
@@ -31,7 +31,7 @@ from run.folder import (
     log_final_hparams,
     run_logger,
 )
-from run.lr_find import find_lr
+from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.report import run_results, write_results_json
 
 # DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it.
@@ -109,7 +109,7 @@ def describe(config: RunConfig) -> str:
     schedule = f"{config.scheduler} schedule" if config.scheduler != "none" else "constant lr"
     parts = [
         config.model + (" (identity shortcuts)" if config.identity_shortcut else ""),
-        f"{config.epochs} epochs",
+        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}",
         f"batch {config.batch_size}",
         f"{config.optimizer} lr {config.lr:g}",
         schedule,
@@ -122,6 +122,8 @@ def describe(config: RunConfig) -> str:
 
 def find_lr_only(config: RunConfig) -> Path:
     """``--find-lr``: the range test alone, its plot and numbers in ``OUTPUT_DIR/MODEL/lr_find/version_N``."""
+    print(f"learning-rate range test: {config.model}, {config.optimizer}, batch {config.batch_size}, rate from "
+          f"{MIN_LR:g} to {MAX_LR:g} over {STEPS} steps", flush=True)
     finding = find_lr(config)
     folder = create_run_dir(config.output_dir / config.model, "lr_find", None)
     picture = finding.save(folder)
@@ -175,7 +177,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     except SIGTERMException:
         preemption = next(c for c in assembly.callbacks.all if isinstance(c, PreemptionCheckpoint))
         if preemption.received == "SIGINT":
-            raise Interrupted(f"saved {preemption.path}; continue with: python train.py --resume {run_dir}") from None
+            raise Interrupted("stopped by Ctrl-C (exit code 130)") from None
         raise
     except BaseException:
         if created and discard_if_unfinished(run_dir):
@@ -199,8 +201,10 @@ def _test_and_record(
         data=describe_source(config.data_dir),
     )
     epochs_trained, test_started = trainer.current_epoch, time.perf_counter()
+    kept = f"the run is saved ({outcome.best or outcome.last}); test it with: python test.py --ckpt {outcome.best}"
     try:
-        results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
+        with ctrl_c_raises(f"stopped by Ctrl-C during the final test; {kept}"):
+            results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
     except UserError as exc:
         # The training is done and its checkpoints are on disk: report, never throw them away.
         outcome.test_error = str(exc)

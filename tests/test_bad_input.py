@@ -112,8 +112,8 @@ def test_missing_data(cli, checkpoints, tmp_path, script):
     # A missing folder is where the official archive would be downloaded; offline that fails clearly.
     runs = ["--output-dir", str(tmp_path / "runs")] if script == "train" else []
     result = cli(script, *args, "--data-dir", str(tmp_path / "nothing-here"), *QUICK, *runs)
-    assert_one_line_error(result, "could not download CIFAR-10", "--data-dir")
-    assert not (tmp_path / "runs").exists()
+    assert_one_line_error(result, "no CIFAR-10 at", "downloading it there failed", "--data-dir")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing-here").exists()
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_missing_data(cli, checkpoints, tmp_path, script):
         ("directory", "is a directory"),
         ("empty", "is empty (0 bytes)"),
         ("truncated", "not a readable PyTorch checkpoint"),
-        ("foreign", "not a readable PyTorch checkpoint"),
+        ("foreign", "is not a PyTorch checkpoint file"),
         ("other", "does not hold a VGG16 or ResNet50 state dict"),
         ("hundred", "100-class output layer"),
         ("nan", "NaN or infinite"),

@@ -244,9 +244,10 @@ def test_python_archive_refuses_foreign_pickles(tmp_path: Path) -> None:
 def test_download_failure_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data_dir = tmp_path / "data"
     # First through torchvision's real download code, stopped at urlopen by the autouse fixture.
-    message = f"could not download CIFAR-10 into {data_dir} \\(no network\\?\\)"
+    message = f"no CIFAR-10 at {data_dir}, and downloading it there failed \\(no network\\?\\)"
     with pytest.raises(UserError, match=message):
         load_split(data_dir, "train", download=True)
+    assert not data_dir.exists()  # the failed attempt leaves nothing behind
 
     def fail(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("offline")

@@ -223,3 +223,23 @@ def test_outputs_that_cannot_be_written_are_refused_before_training(cli, tiny_da
     result = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "1", *extra)
     assert_one_line_error(result, fragment)
     assert not (output / "vgg16").exists()
+
+
+def test_ctrl_c_inside_a_protected_block_raises_interrupted_with_its_message():
+    """Lightning would turn Ctrl-C during a test into a silent exit 1; inside ctrl_c_raises it says what was kept."""
+    from base.errors import Interrupted, ctrl_c_raises
+
+    with pytest.raises(Interrupted, match="the run is saved"):
+        with ctrl_c_raises("stopped by Ctrl-C during the final test; the run is saved"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("script", ["train", "test"])
+def test_a_picture_given_as_checkpoint_is_named_for_what_it_is(cli, tiny_data, tmp_path, script):
+    """A JPEG passed to --resume / --ckpt: not 'pickled code', not a traceback."""
+    fake = tmp_path / "photo.ckpt"
+    Image.new("RGB", (8, 8)).save(fake, format="JPEG")
+    flag = ["--resume", str(fake)] if script == "train" else ["--ckpt", str(fake)]
+    result = cli(script, *flag, "--data-dir", str(tiny_data), "--accelerator", "cpu")
+    assert_one_line_error(result, "is not a PyTorch checkpoint file")

@@ -272,7 +272,7 @@ def test_first_line_names_the_run_and_test_py_uses_the_runs_data(cli, tiny_data,
     output = tmp_path / "runs"
     first = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "1")
     run = output / "vgg16" / "version_0"
-    assert first.code == 0 and first.out.splitlines()[0].startswith(f"new run {run}: vgg16, 1 epochs, batch 20")
+    assert first.code == 0 and first.out.splitlines()[0].startswith(f"new run {run}: vgg16, 1 epoch, batch 20")
     resumed = cli("train", "--resume", "last", "--output-dir", str(output), "--epochs", "2", "--accelerator", "cpu")
     assert resumed.code == 0, resumed.err
     assert resumed.out.splitlines()[0].startswith(f"resuming {run} from last.ckpt: vgg16, 2 epochs")
