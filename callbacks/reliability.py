@@ -180,9 +180,11 @@ class PreemptionCheckpoint(Callback):
         self.received = "SIGTERM"
         self._previous_handlers: dict[int, Any] = {}
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed here, not in setup: Lightning's signal connector records every handler after
+        # setup and puts those back at its teardown, which would leave ours installed for good.
         # Signal handlers can only be installed from the main thread (Lightning skips them too).
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
         # Ctrl-C: the first one stops like SIGTERM (after the batch, saving last.ckpt), a second
         # one aborts at once. Lightning's own handling of KeyboardInterrupt saves nothing.
