@@ -37,8 +37,11 @@ class CheckpointContents:
         return f"{self.model_name} ({self.num_classes} classes), {origin}"
 
 
-def read_checkpoint_file(path: str | Path) -> Any:
-    """``torch.load`` with ``weights_only=True``, turning every failure into one clear line."""
+def read_checkpoint_file(path: str | Path, peek: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``, turning every failure into one clear line.
+
+    ``peek``: memory-map the tensors instead of reading them (files in torch.save's zip format),
+    for callers that only look at the keys and counters; the data is read when first touched."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}; check the path (train.py prints where it saved them)")
@@ -57,7 +60,7 @@ def read_checkpoint_file(path: str | Path) -> Any:
             "train.py or a course state dict saved with torch.save(model.state_dict())"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=peek and head.startswith(b"PK\x03\x04"))
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "GLOBAL" not in str(exc):
             reason = str(exc).splitlines()[0][:120]
@@ -94,13 +97,14 @@ def _require_data(state_dict: dict[str, torch.Tensor], path: Path) -> None:
         )
 
 
-def load_checkpoint(path: str | Path, expected_model: str | None = None) -> CheckpointContents:
+def load_checkpoint(path: str | Path, expected_model: str | None = None, peek: bool = False) -> CheckpointContents:
     """Read one of our checkpoints or a course state dict and say which network it holds.
 
-    ``expected_model``, when given, must match the checkpoint's architecture.
+    ``expected_model``, when given, must match the checkpoint's architecture; ``peek`` as for
+    :func:`read_checkpoint_file`.
     """
     path = Path(path)
-    obj = read_checkpoint_file(path)
+    obj = read_checkpoint_file(path, peek=peek)
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     if isinstance(hparams, dict) and "model_name" in hparams and _is_state_dict(obj.get("state_dict")):
         # A module wrapped by DDP ("module.") or torch.compile ("_orig_mod.") before Lightning saw

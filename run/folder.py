@@ -7,6 +7,7 @@ continues the folder of the checkpoint it names. Shared by train.py and ``test.p
 """
 from __future__ import annotations
 
+import glob
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,7 +88,8 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
     """
     if str(resume) == "last":
         if run_name is not None:
-            found = sorted(output_dir.glob(f"{model or '*'}/{run_name}/checkpoints/{LAST_NAME}"))
+            # A run name is a folder name, which may hold [ ] * ?: taken literally, not as a pattern.
+            found = sorted(output_dir.glob(f"{model or '*'}/{glob.escape(run_name)}/checkpoints/{LAST_NAME}"))
             return check_resumable(found[0]) if found else None
         run = newest_run(output_dir, model)
         if run is None:
@@ -115,7 +117,7 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
 
 def check_resumable(checkpoint: Path) -> Path:
     """``checkpoint`` if it is a training checkpoint inside a run folder; a one-line UserError otherwise."""
-    contents = read_checkpoint_file(checkpoint)
+    contents = read_checkpoint_file(checkpoint, peek=True)  # Lightning reads it in full when resuming
     if not (isinstance(contents, dict) and "pytorch-lightning_version" in contents and "state_dict" in contents):
         plain = isinstance(contents, dict) and contents and all(hasattr(value, "shape") for value in contents.values())
         what = "a plain state dict (torch.save(model.state_dict()))" if plain else "not a training checkpoint of train.py"

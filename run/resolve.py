@@ -42,7 +42,8 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
         values = {**asked, "resume": None}
         if asked["weights"] is None:
             return build_config(values)
-        start = load_checkpoint(absolute_path(asked["weights"]), expected_model=model)
+        # Only the network's name and options are needed here; build_module loads the weights.
+        start = load_checkpoint(absolute_path(asked["weights"]), expected_model=model, peek=True)
         return build_config(values, start.model_name, start.model_options)
     run_dir = resume.parent.parent
     saved_file = {k: v for k, v in read_config(run_dir / CONFIG_NAME).items() if k in FIELDS and k not in PER_INVOCATION}

@@ -214,7 +214,7 @@ def _test_and_record(
         return outcome
     if outcome.best:
         # Lightning counts epochs from 0 (epoch000.ckpt holds the first); people count from 1.
-        outcome.best_epoch = load_checkpoint(outcome.best).epoch + 1
+        outcome.best_epoch = load_checkpoint(outcome.best, peek=True).epoch + 1
         final = {
             "hp/best_val_acc": outcome.best_score,
             "hp/best_epoch": outcome.best_epoch,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 import robustness
 from fakedata import make_image_folder
@@ -53,6 +55,41 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def load_script(name: str) -> ModuleType:
     """The command behind ``name``.py (train, test, predict, export): ``cli.<name>``, whose ``main`` it runs."""
     return importlib.import_module(f"cli.{name}")
+
+
+class _SigtermAt(Callback):
+    """Sends this process SIGTERM after training step ``step``, or at the end of epoch ``epoch``
+    (counted from 1), as a cluster's preemption would."""
+
+    def __init__(self, step: int | None = None, epoch: int | None = None) -> None:
+        self.step, self.epoch = step, epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def sigterm_at(monkeypatch):
+    """``sigterm_at(step=n)`` or ``sigterm_at(epoch=n)``: the next train.py run in this process is
+    preempted there; ``sigterm_at()`` runs the next one undisturbed."""
+    from run import build as run_build
+
+    real = run_build.build_callbacks
+
+    def arm(step: int | None = None, epoch: int | None = None) -> None:
+        def build_callbacks(*args, **kwargs):
+            callbacks = real(*args, **kwargs)
+            callbacks.all.append(_SigtermAt(step, epoch))
+            return callbacks
+
+        monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+
+    return arm
 
 
 @dataclass

@@ -10,14 +10,12 @@ import pytest
 import torch
 from conftest import CPU, QUICK_VGG
 from fakedata import make_image_folder
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from robustness import assert_one_line_error, record_runs
 
 from datamodules import CLASSES, load_split
 from datamodules.sources import to_rgb
 from models import build_model
-from run import build as run_build
 from run.inference import load_image
 
 
@@ -25,46 +23,19 @@ def ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class _StopAtStep(Callback):
-    """SIGTERM to this process after training step ``step``, as a preemption in the middle of an epoch."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-@pytest.fixture
-def stop_at_step(monkeypatch):
-    real = run_build.build_callbacks
-
-    def arm(step: int) -> None:
-        def build_callbacks(*args, **kwargs):
-            callbacks = real(*args, **kwargs)
-            callbacks.all.append(_StopAtStep(step))
-            return callbacks
-
-        monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
-
-    yield arm
-    monkeypatch.setattr(run_build, "build_callbacks", real)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("data_path", ["device", "loader"])
-def test_stop_anywhere_then_resume_equals_the_uninterrupted_run(cli, tiny_data, tmp_path, data_path, stop_at_step):
+def test_stop_anywhere_then_resume_equals_the_uninterrupted_run(cli, tiny_data, tmp_path, data_path, sigterm_at):
     """100 images, batch 10, SIGTERM at step 3 of epoch 1, --resume last: the same weights as 2 epochs straight."""
     recipe = [*QUICK_VGG, "--data-dir", str(tiny_data), "--data-path", data_path, "--train-limit", "100",
               "--batch-size", "10", "--epochs", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli("train", *recipe, "--output-dir", str(straight)).code == 0
-    stop_at_step(3)
+    sigterm_at(step=3)
     stopped = cli("train", *recipe, "--output-dir", str(split))
     assert stopped.code == 143, stopped.err
     assert ckpt(split / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 3
-    stop_at_step(-1)
+    sigterm_at()
     resumed = cli("train", *recipe, "--output-dir", str(split), "--resume", "last")
     assert resumed.code == 0, resumed.err
     a = ckpt(straight / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")

@@ -1,55 +1,23 @@
 """A run owns its folder: one resolved configuration, resumes that continue exactly the run they name."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import QUICK_VGG
-from lightning.pytorch.callbacks import Callback
 from robustness import assert_one_line_error, record_runs
 
 from callbacks.checkpoints import NamedCheckpoint
 from lit_modules import ImageClassifier
 from models import build_model
-from run import build as run_build
 
 
 
 def ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class _PreemptAfterEpoch(Callback):
-    """Sends this process SIGTERM at the end of an epoch, as a cluster's preemption would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch + 1 == self.epoch:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-@pytest.fixture
-def preempt_after(monkeypatch):
-    """``preempt_after(n)``: the next train.py run in this process gets SIGTERM after epoch n."""
-    real = run_build.build_callbacks
-
-    def arm(epoch: int) -> None:
-        def build_callbacks(*args, **kwargs):
-            callbacks = real(*args, **kwargs)
-            callbacks.all.append(_PreemptAfterEpoch(epoch))
-            return callbacks
-
-        monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
-
-    yield arm
-    monkeypatch.setattr(run_build, "build_callbacks", real)
 
 
 @pytest.mark.slow
@@ -73,7 +41,7 @@ def test_tilde_in_output_dir_is_expanded_and_runs_are_not_overwritten(cli, tiny_
 
 
 @pytest.mark.slow
-def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, tmp_path, preempt_after):
+def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, tmp_path, sigterm_at):
     """The README's SLURM recipe: two jobs of different seeds/lr, both preempted, each requeue resumes its own run."""
     output = tmp_path / "runs"
 
@@ -81,9 +49,9 @@ def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, 
         return cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "2",
                    "--seed", seed, "--lr", lr, "--run-name", f"slurm-{job_id}", "--resume", "last")
 
-    preempt_after(1)
+    sigterm_at(epoch=1)
     assert job("101", "0", "0.001").code == 143
-    preempt_after(1)
+    sigterm_at(epoch=1)
     assert job("102", "1", "0.002").code == 143
     first, second = output / "vgg16" / "slurm-101", output / "vgg16" / "slurm-102"
     second_before = (second / "checkpoints" / "last.ckpt").read_bytes()
@@ -100,12 +68,12 @@ def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, 
 
 
 @pytest.mark.slow
-def test_resume_last_refuses_a_run_with_other_options(cli, tiny_data, tmp_path, preempt_after):
+def test_resume_last_refuses_a_run_with_other_options(cli, tiny_data, tmp_path, sigterm_at):
     """--resume last picks the newest run; typed options that contradict it are refused, not silently applied."""
     output = tmp_path / "runs"
     common = [*QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "2"]
     for seed in ("0", "1"):
-        preempt_after(1)
+        sigterm_at(epoch=1)
         assert cli("train", *common, "--seed", seed).code == 143
     newest = output / "vgg16" / "version_1" / "checkpoints" / "last.ckpt"
     before = newest.read_bytes()
@@ -171,11 +139,11 @@ def test_a_moved_run_resumes_in_its_new_folder_without_losing_best(cli, tiny_dat
         ("step", ["--model", "resnet50"]),
     ],
 )
-def test_options_that_cannot_change_mid_run_are_refused(cli, tiny_data, tmp_path, scheduler, changed, preempt_after):
+def test_options_that_cannot_change_mid_run_are_refused(cli, tiny_data, tmp_path, scheduler, changed, sigterm_at):
     """Resumed with another batch size, limit, device count, length, lr, gamma...: one line naming it, no files touched."""
     output = tmp_path / "runs"
     args = [*QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--scheduler", scheduler]
-    preempt_after(1)
+    sigterm_at(epoch=1)
     assert cli("train", *args, "--epochs", "2").code == 143
     run = output / "vgg16" / "version_0"
     before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
@@ -188,10 +156,10 @@ def test_options_that_cannot_change_mid_run_are_refused(cli, tiny_data, tmp_path
 
 
 @pytest.mark.slow
-def test_options_that_may_change_are_applied_and_recorded(cli, tiny_data, tmp_path, preempt_after):
+def test_options_that_may_change_are_applied_and_recorded(cli, tiny_data, tmp_path, sigterm_at):
     """A step-schedule run extended with more epochs and a larger eval batch: used, and recorded as used."""
     output = tmp_path / "runs"
-    preempt_after(1)
+    sigterm_at(epoch=1)
     assert cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "2").code == 143
     run = output / "vgg16" / "version_0"
     result = cli("train", "--resume", str(run), "--epochs", "3", "--eval-batch-size", "7", "--accelerator", "cpu")
@@ -297,3 +265,15 @@ def test_an_interrupted_start_leaves_no_empty_run_and_last_resumes_the_newest(cl
     assert interrupted.code == 130
     assert sorted(p.name for p in (output / "vgg16").iterdir()) == ["version_0"]
     assert "removed the run folder" in interrupted.out
+
+
+def test_run_names_with_pattern_characters_are_taken_literally(tmp_path):
+    """--run-name 'exp[1]' --resume last finds that run, not a glob pattern's matches."""
+    from run.folder import find_resume
+
+    run = tmp_path / "runs" / "vgg16" / "exp[1]"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: vgg16\n")
+    assert find_resume("last", tmp_path / "runs", "vgg16", "exp[1]") is None  # no checkpoint yet: a fresh start
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    assert find_resume("last", tmp_path / "runs", "vgg16", "exp[1]") == (run / "checkpoints" / "last.ckpt").resolve()
