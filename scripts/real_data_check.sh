@@ -2,9 +2,20 @@
 # Trains ResNet50 briefly on the CPU on a few thousand real CIFAR-10 images, tests the best checkpoint
 # on all 10,000 real test images with test.py, and fails unless accuracy is well above chance.
 #   bash scripts/real_data_check.sh [DATA] [MIN_ACCURACY]
+# DATA defaults to $CIFAR10_DATA, else the copy beside the checkout (../shared/data), else the
+# machine's shared copy, so that a clone anywhere (CI's, a mktemp folder) finds it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${1:-../shared/data/cifar10-jpeg.tar.gz}
+data=${1:-${CIFAR10_DATA:-}}
+if [ -z "$data" ]; then
+    for candidate in ../shared/data/cifar10-jpeg.tar.gz /work/shared/data/cifar10-jpeg.tar.gz; do
+        if [ -e "$candidate" ]; then data=$candidate; break; fi
+    done
+fi
+if [ -z "$data" ]; then
+    echo "real_data_check.sh: error: no CIFAR-10 archive found; pass its path or set CIFAR10_DATA" >&2
+    exit 2
+fi
 min_accuracy=${2:-0.25}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
