@@ -17,6 +17,9 @@ SCHEDULERS = ("step", "cosine", "onecycle", "none")
 # Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
 TTA_MODES = ("none", "flip")
 DATA_PATHS = ("auto", "device", "loader")
+# Lightning strategies this project runs and tests: auto (one process, or DDP over several devices)
+# and ddp. Others (ddp_spawn pickles the Trainer, FSDP and DeepSpeed shard checkpoints) are untested.
+STRATEGIES = ("auto", "ddp")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
 DEVICES_HELP = "number of devices, a list of GPU indices such as 0,1, -1 for all, or auto"
@@ -59,3 +62,6 @@ class DataDefaults:
 
 COURSE_RECIPE = CourseRecipe()
 DATA = DataDefaults()
+
+# Image files that a folder is searched for (training data in image folders, predict.py's inputs).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

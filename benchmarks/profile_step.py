@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from cli.flags import Parser, positive_int, run_main
 from run.hardware import resolve_hardware
-from run.hardware import prepare_backbone, use_channels_last
+from models import prepare_backbone
+from run.hardware import use_channels_last
 from lit_modules import ImageClassifier
 from models import MODEL_NAMES, build_model
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from base.errors import UserError
 from base.files import atomic_write
 from base.options import EXPORT_FORMATS as FORMATS
 from cli.flags import Parser
+from run.preflight import check_export
 
 
 def build_parser() -> Parser:
@@ -36,30 +36,16 @@ def build_parser() -> Parser:
     return parser
 
 
-def resolve_output(checkpoint: Path, fmt: str, output: Path | None, force: bool) -> Path:
-    """The file to write, refused before the export when writing it would lose something."""
-    default = checkpoint.with_name(checkpoint.stem + FORMATS[fmt])  # best.ckpt -> best.onnx, beside it
-    output = output or default
-    if output.is_dir():
-        example = output / default.name
-        raise UserError(f"--output {output} is a folder; name the file to write, e.g. {example}")
-    if output.exists() and output.resolve() == checkpoint.resolve():
-        raise UserError(f"--output {output} is the checkpoint being exported; choose another file")
-    if output.exists() and not force:
-        raise UserError(f"{output} already exists; pass --force to replace it, or choose another --output")
-    return output
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     checkpoint = Path(args.ckpt)
-    # torch loads only now: --help and a mistyped flag answer at once.
+    output = check_export(checkpoint, args.format, args.output, args.force)
+    # torch loads only now: --help and a mistaken flag answer at once.
     from run.checkpoints import build_backbone
     from run.exporting import EXPORTERS, export_metadata, load_any_checkpoint
     from run.inference import class_names
 
     contents = load_any_checkpoint(checkpoint)
-    output = resolve_output(checkpoint, args.format, args.output, args.force)
     model = build_backbone(contents).eval()
     metadata = export_metadata(contents, class_names(contents))
     atomic_write(output, lambda file: EXPORTERS[args.format](model, file, metadata))

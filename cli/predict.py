@@ -22,6 +22,7 @@ from base.errors import UserError
 from base.files import printable
 from base.options import ACCELERATORS
 from cli.flags import Parser, positive_int, wide_console
+from run.preflight import check_predict
 
 PROG = "predict.py"
 
@@ -76,21 +77,13 @@ def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # torch loads only now: --help and a mistyped flag answer at once.
+    paths = check_predict(args)
+    # torch loads only now: --help and a mistaken flag answer at once.
     from run.checkpoints import build_backbone
     from run.exporting import load_any_checkpoint
-    from run.inference import (
-        class_names,
-        explain_images,
-        find_images,
-        inference_device,
-        load_images,
-        predict_probabilities,
-    )
+    from run.inference import class_names, explain_images, inference_device, load_images, predict_probabilities
 
     device = inference_device(args.accelerator)
-    # Paths first: a typo in them is found before the checkpoint is read.
-    paths = find_images(args.inputs)
     contents = load_any_checkpoint(args.ckpt)
     if args.top_k > contents.num_classes:
         raise UserError(
@@ -99,10 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = class_names(contents)
     if args.explain_class is not None and args.explain_class not in names:
         raise UserError(f"--explain-class {args.explain_class!r}: not a class of {args.ckpt}; choose one of {', '.join(names)}")
-    if args.explain_class is not None and args.explain is None:
-        raise UserError("--explain-class needs --explain OUT_DIR, the folder to write the pictures to")
-    if args.explain is not None and args.explain.exists() and not args.explain.is_dir():
-        raise UserError(f"--explain {args.explain} is a file; name a folder to write the pictures to")
     model = build_backbone(contents).to(device)
 
     skipped: list[Exception] = []

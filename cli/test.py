@@ -18,6 +18,7 @@ from rich.table import Table
 from base.files import atomic_write_text
 from base.options import MODEL_NAMES, TTA_MODES
 from cli.flags import Parser, add_data_args, add_hardware_args, batch_limit, wide_console
+from run.preflight import check_test
 
 
 def build_parser() -> Parser:
@@ -71,10 +72,11 @@ def print_results(results: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    # torch and Lightning load only now: --help and a mistyped flag answer at once.
+    values = check_test(args)
+    # torch and Lightning load only now: --help and a mistaken flag answer at once.
     from run.evaluate import evaluate
 
-    results = evaluate(args)
+    results = evaluate(args, values)
     print_results(results)
     if "json" in args:
         atomic_write_text(Path(args["json"]), json.dumps(results, indent=2) + "\n")

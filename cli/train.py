@@ -24,8 +24,9 @@ from cli.flags import (
     positive_float,
     positive_int,
 )
-from base.options import MODEL_NAMES, OPTIMIZERS, REQUEUE_SIGNALS, SCHEDULERS, TTA_MODES
+from base.options import MODEL_NAMES, OPTIMIZERS, REQUEUE_SIGNALS, SCHEDULERS, STRATEGIES, TTA_MODES
 from run.config import RunConfig
+from run.resolve import resolve_run_config
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
@@ -93,7 +94,7 @@ def build_train_parser(prog: str | None = None, description: str | None = None) 
     )
     group = parser.add_argument_group("scale-out")
     group.add_argument("--num-nodes", type=positive_int, help="machines, for multi-node DDP")
-    group.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
+    group.add_argument("--strategy", choices=STRATEGIES, help="Lightning strategy: auto picks DDP for several devices")
 
     group = parser.add_argument_group("run and checkpoints")
     group.add_argument("--output-dir", help="runs go to OUTPUT_DIR/MODEL/RUN_NAME")
@@ -134,9 +135,6 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
     parser = build_train_parser(prog, description)
     typed = vars(parser.parse_args(list(argv)))
     config_file = parse_config_file(parser, typed["config"]) if "config" in typed else {}
-    # torch and Lightning load from here on: a mistyped flag or --help never waits for them.
-    from run.resolve import resolve_run_config
-
     return resolve_run_config(config_file, typed)
 
 

@@ -1,7 +1,19 @@
-"""CIFAR-10 data: reading it from disk (``sources``) and serving it to a Trainer (``cifar10``)."""
+"""CIFAR-10 data: where it is (``layout``), reading it from disk (``sources``) and serving it to a
+Trainer (``cifar10``).
 
-from datamodules.cifar10 import MEAN, STD, CIFAR10DataModule
-from datamodules.sources import CLASSES, check_data_dir, describe_source, load_split
+The readers load torch; they are imported on first use, so that ``layout`` (and the class names)
+can check ``--data-dir`` with the other flags before torch loads.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from datamodules.layout import CLASSES, check_data_dir, describe_source
+
+# Imported on first access (PEP 562): name -> module.
+_LAZY = {"CIFAR10DataModule": "datamodules.cifar10", "MEAN": "datamodules.cifar10", "STD": "datamodules.cifar10",
+         "load_split": "datamodules.sources"}
 
 __all__ = [
     "CIFAR10DataModule",
@@ -12,3 +24,9 @@ __all__ = [
     "describe_source",
     "load_split",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

@@ -26,7 +26,8 @@ from datamodules.device_batches import (
     TrainBatches,
     resolve_data_path,
 )
-from datamodules.sources import CLASSES, Split, check_data_dir, ensure_downloaded, load_split
+from datamodules.layout import CLASSES, Split, check_data_dir
+from datamodules.sources import ensure_downloaded, load_split
 
 TEST_ORDER_SEED = 0
 # Per-channel statistics of the CIFAR-10 training set, as the course normalised with them.

@@ -1,13 +1,6 @@
-"""Read CIFAR-10 from disk, whichever of the supported layouts ``data_dir`` holds.
+"""Read CIFAR-10 from disk, whichever of the supported layouts (``layout``) ``data_dir`` holds.
 
-Supported layouts, detected from ``data_dir``:
-
-* the official python archive: a folder holding ``cifar-10-batches-py/`` (what torchvision's
-  download leaves behind), or that folder itself;
-* an image-folder tree ``train/<class>/*`` and ``test/<class>/*``, at ``data_dir`` or in the one
-  sub-folder of ``data_dir`` that holds such a tree;
-* a ``.tar.gz`` / ``.tgz`` / ``.tar`` of such a tree (optionally under one top-level folder), or a
-  folder holding exactly one such archive. Members are read straight from the archive.
+Archive members are read straight from the archive.
 
 Image files are decoded once per split and cached as ``.npz`` (see ``_load_cached``) because
 decoding 60,000 files takes several seconds, far longer than reading the arrays back.
@@ -24,9 +17,8 @@ import tarfile
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator, Literal
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -36,53 +28,27 @@ from torchvision.datasets import utils as tv_utils
 
 from base.errors import UserError
 from base.files import atomic_write, printable
+from datamodules.layout import (
+    BATCH_FIX,
+    CLASS_INDEX,
+    CLASSES,
+    LAYOUTS,
+    PYTHON_BATCHES,
+    PYTHON_FOLDER,
+    SPLITS,
+    Source,
+    Split,
+    corrupt_archive_error,
+    detect,
+    is_hidden,
+    is_image_name,
+    missing_batch_error,
+    missing_data_error,
+)
 
 log = logging.getLogger(__name__)
 
-CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-
-Split = Literal["train", "test"]
-SourceKind = Literal["python", "folder", "archive"]
-
-_PYTHON_FOLDER = "cifar-10-batches-py"
-_PYTHON_BATCHES: dict[str, tuple[str, ...]] = {
-    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
-    "test": ("test_batch",),
-}
-_ALL_BATCHES = _PYTHON_BATCHES["train"] + _PYTHON_BATCHES["test"]
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-_IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-)
-_SPLITS = ("train", "test")
-_CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
-
-# Bump when decoding changes, so caches written by older code are not reused.
 _CACHE_VERSION = 1
-
-_LAYOUTS = (
-    "an image-folder tree (train/<class>/*, test/<class>/*), a .tar.gz of one, "
-    "or a folder holding cifar-10-batches-py"
-)
-
-
-@dataclass(frozen=True)
-class _Source:
-    kind: SourceKind
-    # python: the cifar-10-batches-py folder; folder: the folder holding train/ and test/;
-    # archive: the archive file.
-    path: Path
 
 
 def default_cache_dir() -> Path:
@@ -91,43 +57,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "cifar10-lightning"
 
 
-def describe_source(data_dir: str | Path) -> str:
-    """A short human description of what ``data_dir`` holds, for logs."""
-    source = _detect(Path(data_dir))
-    if source is None:
-        return f"no data yet at {data_dir}"
-    label = {
-        "python": "CIFAR-10 python archive",
-        "folder": "image-folder tree",
-        "archive": "image-folder archive",
-    }[source.kind]
-    return f"{label} {source.path}"
-
-
-def check_data_dir(data_dir: str | Path, download: bool) -> None:
-    """Fail fast with a UserError when ``data_dir`` cannot provide CIFAR-10.
-
-    Only looks at folder names and file headers, so it is cheap enough to run before building
-    models. A missing or empty folder is fine when ``download`` is set: it will be fetched.
-    """
-    path = Path(data_dir)
-    source = _detect(path)
-    if source is None:
-        if not download:
-            raise _missing_data_error(path)
-        return
-    if source.kind == "archive" and not _looks_like_tar(source.path):
-        raise _corrupt_archive_error(source.path, "not a tar archive")
-    if source.kind == "python":
-        for name in _ALL_BATCHES:
-            if not (source.path / name).is_file():
-                raise _missing_batch_error(source.path / name)
-
-
 def ensure_downloaded(data_dir: str | Path) -> None:
     """Fetch the official python archive into ``data_dir`` if that folder is missing or empty."""
     path = Path(data_dir)
-    if _detect(path) is not None:
+    if detect(path) is not None:
         return
     existed = path.exists()
     try:
@@ -144,7 +77,7 @@ def ensure_downloaded(data_dir: str | Path) -> None:
             path.rmdir()  # nothing on disk is left changed by a failed attempt
         raise UserError(
             f"no CIFAR-10 at {data_dir}, and downloading it there failed (no network?): pass --data-dir "
-            f"pointing at a local copy: {_LAYOUTS}"
+            f"pointing at a local copy: {LAYOUTS}"
         ) from exc
 
 
@@ -159,14 +92,14 @@ def load_split(
     ``download`` fetches the official archive when ``data_dir`` is missing or empty. Image files
     are decoded once and cached in ``cache_dir`` (default: ``default_cache_dir()``).
     """
-    if split not in _SPLITS:
+    if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     path = Path(data_dir)
     if download:
         ensure_downloaded(path)
-    source = _detect(path)
+    source = detect(path)
     if source is None:
-        raise _missing_data_error(path)
+        raise missing_data_error(path)
     if source.kind == "python":
         images, labels = _read_python_split(source.path, split)
     else:
@@ -175,125 +108,6 @@ def load_split(
     return (
         torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         torch.from_numpy(labels),
-    )
-
-
-# --- detection -------------------------------------------------------------------------------
-
-
-def _detect(path: Path) -> _Source | None:
-    """The source ``path`` holds, or None when it is missing or an empty folder (downloadable)."""
-    if not path.exists():
-        if _is_archive_name(path):
-            # A missing archive is a typo or a moved file, never a place to download into.
-            raise UserError(f"archive not found: {path}; check the path given to --data-dir")
-        return None
-    if path.is_file():
-        if _is_archive_name(path):
-            return _Source("archive", path.resolve())
-        raise UserError(f"{path} is not a CIFAR-10 source: pass --data-dir pointing at {_LAYOUTS}")
-
-    children = [c for c in path.iterdir() if not _is_hidden(c.name)]
-    if not children:
-        return None
-    if path.name == _PYTHON_FOLDER or any((path / name).is_file() for name in _ALL_BATCHES):
-        return _Source("python", path.resolve())
-    if (path / _PYTHON_FOLDER).is_dir():
-        return _Source("python", (path / _PYTHON_FOLDER).resolve())
-    if _is_tree(path):
-        return _Source("folder", path.resolve())
-    if any(c.name in _CLASS_INDEX for c in children):
-        raise UserError(
-            f"{path} holds class folders directly, one level too deep: pass --data-dir pointing "
-            f"at its parent {path.resolve().parent}, which must hold train/ and test/"
-        )
-    trees = [c for c in children if c.is_dir() and _is_tree(c)]
-    if len(trees) == 1:
-        return _Source("folder", trees[0].resolve())
-    if len(trees) > 1:
-        names = ", ".join(sorted(t.name for t in trees))
-        raise UserError(
-            f"{path} holds several image-folder trees ({names}): pass --data-dir pointing at one"
-        )
-    archives = [c for c in children if c.is_file() and _is_archive_name(c)]
-    if len(archives) == 1:
-        return _Source("archive", archives[0].resolve())
-    if len(archives) > 1:
-        names = ", ".join(sorted(a.name for a in archives))
-        raise UserError(f"{path} holds several archives ({names}): pass --data-dir pointing at one")
-    if path.resolve().name in _CLASS_INDEX and path.resolve().parent.name in _SPLITS:
-        raise UserError(
-            f"{path} is a class folder, two levels too deep: pass --data-dir pointing at "
-            f"{path.resolve().parent.parent}, which must hold train/ and test/"
-        )
-    nested = _find_nested_source(path)
-    if nested is not None:
-        raise UserError(
-            f"no CIFAR-10 data directly in {path}, but {nested} holds some: pass --data-dir {nested}"
-        )
-    raise UserError(f"no CIFAR-10 data found in {path}: pass --data-dir pointing at {_LAYOUTS}")
-
-
-def _find_nested_source(path: Path, max_depth: int = 3, max_folders: int = 200) -> Path | None:
-    """A folder up to ``max_depth`` levels below ``path`` that holds a source, for a hint.
-
-    One level down is detected and used as is; deeper ones only in this error message, since
-    picking one of several nested copies silently could train on the wrong data. Breadth-first
-    and capped, so that a big unrelated folder costs a few hundred directory listings at most.
-    """
-    queue = [(path, 0)]
-    visited = 0
-    while queue and visited < max_folders:
-        folder, depth = queue.pop(0)
-        visited += 1
-        try:
-            children = sorted(c for c in folder.iterdir() if not _is_hidden(c.name))
-        except OSError:
-            continue
-        for child in children:
-            if child.is_dir() and (_is_tree(child) or child.name == _PYTHON_FOLDER):
-                return child if child.name != _PYTHON_FOLDER else folder
-            if child.is_file() and _is_archive_name(child):
-                return child
-            if child.is_dir() and depth + 1 < max_depth:
-                queue.append((child, depth + 1))
-    return None
-
-
-def _is_tree(path: Path) -> bool:
-    return any((path / split).is_dir() for split in _SPLITS)
-
-
-def _is_archive_name(path: Path) -> bool:
-    return path.name.lower().endswith(_ARCHIVE_SUFFIXES)
-
-
-def _is_hidden(name: str) -> bool:
-    # Skips .DS_Store, macOS "._x.jpg" resource forks and __MACOSX folders that archivers add.
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in _IMAGE_SUFFIXES and not _is_hidden(name)
-
-
-def _looks_like_tar(path: Path) -> bool:
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            return tar.next() is not None
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
-        return False
-
-
-def _missing_data_error(path: Path) -> UserError:
-    return UserError(
-        f"no CIFAR-10 data at {path}: pass --data-dir pointing at {_LAYOUTS}, or enable downloading"
-    )
-
-
-def _corrupt_archive_error(path: Path, why: object) -> UserError:
-    return UserError(
-        f"cannot read archive {path} ({why}): it is corrupted or truncated; copy it again"
     )
 
 
@@ -328,7 +142,7 @@ def _read_python_split(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarr
     # Read with pickle rather than torchvision.datasets.CIFAR10: torchvision checks the md5 of
     # every batch file, so it rejects any copy that is not byte-identical to the official one.
     images, labels = [], []
-    for name in _PYTHON_BATCHES[split]:
+    for name in PYTHON_BATCHES[split]:
         batch_images, batch_labels = _read_python_batch(folder / name)
         images.append(batch_images)
         labels.append(batch_labels)
@@ -337,7 +151,7 @@ def _read_python_split(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarr
 
 def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise _missing_batch_error(path)
+        raise missing_batch_error(path)
     try:
         with path.open("rb") as f:
             entry = _ArrayUnpickler(f, encoding="bytes").load()
@@ -355,15 +169,8 @@ def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-_BATCH_FIX = "re-extract cifar-10-python.tar.gz there, or delete the folder to download it again"
-
-
-def _missing_batch_error(path: Path) -> UserError:
-    return UserError(f"missing CIFAR-10 batch file {path}: {_BATCH_FIX}")
-
-
 def _corrupt_batch_error(path: Path, why: object) -> UserError:
-    return UserError(f"corrupted CIFAR-10 batch file {path} ({why}): {_BATCH_FIX}")
+    return UserError(f"corrupted CIFAR-10 batch file {path} ({why}): {BATCH_FIX}")
 
 
 def _field(entry: dict, key: str) -> object:
@@ -374,7 +181,7 @@ def _field(entry: dict, key: str) -> object:
 # --- image files: folder tree and tar archive -----------------------------------------------
 
 
-def _load_cached(source: _Source, split: Split, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_cached(source: Source, split: Split, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     cache_file = cache_dir / f"{source.path.name}-{split}-{_cache_key(source, split)}.npz"
     cached = _read_cache(cache_file)
     if cached is not None:
@@ -387,7 +194,7 @@ def _load_cached(source: _Source, split: Split, cache_dir: Path) -> tuple[np.nda
     return images, labels
 
 
-def _cache_key(source: _Source, split: Split) -> str:
+def _cache_key(source: Source, split: Split) -> str:
     # File names are hashed as the bytes they are on disk (os.fsencode): a name that is not
     # valid UTF-8 (a Windows archive unzipped here) is a str that .encode() refuses.
     digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.kind}|{split}|".encode() + os.fsencode(source.path))
@@ -511,7 +318,7 @@ def _decode_folder(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     unknown = sorted(
         c.name
         for c in split_dir.iterdir()
-        if c.is_dir() and not _is_hidden(c.name) and c.name not in _CLASS_INDEX
+        if c.is_dir() and not is_hidden(c.name) and c.name not in CLASS_INDEX
     )
     if unknown:
         raise UserError(
@@ -524,7 +331,7 @@ def _decode_folder(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     files = []
     for label, name in enumerate(CLASSES):
         for file in (split_dir / name).iterdir():
-            if _is_image_name(file.name) and file.is_file():
+            if is_image_name(file.name) and file.is_file():
                 try:
                     files.append((label, file.name, str(file), file.read_bytes()))
                 except OSError as exc:
@@ -540,9 +347,9 @@ def _decode_archive(archive: Path, split: Split) -> tuple[np.ndarray, np.ndarray
         files = [(label, PurePosixPath(name).name, f"{archive}:{name}", data)
                  for label, name, data in _archive_images(archive, split)]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise _corrupt_archive_error(archive, exc) from exc
+        raise corrupt_archive_error(archive, exc) from exc
     if not files:
-        raise _corrupt_archive_error(archive, f"no images under {split}/<class>/")
+        raise corrupt_archive_error(archive, f"no images under {split}/<class>/")
     return _stack(_decode_all(files), f"{archive}:{split}/")
 
 
@@ -568,9 +375,9 @@ def _archive_images(archive: Path, split: Split) -> Iterator[tuple[int, str, byt
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
             parts = [p for p in PurePosixPath(member.name).parts if p not in (".", "")]
-            if not member.isfile() or any(_is_hidden(p) for p in parts):
+            if not member.isfile() or any(is_hidden(p) for p in parts):
                 continue
-            if _PYTHON_FOLDER in parts:
+            if PYTHON_FOLDER in parts:
                 raise UserError(
                     f"{archive} is the official python archive, not an image-folder tree: "
                     f"extract it (tar xzf {archive}) and pass --data-dir pointing at the "
@@ -585,13 +392,13 @@ def _archive_images(archive: Path, split: Split) -> Iterator[tuple[int, str, byt
                         "pack a single image-folder tree"
                     )
                 parts = parts[1:]
-            if len(parts) != 3 or parts[0] != split or not _is_image_name(parts[2]):
+            if len(parts) != 3 or parts[0] != split or not is_image_name(parts[2]):
                 continue
-            if parts[1] not in _CLASS_INDEX:
+            if parts[1] not in CLASS_INDEX:
                 raise UserError(
                     f"unexpected folder {split}/{parts[1]} in {archive}: class folders must be "
                     f"named {', '.join(CLASSES)}"
                 )
             extracted = tar.extractfile(member)
             assert extracted is not None  # member.isfile() guarantees a file object
-            yield _CLASS_INDEX[parts[1]], member.name, extracted.read()
+            yield CLASS_INDEX[parts[1]], member.name, extracted.read()

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from base.errors import UserError
@@ -57,3 +58,17 @@ __all__ = [
     "vgg16",
     "vgg16_bn",
 ]
+
+
+def prepare_backbone(backbone: nn.Module, *, channels_last: bool, compile: bool) -> nn.Module:
+    """``backbone`` in channels_last memory format and/or compiled, in place; returns it.
+
+    ``nn.Module.compile`` compiles the module's forward where it is: unlike ``torch.compile(module)``
+    it wraps nothing, so no ``_orig_mod.`` enters the state-dict keys and a checkpoint of a compiled
+    run loads into an uncompiled model.
+    """
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    if compile:
+        backbone.compile()
+    return backbone

@@ -22,9 +22,9 @@ from callbacks.recipes import TimeToAccuracy, recipe_callbacks
 from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG
 from datamodules import CIFAR10DataModule
 from lit_modules import ImageClassifier
+from models import prepare_backbone
 from run.checkpoints import build_backbone, load_checkpoint
 from run.config import RunConfig
-from run.hardware import prepare_backbone
 
 
 def quiet_lightning() -> None:

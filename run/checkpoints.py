@@ -12,6 +12,7 @@ from torch import nn
 
 from base.errors import UserError
 from models import build_model, infer_architecture, load_weights, normalize_keys
+from run.paths import check_checkpoint_file
 
 # Attribute name of the backbone inside ImageClassifier, hence the key prefix in its state dict.
 BACKBONE_PREFIX = "backbone."
@@ -42,25 +43,11 @@ def read_checkpoint_file(path: str | Path, peek: bool = False) -> Any:
 
     ``peek``: memory-map the tensors instead of reading them (files in torch.save's zip format),
     for callers that only look at the keys and counters; the data is read when first touched."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}; check the path (train.py prints where it saved them)")
-    if path.is_dir():
-        inside = path / "best.ckpt" if path.name == "checkpoints" else path / "checkpoints" / "best.ckpt"
-        example = inside if inside.is_file() else next(iter(sorted(path.rglob("*.ckpt"))), inside)
-        raise UserError(f"{path} is a directory; pass a checkpoint file such as {example}")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty (0 bytes): it was not written completely; use another one")
+    path = check_checkpoint_file(path)
     with path.open("rb") as file:
-        head = file.read(4)
-    # torch.save writes a zip archive (PK..) since PyTorch 1.6, a bare pickle (0x80) before.
-    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
-        raise UserError(
-            f"{path} is not a PyTorch checkpoint file (not what torch.save writes); pass a .ckpt written by "
-            "train.py or a course state dict saved with torch.save(model.state_dict())"
-        )
+        zipped = file.read(4) == b"PK\x03\x04"  # mmap needs the zip format (PyTorch >= 1.6)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=peek and head.startswith(b"PK\x03\x04"))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=peek and zipped)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "GLOBAL" not in str(exc):
             reason = str(exc).splitlines()[0][:120]
@@ -138,6 +125,17 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None, peek: b
             f"use --model {contents.model_name} or another checkpoint"
         )
     return contents
+
+
+def check_training_checkpoint(checkpoint: Path) -> None:
+    """Refuse, in one line, a ``--resume`` file that holds no training state to continue."""
+    contents = read_checkpoint_file(checkpoint, peek=True)  # Lightning reads it in full when resuming
+    if not (isinstance(contents, dict) and "pytorch-lightning_version" in contents and "state_dict" in contents):
+        what = "a plain state dict (torch.save(model.state_dict()))" if _is_state_dict(contents) else "not a training checkpoint of train.py"
+        raise UserError(
+            f"--resume {checkpoint}: this is {what}, which holds no training state to continue; "
+            f"start a new run from its weights with --weights {checkpoint}"
+        )
 
 
 def build_backbone(contents: CheckpointContents, num_classes: int | None = None) -> nn.Module:

@@ -9,8 +9,9 @@ absolute. ``config.yaml`` in the run folder is :meth:`RunConfig.to_dict` of it.
 
 Defaults live in one place each: the course recipe's and the data's in ``base.options`` (which
 ``ImageClassifier`` and ``CIFAR10DataModule`` use too), the run's here. This module loads neither
-torch nor Lightning until :func:`build_config` resolves the hardware, so that the command-line
-tools parse and check their flags first; ``run.resolve`` does the rest of the resolution.
+torch nor Lightning until :func:`build_config` asks PyTorch about the hardware: :func:`settle`
+does every check that needs neither, so that a mistake in the flags is refused at once;
+``run.resolve`` does the rest of the resolution.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import yaml
 from base.errors import UserError
 from base.files import atomic_write_text
 from base.options import COURSE_EPOCHS, COURSE_RECIPE, DATA
+from datamodules.layout import check_data_dir
+from run.hardware import Hardware, Machine, check_hardware_request, resolve_hardware, use_channels_last
 
 # Why an option may not change when a run is resumed; everything not listed here may.
 _TRAINING = "it decides what the run trains on"
@@ -100,10 +103,8 @@ class RunConfig:
     limit_test_batches: int | float | None = _option(None, per_invocation=True)
 
     @property
-    def hardware(self) -> Any:
-        """This run's ``run.hardware.Hardware``."""
-        from run.hardware import Hardware
-
+    def hardware(self) -> Hardware:
+        """This run's accelerator, devices and precision."""
         return Hardware(self.accelerator, self.devices, self.precision, self.precision_reason or "asked for")
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,8 +163,9 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def build_config(values: Mapping[str, Any], model: str | None = None, model_options: Mapping[str, Any] | None = None) -> RunConfig:
-    """A :class:`RunConfig` from merged ``values``: paths absolute, hardware and run length resolved.
+def settle(values: Mapping[str, Any], model: str | None = None, model_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Merged ``values`` checked and completed as far as possible without torch: paths absolute,
+    the network and run length known, the run name, the hardware request and the data's place checked.
 
     ``model`` and ``model_options``, when given, are the network of the checkpoint the run starts
     from; a different ``model`` in ``values`` that the user asked for is an error.
@@ -180,16 +182,22 @@ def build_config(values: Mapping[str, Any], model: str | None = None, model_opti
     if values["model"] not in COURSE_EPOCHS:
         raise UserError(f"unknown model {values['model']!r}: choose one of {', '.join(COURSE_EPOCHS)}")
     values["epochs"] = values["epochs"] or COURSE_EPOCHS[values["model"]]
-    # torch loads here, once the flags are known to be well-formed (start-up: --help answers at once).
-    from run.hardware import resolve_hardware, use_channels_last
+    if values["run_name"] is not None:
+        _check_run_name(values["run_name"])
+    check_hardware_request(values["accelerator"], values["devices"], values["precision"])
+    # Names and headers only; a missing or empty folder is where the data will be downloaded.
+    check_data_dir(values["data_dir"], download=True)
+    return values
 
+
+def build_config(values: Mapping[str, Any], model: str | None = None, model_options: Mapping[str, Any] | None = None) -> RunConfig:
+    """A :class:`RunConfig` from merged ``values``: :func:`settle`, then the hardware resolved
+    on this machine (which loads torch). ``model``, ``model_options``: as for :func:`settle`."""
+    values = settle(values, model, model_options)
     hardware = resolve_hardware(values["accelerator"], values["devices"], values["precision"])
     values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision,
                   precision_reason=hardware.precision_reason)
     values["channels_last"] = use_channels_last(values["channels_last"], hardware)
-    if values["run_name"] is not None:
-        _check_run_name(values["run_name"])
-
     return RunConfig(**values)
 
 
@@ -198,33 +206,36 @@ def _check_run_name(name: str) -> None:
         raise UserError(f"--run-name {name!r}: a run name is one folder name (no '/', not starting with '.')")
 
 
-def changed_fixed_options(saved: Mapping[str, Any], wanted: RunConfig) -> list[str]:
+def changed_fixed_options(saved: Mapping[str, Any], wanted: Mapping[str, Any], machine: Machine | None) -> list[str]:
     """One line per option that may not change mid-run but differs between a run and its resume.
 
-    ``saved`` are the run's options as its ``config.yaml`` holds them, merged over the defaults.
+    ``saved``: the run's options as its ``config.yaml`` holds them, merged over the defaults;
+    ``wanted``: the options of the resume, settled (:func:`settle`) or resolved. Devices are
+    compared as process counts on ``machine``, and not at all while it is unknown (None).
     """
     problems = []
     for name, why in FIXED_ON_RESUME.items():
-        before, after = saved[name], getattr(wanted, name)
+        before, after = saved[name], wanted[name]
         if FIELDS[name].metadata["path"] and before is not None:
             before = absolute_path(before)
         if name == "devices":
-            before, after = _device_count(before, wanted.accelerator), wanted.hardware.device_count
+            if machine is None:
+                continue
+            before = _device_count(before, wanted["accelerator"], machine)
+            after = _device_count(after, wanted["accelerator"], machine)
         if before != after:
             problems.append(f"--{name.replace('_', '-')} {_show(after)} (the run has {_show(before)}): {why}")
-    if wanted.epochs != saved["epochs"] and saved["scheduler"] in ("onecycle", "cosine"):
+    if wanted["epochs"] != saved["epochs"] and saved["scheduler"] in ("onecycle", "cosine"):
         problems.append(
-            f"--epochs {wanted.epochs} (the run has {saved['epochs']}): its {saved['scheduler']} schedule was built "
+            f"--epochs {wanted['epochs']} (the run has {saved['epochs']}): its {saved['scheduler']} schedule was built "
             "for that many epochs and cannot be stretched"
         )
     return problems
 
 
-def _device_count(devices: Any, accelerator: str) -> Any:
-    from run.hardware import resolve_hardware
-
+def _device_count(devices: Any, accelerator: str, machine: Machine) -> Any:
     try:
-        return resolve_hardware(accelerator, devices, "32-true").device_count
+        return resolve_hardware(accelerator, devices, "32-true", machine).device_count
     except UserError:
         return devices  # not runnable here: shown as saved, and differs from any count
 

@@ -1,10 +1,6 @@
-"""Testing one checkpoint (test.py): ours or a course state dict, on the test split of some data.
-
-A checkpoint of a train.py run is tested on that run's data unless ``data_dir`` says otherwise.
-"""
+"""Testing one checkpoint (test.py): ours or a course state dict, on the test split of some data."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
@@ -12,27 +8,17 @@ from lightning.pytorch.callbacks import RichProgressBar
 from base.errors import ctrl_c_raises
 from datamodules import check_data_dir, describe_source
 from lit_modules import ImageClassifier
+from models import prepare_backbone
 from run.build import build_datamodule, build_trainer
 from run.checkpoints import build_backbone, load_checkpoint
-from run.config import build_config, merge, read_config
-from run.folder import CONFIG_NAME, require_run_dir, run_dashboards, run_dir_of
-from run.hardware import prepare_backbone
+from run.config import build_config
+from run.folder import require_run_dir
+from run.tensorboard import run_dashboards
 
-SHARED_OPTIONS = ("data_dir", "eval_batch_size", "data_path", "workers", "cache_dir", "accelerator", "devices",
-                  "precision", "channels_last", "limit_test_batches")
-
-
-def data_of_run(checkpoint: str) -> dict[str, Any]:
-    """``{"data_dir": ...}`` of the train.py run that wrote ``checkpoint``, if it is in a run folder."""
-    run = run_dir_of(Path(checkpoint)) if Path(checkpoint).is_file() else None
-    saved = read_config(run / CONFIG_NAME).get("data_dir") if run else None
-    return {"data_dir": saved} if saved else {}
-
-
-def evaluate(args: dict[str, Any]) -> dict[str, Any]:
-    shared = {name: args[name] for name in SHARED_OPTIONS if name in args}
-    # One device unless asked: a distributed sampler would pad the test set with repeated images.
-    config = build_config(merge({"devices": 1}, data_of_run(args["ckpt"]), shared))
+def evaluate(args: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Test ``args["ckpt"]`` with test.py's ``args``; ``values``: its run options as
+    ``run.preflight.check_test`` returned them. Returns the results that test.py prints."""
+    config = build_config(values)
     run_dir = require_run_dir(args["ckpt"]) if args.get("log_to_run") else None
     check_data_dir(config.data_dir, download=True)
     contents = load_checkpoint(args["ckpt"], expected_model=args.get("model"))

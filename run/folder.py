@@ -4,20 +4,16 @@ A run owns its folder: ``config.yaml`` (its resolved options), ``checkpoints/`` 
 TensorBoard event files. A new run gets a fresh folder (``version_N``, or ``--run-name``),
 created atomically so that two jobs starting at once never share one; a resume, in every form,
 continues the folder of the checkpoint it names. Shared by train.py and ``test.py --log-to-run``.
+Paths only: nothing here loads torch (what a checkpoint holds is checked by ``run.checkpoints``).
 """
 from __future__ import annotations
 
 import glob
 import shutil
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from base.errors import UserError
-from callbacks.dashboards import Dashboards
-from run.checkpoints import CheckpointContents, read_checkpoint_file
+from run.paths import check_checkpoint_file
 
 CONFIG_NAME = "config.yaml"
 RESUMED_CONFIG_NAME = "config.resumed.yaml"
@@ -116,20 +112,17 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
 
 
 def check_resumable(checkpoint: Path) -> Path:
-    """``checkpoint`` if it is a training checkpoint inside a run folder; a one-line UserError otherwise."""
-    contents = read_checkpoint_file(checkpoint, peek=True)  # Lightning reads it in full when resuming
-    if not (isinstance(contents, dict) and "pytorch-lightning_version" in contents and "state_dict" in contents):
-        plain = isinstance(contents, dict) and contents and all(hasattr(value, "shape") for value in contents.values())
-        what = "a plain state dict (torch.save(model.state_dict()))" if plain else "not a training checkpoint of train.py"
-        raise UserError(
-            f"--resume {checkpoint}: this is {what}, which holds no training state to continue; "
-            f"start a new run from its weights with --weights {checkpoint}"
-        )
+    """``checkpoint``, resolved, if it is a checkpoint file inside a run folder; a one-line UserError otherwise.
+
+    Only the file's first bytes are read: ``run.checkpoints.check_training_checkpoint`` checks
+    that it holds a training state.
+    """
+    check_checkpoint_file(checkpoint)
     if run_dir_of(checkpoint) is None:
         raise UserError(
             f"--resume {checkpoint}: not inside a run folder of train.py (RUN/checkpoints/ beside RUN/{CONFIG_NAME}), "
-            f"so the run's options are unknown; put it back in its run folder, or start a new run from it with "
-            f"--weights {checkpoint}"
+            f"so there is no run to continue; put it back in its run folder, or start a new run from its weights "
+            f"(a course state dict, say) with --weights {checkpoint}"
         )
     return checkpoint.resolve()
 
@@ -143,17 +136,6 @@ def discard_if_unfinished(run_dir: Path) -> bool:
     return True
 
 
-def run_logger(run_dir: Path) -> TensorBoardLogger:
-    """The TensorBoard logger that writes into ``run_dir``, new or existing.
-
-    No ``hp_metric`` placeholder: the HParams tab gets the run's real results at its end
-    (:func:`log_final_hparams`).
-    """
-    return TensorBoardLogger(
-        save_dir=run_dir.parent.parent, name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
-    )
-
-
 def require_run_dir(checkpoint: str | Path) -> Path:
     """The run folder of ``checkpoint``, for ``--log-to-run``; a one-line UserError when there is none."""
     run = run_dir_of(Path(checkpoint))
@@ -164,28 +146,3 @@ def require_run_dir(checkpoint: str | Path) -> Path:
             "pass a checkpoint from such a folder, or leave out --log-to-run"
         )
     return run
-
-
-def run_dashboards(run_dir: Path, contents: CheckpointContents, class_names: Sequence[str]) -> Dashboards:
-    """The callback that writes a checkpoint's test results into ``run_dir``, at the step it was saved at.
-
-    That step puts test.py's points on the run's curves where the tested weights came from.
-    """
-    if contents.global_step is None:
-        raise UserError(
-            f"--log-to-run: {contents.path} is not a checkpoint written by train.py (no training step in it), "
-            "so it has no place in the run's curves; leave out --log-to-run"
-        )
-    return Dashboards(class_names, logger=run_logger(run_dir), step=contents.global_step)
-
-
-def log_final_hparams(
-    logger: TensorBoardLogger, config: Mapping[str, Any], metrics: Mapping[str, float | None], step: int
-) -> None:
-    """Record the run's options with its final results, for TensorBoard's HParams tab, and flush.
-
-    Metrics that a run does not have (no test after ``--fast-dev-run``) are left out rather than
-    written as a made-up number.
-    """
-    logger.log_hyperparams(dict(config), {name: value for name, value in metrics.items() if value is not None}, step=step)
-    logger.finalize("success")

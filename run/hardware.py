@@ -1,21 +1,60 @@
-"""The hardware a run uses: accelerator, devices and precision resolved once, and a fast backbone.
+"""The hardware a run uses: accelerator, devices and precision resolved once.
 
 :func:`resolve_hardware` turns what the user asked for (``auto`` included) into what Lightning
 will really use on this machine, or refuses it in one line before any heavy work, so that a run
-records exactly what it ran on. :func:`use_channels_last` and :func:`prepare_backbone` only change
-how the backbone computes, never its parameters' names, so checkpoints written with them load
-into a plain model (and into the course code) as before.
+records exactly what it ran on. The machine's facts come from PyTorch (:meth:`Machine.probe`);
+:func:`check_hardware_request` refuses what cannot run here without loading torch where the
+answer is already certain, so that such a flag error takes a fraction of a second.
+:func:`use_channels_last` only changes how the backbone computes, never its parameters' names.
 """
 from __future__ import annotations
 
+import glob
+import sys
 from dataclasses import dataclass
-
-import torch
-from torch import nn
 
 from base.errors import UserError
 from base.options import ACCELERATORS, DEVICES_HELP, PRECISIONS
 
+# Device nodes without which no GPU backend of PyTorch can run on Linux: NVIDIA's driver
+# (/dev/nvidiactl), WSL2's GPU paravirtualisation (/dev/dxg), AMD ROCm (/dev/kfd), Jetson (nvhost).
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd", "/dev/nvhost-ctrl-gpu")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers to a run, as PyTorch reports it.
+
+    ``cuda_devices``: visible CUDA (or ROCm) GPUs; ``cpu_bf16``: the CPU's native bfloat16
+    instructions (``AMX``, ``AVX512-BF16``) or None.
+    """
+
+    cuda_devices: int = 0
+    cuda_bf16: bool = False
+    mps: bool = False
+    cpu_bf16: str | None = None
+
+    @classmethod
+    def probe(cls) -> Machine:
+        """Ask PyTorch (which loads it: about 1.5 s)."""
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return cls(
+            cuda_devices=torch.cuda.device_count() if cuda else 0,
+            cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+            mps=torch.backends.mps.is_available(),
+            cpu_bf16=cpu_has_native_bf16(),
+        )
+
+
+def certainly_without_gpu() -> bool:
+    """True when this machine cannot have a GPU that PyTorch could use, known without loading torch.
+
+    Only on Linux, where every GPU backend needs its device nodes; elsewhere (macOS has MPS)
+    the answer is left to :meth:`Machine.probe`.
+    """
+    return sys.platform.startswith("linux") and not any(glob.glob(pattern) for pattern in _GPU_DEVICE_NODES)
 
 
 @dataclass(frozen=True)
@@ -55,31 +94,48 @@ def parse_devices(devices: str | int | list[int] | tuple[int, ...]) -> str | int
     return value  # type: ignore[return-value]
 
 
-def resolve_hardware(accelerator: str, devices: str | int | list[int] | tuple[int, ...], precision: str) -> Hardware:
-    """Check the request against this machine and fill in every ``auto``; a UserError otherwise.
+def resolve_hardware(
+    accelerator: str, devices: str | int | list[int] | tuple[int, ...], precision: str, machine: Machine | None = None
+) -> Hardware:
+    """Check the request against ``machine`` (default: this one, probed) and fill in every ``auto``.
 
-    Lightning would otherwise decide some of these late and silently: ``16-mixed`` on the CPU
-    runs bf16, ``--devices 0,1`` on the CPU fails with a TypeError deep in its connector.
+    Raises a one-line UserError for what cannot run there. Lightning would otherwise decide some
+    of these late and silently: ``16-mixed`` on the CPU runs bf16, ``--devices 0,1`` on the CPU
+    fails with a TypeError deep in its connector.
     """
     if accelerator not in ACCELERATORS:
         raise UserError(f"--accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    cuda = torch.cuda.is_available()
+    devices = parse_devices(devices)
+    if machine is None:
+        machine = Machine.probe()
+    cuda = machine.cuda_devices > 0
     if accelerator in ("gpu", "cuda") and not cuda:
         raise UserError(
             f"--accelerator {accelerator}: no CUDA GPU is available on this machine; use --accelerator cpu (or auto)"
         )
-    if accelerator == "mps" and not torch.backends.mps.is_available():
+    if accelerator == "mps" and not machine.mps:
         raise UserError("--accelerator mps: Apple's MPS backend is not available here; use --accelerator cpu (or auto)")
     if accelerator == "auto":
-        accelerator = "gpu" if cuda else ("mps" if torch.backends.mps.is_available() else "cpu")
+        accelerator = "gpu" if cuda else ("mps" if machine.mps else "cpu")
     accelerator = "gpu" if accelerator == "cuda" else accelerator
-    resolved, reason = _resolve_precision(accelerator, precision)
-    return Hardware(accelerator, _resolve_devices(accelerator, parse_devices(devices)), resolved, reason)
+    resolved, reason = _resolve_precision(accelerator, precision, machine)
+    return Hardware(accelerator, _resolve_devices(accelerator, devices, machine), resolved, reason)
 
 
-def _resolve_devices(accelerator: str, devices: str | int | tuple[int, ...]) -> int | tuple[int, ...]:
+def check_hardware_request(accelerator: str, devices: str | int | list[int] | tuple[int, ...], precision: str) -> None:
+    """Refuse, without loading torch, what :func:`resolve_hardware` would certainly refuse.
+
+    Certain when the run is on the CPU (asked for, or no GPU can exist here); a GPU's count and
+    abilities are left to :func:`resolve_hardware`.
+    """
+    if accelerator == "cpu" or certainly_without_gpu():
+        # The CPU's bf16 instructions only choose what ``auto`` means, never refuse: unknown here.
+        resolve_hardware(accelerator, devices, precision, Machine())
+
+
+def _resolve_devices(accelerator: str, devices: str | int | tuple[int, ...], machine: Machine) -> int | tuple[int, ...]:
     if accelerator != "gpu":
         if isinstance(devices, tuple):
             listed = ",".join(map(str, devices))
@@ -89,7 +145,7 @@ def _resolve_devices(accelerator: str, devices: str | int | tuple[int, ...]) -> 
             )
         # One CPU (or MPS) device is the whole machine: auto and -1 ("all") both mean one process.
         return 1 if devices in ("auto", -1) else int(devices)
-    visible = torch.cuda.device_count()
+    visible = machine.cuda_devices
     if devices in ("auto", -1):
         return visible
     if isinstance(devices, tuple):
@@ -110,6 +166,8 @@ def cpu_has_native_bf16() -> str | None:
 
     Without them PyTorch emulates bf16 matrix products, slower than fp32.
     """
+    import torch
+
     ask = lambda name: bool(getattr(torch.cpu, name, lambda: False)())  # noqa: E731 - private API, may vanish
     if ask("_is_amx_tile_supported"):
         return "AMX"
@@ -118,13 +176,13 @@ def cpu_has_native_bf16() -> str | None:
     return None
 
 
-def _resolve_precision(accelerator: str, precision: str) -> tuple[str, str]:
-    """(precision, why): what ``auto`` means here, and refusals of what cannot run here."""
-    bf16_gpu = accelerator == "gpu" and torch.cuda.is_bf16_supported()
+def _resolve_precision(accelerator: str, precision: str, machine: Machine) -> tuple[str, str]:
+    """(precision, why): what ``auto`` means on ``machine``, and refusals of what cannot run there."""
+    bf16_gpu = accelerator == "gpu" and machine.cuda_bf16
     if precision == "auto":
         if bf16_gpu:
             return "bf16-mixed", "auto: the GPU supports bfloat16"
-        native = cpu_has_native_bf16() if accelerator == "cpu" else None
+        native = machine.cpu_bf16 if accelerator == "cpu" else None
         if native:
             return "bf16-mixed", f"auto: the CPU has native bfloat16 ({native})"
         where = "the CPU has no native bfloat16" if accelerator == "cpu" else f"auto on {accelerator}"
@@ -150,17 +208,3 @@ def use_channels_last(requested: bool | None, hardware: Hardware) -> bool:
     if requested is not None:
         return requested
     return hardware.accelerator == "gpu" or (hardware.accelerator == "cpu" and hardware.precision.startswith("bf16"))
-
-
-def prepare_backbone(backbone: nn.Module, *, channels_last: bool, compile: bool) -> nn.Module:
-    """``backbone`` in channels_last memory format and/or compiled, in place; returns it.
-
-    ``nn.Module.compile`` compiles the module's forward where it is: unlike ``torch.compile(module)``
-    it wraps nothing, so no ``_orig_mod.`` enters the state-dict keys and a checkpoint of a compiled
-    run loads into an uncompiled model.
-    """
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    if compile:
-        backbone.compile()
-    return backbone

@@ -17,7 +17,7 @@ Any picture becomes one 3x32x32 image the way the training data looks:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +35,6 @@ from models.explain import grad_cam
 from run.checkpoints import CheckpointContents
 from run.hardware import resolve_hardware
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IMAGE_SIZE = 32
 _resize = v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)
 _normalise = eval_transform()
@@ -43,40 +42,6 @@ _normalise = eval_transform()
 
 class UnreadableImageError(UserError):
     """An image file that exists but cannot be decoded; predict.py skips these with a warning."""
-
-
-def find_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders into the image files to classify, in a stable order.
-
-    A file that is named explicitly is always used, whatever its suffix (Pillow recognises the
-    format from the content). A folder contributes every file with an image suffix below it, in
-    sorted order, skipping hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.thumbnails``).
-    A path named twice is classified once. A missing path or a folder without images is an error,
-    since both are almost always a typo.
-    """
-    found: list[Path] = []
-    for given in map(Path, inputs):
-        if given.is_dir():
-            images = sorted(
-                path
-                for path in given.rglob("*")
-                if path.suffix.lower() in IMAGE_SUFFIXES
-                and path.is_file()
-                and not any(part.startswith(".") for part in path.relative_to(given).parts)
-            )
-            if not images:
-                raise UserError(
-                    f"no images in folder {given} (looked for {', '.join(IMAGE_SUFFIXES)} files, subfolders included)"
-                )
-            found += images
-        elif given.exists():
-            found.append(given)
-        else:
-            raise UserError(f"no such file or folder: {given}")
-    unique: dict[Path, Path] = {}
-    for path in found:
-        unique.setdefault(path.resolve(), path)
-    return list(unique.values())
 
 
 def load_image(path: str | Path) -> torch.Tensor:

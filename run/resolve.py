@@ -1,14 +1,16 @@
 """Resolving a training run's options: what a resume or a ``--weights`` start brings, checked.
 
 See ``run.config`` for the order of precedence; this part reads checkpoints and run folders.
+Every check that needs neither torch nor a checkpoint's contents comes first, so that a mistake
+in the flags is refused before torch loads.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from base.errors import UserError
-from run.checkpoints import load_checkpoint
 from run.config import (
     FIELDS,
     PER_INVOCATION,
@@ -18,8 +20,11 @@ from run.config import (
     changed_fixed_options,
     merge,
     read_config,
+    settle,
 )
 from run.folder import CONFIG_NAME, find_resume
+from run.hardware import Machine, certainly_without_gpu
+from run.paths import check_checkpoint_file, check_output_file, check_writable
 
 
 def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> RunConfig:
@@ -41,9 +46,15 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     if resume is None:
         values = {**asked, "resume": None}
         if asked["weights"] is None:
+            _check_outputs(settle(values))
             return build_config(values)
-        # Only the network's name and options are needed here; build_module loads the weights.
-        start = load_checkpoint(absolute_path(asked["weights"]), expected_model=model, peek=True)
+        # The network comes from the checkpoint, with its own options, whatever the flags say.
+        _check_outputs(settle({**values, "identity_shortcut": False}))
+        weights = check_checkpoint_file(absolute_path(asked["weights"]))
+        # torch loads here. Only the network's name and options are needed; build_module loads the weights.
+        from run.checkpoints import load_checkpoint
+
+        start = load_checkpoint(weights, expected_model=model, peek=True)
         return build_config(values, start.model_name, start.model_options)
     run_dir = resume.parent.parent
     saved_file = {k: v for k, v in read_config(run_dir / CONFIG_NAME).items() if k in FIELDS and k not in PER_INVOCATION}
@@ -51,12 +62,31 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     values = merge(saved_file, config_file, typed)
     # The run stays in its folder, wherever that folder is now (moved, copied, requeued).
     values.update(resume=resume, output_dir=run_dir.parent.parent, run_name=run_dir.name)
+    settled = settle(values)
+    # Devices are compared once torch knows the GPUs, unless the run is certainly on the CPU.
+    cpu_only = Machine() if settled["accelerator"] == "cpu" or certainly_without_gpu() else None
+    _refuse_changes(run_dir, resume, changed_fixed_options(saved, settled, cpu_only))
+    _check_outputs(settled)
+    # torch loads here.
+    from run.checkpoints import check_training_checkpoint
+
+    check_training_checkpoint(resume)
     config = build_config(values)
-    problems = changed_fixed_options(saved, config)
+    _refuse_changes(run_dir, resume, changed_fixed_options(saved, dataclasses.asdict(config), Machine.probe()))
+    return config
+
+
+def _check_outputs(values: Mapping[str, Any]) -> None:
+    """Refuse output paths where nothing can be written (the free space is checked once the network is built)."""
+    check_writable(values["output_dir"], "--output-dir")
+    if values["results_json"] is not None:
+        check_output_file(values["results_json"], "--results-json")
+
+
+def _refuse_changes(run_dir: Any, resume: Any, problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more option(s))" if len(problems) > 1 else ""
         raise UserError(
             f"cannot resume {run_dir} with {problems[0]}{more}; resume without changing it, "
             f"or start a new run from these weights with --weights {resume}"
         )
-    return config

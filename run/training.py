@@ -23,16 +23,11 @@ from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig, write_config
-from run.folder import (
-    CONFIG_NAME,
-    RESUMED_CONFIG_NAME,
-    create_run_dir,
-    discard_if_unfinished,
-    log_final_hparams,
-    run_logger,
-)
+from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, create_run_dir, discard_if_unfinished
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
+from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
+from run.tensorboard import log_final_hparams, run_logger
 
 # DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it.
 RUN_DIR_ENV = "CIFAR10_LIGHTNING_RUN_DIR"
@@ -55,43 +50,25 @@ class RunOutcome:
 
 
 def check_outputs(config: RunConfig, module: LightningModule) -> None:
-    """Refuse, before any heavy work, output paths that cannot be written and a disk too full.
+    """Refuse, before any heavy work, a disk too full for the checkpoints this run keeps.
 
-    The checkpoints a run keeps (best, last, one every ``--checkpoint-every`` epochs, each with
-    the optimiser's state, plus one temporary file while saving) must fit on the disk.
+    Those are best, last and one every ``--checkpoint-every`` epochs, each with the optimiser's
+    state, plus one temporary file while saving. (Whether the paths can be written at all was
+    checked with the flags, by ``run.resolve``.)
     """
-    _check_writable(config.output_dir, "--output-dir")
-    if config.results_json is not None:
-        if config.results_json.is_dir():
-            raise UserError(f"--results-json {config.results_json} is a folder; name a file, e.g. {config.results_json / 'results.json'}")
-        _check_writable(config.results_json.parent, "--results-json")
     if config.fast_dev_run:
         return
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     copies = 1 + {"sgd": 1 if config.momentum else 0}.get(config.optimizer, 2) + (2 if config.ema_decay else 0)
     kept = 3 + config.epochs // config.checkpoint_every
     needed = weights * copies * kept
-    free = shutil.disk_usage(_existing_ancestor(config.output_dir)).free
+    free = shutil.disk_usage(existing_ancestor(config.output_dir)).free
     if free < needed:
         raise UserError(
             f"--output-dir {config.output_dir}: {free / 2**30:.1f} GiB free, and this run keeps about "
             f"{needed / 2**30:.1f} GiB of checkpoints ({kept} of {weights * copies / 2**20:.0f} MiB); free space, "
             "choose another --output-dir, or keep fewer with a larger --checkpoint-every"
         )
-
-
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable(folder: Path, flag: str) -> None:
-    existing = _existing_ancestor(folder)
-    if not existing.is_dir():
-        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: no permission to write in {existing}; choose another path")
 
 
 def open_run_dir(config: RunConfig) -> tuple[Path, bool]:

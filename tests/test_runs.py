@@ -196,8 +196,16 @@ def test_resume_of_a_course_state_dict_points_to_weights(cli, tiny_data, tmp_pat
     torch.save(build_model("vgg16").state_dict(), course)
     result = cli("train", "--resume", str(course), "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "runs"),
                  "--accelerator", "cpu")
-    assert_one_line_error(result, "plain state dict", f"--weights {course}")
+    assert_one_line_error(result, "no run to continue", f"--weights {course}")
     assert not (tmp_path / "runs").exists()
+    # The same file put where a run's last.ckpt would be: named for what it is.
+    run = tmp_path / "runs" / "vgg16" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: vgg16\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(course.read_bytes())
+    result = cli("train", "--resume", str(run), "--data-dir", str(tiny_data), "--accelerator", "cpu")
+    assert_one_line_error(result, "plain state dict", "--weights")
+    assert sorted(path.name for path in run.rglob("*")) == ["checkpoints", "config.yaml", "last.ckpt"]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from run.hardware import Hardware
-from run.hardware import prepare_backbone, use_channels_last
+from models import prepare_backbone
+from run.hardware import use_channels_last
 from lit_modules import ImageClassifier
 from callbacks.progress import ThrottledProgressBar
 from models import build_model
