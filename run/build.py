@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import Logger
 
 from callbacks.checkpoints import NamedCheckpoint
@@ -130,7 +130,11 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
     clock = RunClock()  # the run's ETA, for the bar and the epoch lines
     # In a terminal a live bar; in a log file (nohup, SLURM, CI) one line per epoch, since a
     # live bar draws nothing there until its last frame.
-    console = [ThrottledProgressBar(clock=clock)] if sys.stdout.isatty() else [EpochLines(clock=clock)]
+    # Lightning's rich model summary is drawn 80 columns wide where there is no terminal: plain text there.
+    if sys.stdout.isatty():
+        console = [ThrottledProgressBar(clock=clock), RichModelSummary()]
+    else:
+        console = [EpochLines(clock=clock), ModelSummary()]
     # Fast recipes: EMA of the weights, time-to-accuracy benchmark (callbacks/recipes.py).
     extras = recipe_callbacks(config.ema_decay, config.time_to_accuracy)
     callbacks: list[Callback] = [

@@ -249,6 +249,8 @@ def test_first_line_names_the_run_and_test_py_uses_the_runs_data(cli, tiny_data,
     first = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "1")
     run = output / "vgg16" / "version_0"
     assert first.code == 0 and first.out.splitlines()[0].startswith(f"new run {run}: vgg16, 1 epoch, batch 20")
+    # Into a log (no terminal): the model summary as plain text, nothing cut at 80 columns.
+    assert "…" not in first.out and "┃" not in first.out
     resumed = cli("train", "--resume", "last", "--output-dir", str(output), "--epochs", "2", "--accelerator", "cpu")
     assert resumed.code == 0, resumed.err
     assert resumed.out.splitlines()[0].startswith(f"resuming {run} from last.ckpt: vgg16, 2 epochs")
