@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 
 from cli.train import build_train_parser, parse_run_config
+from base.errors import UserError
 from run.config import COURSE_EPOCHS, DEFAULTS, RunConfig
-from run.hardware import cpu_has_native_bf16
+from run.hardware import Machine, cpu_has_native_bf16, resolve_hardware
 
 CPU = ["--accelerator", "cpu"]
 
@@ -68,3 +70,60 @@ def test_auto_precision_on_the_cpu_follows_its_native_bf16(monkeypatch):
         assert ("has native bfloat16" in resolved.precision_reason) == (expected == "bf16-mixed")
         assert resolved.to_dict()["precision_reason"] == resolved.precision_reason
     assert parse_run_config([*CPU, "--precision", "32-true"]).precision_reason == "asked for"
+
+
+H100S = Machine(cuda_devices=2, cuda_bf16=True, cpu_bf16="AMX")
+OLD_GPU = Machine(cuda_devices=1, cuda_bf16=False)
+
+
+@pytest.mark.parametrize(
+    ("machine", "request_", "expected"),
+    [
+        (H100S, ("auto", "auto", "auto"), ("gpu", 2, "bf16-mixed")),
+        (H100S, ("gpu", "0,1", "16-mixed"), ("gpu", (0, 1), "16-mixed")),
+        (H100S, ("cuda", "-1", "32-true"), ("gpu", 2, "32-true")),
+        (H100S, ("cpu", "auto", "auto"), ("cpu", 1, "bf16-mixed")),
+        (OLD_GPU, ("auto", "1", "auto"), ("gpu", 1, "32-true")),
+        (Machine(), ("auto", "-1", "auto"), ("cpu", 1, "32-true")),
+    ],
+)
+def test_hardware_resolves_for_the_machine_pytorch_reports(machine, request_, expected):
+    """What auto means, and device lists, on machines this one is not (GPUs as PyTorch would report them)."""
+    hardware = resolve_hardware(*request_, machine=machine)
+    assert (hardware.accelerator, hardware.devices, hardware.precision) == expected
+
+
+@pytest.mark.parametrize(
+    ("machine", "request_", "fragment"),
+    [
+        (H100S, ("gpu", "0,2", "auto"), "GPU index 2 does not exist"),
+        (H100S, ("gpu", "4", "auto"), "only 2 GPU(s) visible"),
+        (OLD_GPU, ("gpu", "1", "bf16-mixed"), "no bfloat16 support"),
+        (Machine(), ("gpu", "1", "auto"), "no CUDA GPU"),
+        (Machine(), ("mps", "1", "auto"), "MPS backend is not available"),
+        (H100S, ("cpu", "0,1", "auto"), "a list names GPU indices"),
+        (H100S, ("cpu", "1", "16-mixed"), "needs a GPU"),
+    ],
+)
+def test_hardware_that_cannot_run_is_refused(machine, request_, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        resolve_hardware(*request_, machine=machine)
+
+
+def test_no_gpu_device_nodes_means_no_gpu_without_asking_torch(monkeypatch):
+    """Linux without /dev/nvidiactl, /dev/dxg, /dev/kfd...: a GPU request is refused before torch loads;
+    with such a node the request is left to PyTorch."""
+    import run.hardware as hardware
+
+    monkeypatch.setattr(hardware.sys, "platform", "linux")
+    monkeypatch.setattr(hardware.glob, "glob", lambda pattern: [])
+    assert hardware.certainly_without_gpu()
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        hardware.check_hardware_request("gpu", "1", "auto")
+    monkeypatch.setattr(hardware.glob, "glob", lambda pattern: [pattern] if pattern == "/dev/nvidiactl" else [])
+    assert not hardware.certainly_without_gpu()
+    hardware.check_hardware_request("gpu", "8", "bf16-mixed")  # only PyTorch can say: not refused here
+    with pytest.raises(UserError, match="GPU indices"):
+        hardware.check_hardware_request("cpu", "0,1", "auto")  # on the CPU whatever the GPUs
+    monkeypatch.setattr(hardware.sys, "platform", "darwin")
+    assert not hardware.certainly_without_gpu()  # MPS: ask PyTorch
