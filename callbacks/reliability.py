@@ -12,8 +12,10 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -160,6 +162,47 @@ class ResumableRNG(Callback):
             restore_rng_state(state_dict)
 
 
+class SameData(Callback):
+    """Saves which training and validation images a run has in every checkpoint, and refuses to
+    resume it on others.
+
+    ``--data-dir`` may move with the data; pointing it at another data set (or the same images in
+    another order, hence another validation split) would continue the run on data its best
+    score was not measured on. Images are counted, and the labels in split order hashed with
+    every 64th part of the pixels: cheap, and another data set or split changes it.
+    """
+
+    def __init__(self) -> None:
+        self._fitting = False
+        self.fingerprint: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
+        datamodule = trainer.datamodule
+        if self._fitting and datamodule is not None and hasattr(datamodule, "train_set"):
+            digest = hashlib.sha1()
+            for split in (datamodule.train_set, datamodule.val_set):
+                step = max(1, len(split.labels) // 64)
+                digest.update(split.labels.cpu().numpy().tobytes())
+                digest.update(split.images[::step].cpu().numpy().tobytes())
+            self.fingerprint = {"train_images": len(datamodule.train_set.labels),
+                                "val_images": len(datamodule.val_set.labels), "sha1": digest.hexdigest()[:16]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.fingerprint)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not (self._fitting and state_dict and self.fingerprint) or dict(state_dict) == self.fingerprint:
+            return
+        counts = lambda f: f"{f['train_images']:,} training and {f['val_images']:,} validation images"  # noqa: E731
+        same = counts(state_dict) == counts(self.fingerprint)
+        raise UserError(
+            f"this is not the data the run was trained on ({counts(state_dict)}; this data gives "
+            + ("as many, but other images or another order" if same else counts(self.fingerprint))
+            + "): resume with the run's own --data-dir, or start a new run from its weights with --weights"
+        )
+
+
 class PreemptionCheckpoint(Callback):
     """On SIGTERM, Ctrl-C and ``requeue_signal``, save ``path`` so that ``--resume`` continues the run.
 
@@ -228,7 +271,7 @@ class PreemptionCheckpoint(Callback):
                     print(
                         f"stopped by {signal_name} in epoch {trainer.current_epoch + 1}, after step "
                         f"{trainer.global_step}: saved {self.path}; continue with: python train.py --resume "
-                        f"{self.path.parent.parent}",
+                        f"{shlex.quote(str(self.path.parent.parent))}",
                         file=sys.stderr,
                     )
         finally:

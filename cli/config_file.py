@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from base.errors import UserError
-from run.config import read_config
+from run.config import DERIVED, read_config
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -23,17 +23,22 @@ def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sour
     argv: list[str] = []
     for key, value in config.items():
         dest = str(key).replace("-", "_")
+        # null is "not set"; a run's saved config.yaml has such entries, and its derived facts.
+        if value is None or dest in DERIVED:
+            continue
         action = actions.get(dest)
         if action is None or dest == "config":
             valid = ", ".join(sorted(d for d in actions if d != "config"))
             raise UserError(f"{source}: unknown option {key!r}; valid options are: {valid}")
-        if value is None:
-            continue
         flag = action.option_strings[0]
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 raise UserError(f"{source}: {key} must be true or false, got {value!r}")
             argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
         else:
             argv += [flag, str(value)]
     return argv

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint (ours or a course state dict) on the CIFAR-10 test set.
+"""Evaluate a checkpoint (ours, a course state dict or an exported .safetensors) on the CIFAR-10 test set.
 
     python test.py --ckpt runs/vgg16/version_0/checkpoints/best.ckpt
     python test.py --ckpt vgg16_epoch250.ckpt --data-dir ~/data/cifar10-jpeg.tar.gz --json result.json
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,12 @@ from run.preflight import check_test
 
 def build_parser() -> Parser:
     parser = Parser(prog="test.py", description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    parser.add_argument("--ckpt", required=True, default=None, help="a .ckpt written by train.py, or a course state dict")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        default=None,
+        help="a .ckpt written by train.py, a course state dict (torch.save), or a .safetensors written by export.py",
+    )
     parser.add_argument(
         "--model", choices=MODEL_NAMES, default=None, help="expected network (default: read from the checkpoint)"
     )
@@ -82,5 +88,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(Path(args["json"]), json.dumps(results, indent=2) + "\n")
         print(f"results written to {args['json']}")
     if results["logged_to_run"]:
-        print(f"added to the run's dashboards: tensorboard --logdir {results['logged_to_run']}")
+        print(f"added to the run's dashboards: tensorboard --logdir {shlex.quote(results['logged_to_run'])}")
     return 0

@@ -18,11 +18,13 @@ from cli.flags import (
     add_data_args,
     add_hardware_args,
     batch_limit,
+    non_negative_float,
     non_negative_int,
     open_fraction,
     learning_rate,
     positive_float,
     positive_int,
+    unit_fraction,
 )
 from base.options import MODEL_NAMES, OPTIMIZERS, REQUEUE_SIGNALS, SCHEDULERS, STRATEGIES, TTA_MODES
 from run.config import RunConfig
@@ -59,13 +61,13 @@ def build_train_parser(prog: str | None = None, description: str | None = None) 
         "prints the suggested rate and saves the plot, then exits",
     )
     group.add_argument("--optimizer", choices=OPTIMIZERS, help="optimiser")
-    group.add_argument("--momentum", type=float, help="sgd only")
+    group.add_argument("--momentum", type=unit_fraction, help="sgd only")
     group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="sgd only")
-    group.add_argument("--weight-decay", type=float, help="L2 penalty (decoupled for adamw)")
+    group.add_argument("--weight-decay", type=non_negative_float, help="L2 penalty (decoupled for adamw)")
     group.add_argument("--scheduler", choices=SCHEDULERS, help="step: per epoch; cosine, onecycle: per step")
     group.add_argument("--step-size", type=positive_int, help="step scheduler: epochs between decays")
     group.add_argument("--gamma", type=positive_float, help="step scheduler: decay factor")
-    group.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
+    group.add_argument("--label-smoothing", type=unit_fraction, help="cross-entropy label smoothing")
     group.add_argument(
         "--ema-decay",
         type=open_fraction,

@@ -6,6 +6,7 @@ and how they are transformed on their way into the model.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -265,6 +266,23 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | EvalBatches:
         return self._eval_loader(self._ready(self.test_set, "test"))
+
+    def batches_per_process(self, split: str, world_size: int = 1) -> int:
+        """How many batches each of ``world_size`` processes gets of ``split`` (``train``, ``val`` or
+        ``test``) per epoch: the length of its loader, which Lightning's ``limit_*_batches`` fractions
+        are taken of. 0 for an empty validation split. Needs ``setup`` for the split's stage first;
+        raises the loaders' own UserError when the split cannot be shared by ``world_size`` processes.
+        """
+        if split == "train":
+            # Both training loaders (TrainBatches, ResumableLoader) serve their ShuffledShard in
+            # batches of batch_size, the last one partial.
+            shard = ShuffledShard(len(self._ready(self.train_set, "fit")), self.seed, 0, world_size)
+            return math.ceil(len(shard) / self.batch_size)
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        dataset = self._ready(self.val_set, "fit") if split == "val" else self._ready(self.test_set, "test")
+        # Every rank runs as many batches as the first, longest, block of the EvalShard.
+        return len(EvalShard(len(dataset), self.eval_batch_size, 0, world_size))
 
     def _eval_loader(self, dataset: TransformedTensorDataset) -> DataLoader | EvalBatches:
         device, rank, world_size = self._placement()

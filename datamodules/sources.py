@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tarfile
 import zipfile
 import zlib
@@ -22,7 +23,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import CIFAR10
 from torchvision.datasets import utils as tv_utils
 
@@ -292,7 +293,19 @@ def _decode_image(data: BinaryIO, name: str) -> np.ndarray:
                 )
             return np.asarray(to_rgb(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot decode image {printable(name)} ({exc}): replace or remove the file") from exc
+        raise UserError(f"cannot decode image {printable(name)} ({_decode_reason(exc)}): replace or remove the file") from exc
+
+
+# Pillow names the file object it was given ("<_io.BytesIO object at 0x7f...>"), which says nothing
+# to the user: the message names the file or archive member instead.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _decode_reason(exc: BaseException) -> str:
+    """Why an image could not be decoded, without the in-memory file object Pillow was reading."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow recognises: damaged, truncated or not an image"
+    return _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
 
 
 def _stack(decoded: list[tuple[int, str, np.ndarray]], where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ test.py and the benchmarks get the same pieces for the same options.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import Logger
 
+from base.errors import UserError
 from callbacks.checkpoints import NamedCheckpoint
 from callbacks.dashboards import Dashboards
 from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
@@ -52,7 +54,10 @@ def quiet_lightning() -> None:
 
 
 def build_datamodule(config: RunConfig) -> CIFAR10DataModule:
-    return CIFAR10DataModule(
+    """The DataModule of ``config``. With a fractional ``--limit-*-batches`` below 1 its splits are
+    loaded already (``prepare_data``, ``setup``), to refuse a fraction that leaves no batch
+    (:func:`check_batch_limits`); the Trainer's own ``setup`` then finds them loaded."""
+    datamodule = CIFAR10DataModule(
         data_dir=config.data_dir,
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size,
@@ -65,6 +70,63 @@ def build_datamodule(config: RunConfig) -> CIFAR10DataModule:
         data_path=config.data_path,
         channels_last=config.channels_last,
     )
+    check_batch_limits(config, datamodule)
+    return datamodule
+
+
+# (split, flag, what the message calls its batches, the DataModule stage that loads it)
+_LIMITS = (
+    ("train", "limit_train_batches", "training", "fit"),
+    ("val", "limit_val_batches", "validation", "fit"),
+    ("test", "limit_test_batches", "test", "test"),
+)
+
+
+def check_batch_limits(config: RunConfig, datamodule: CIFAR10DataModule) -> None:
+    """Refuse, before any training, a fractional ``--limit-*-batches`` that leaves no batch.
+
+    Lightning 2.6 (``_parse_num_batches``) keeps ``int(fraction * batches)`` of each process's
+    batches and raises a MisconfigurationException, with a traceback, when that is 0: for the
+    test limit only once training is over. This applies the same rule to the same per-process
+    counts (:meth:`CIFAR10DataModule.batches_per_process`, over ``devices x nodes`` processes),
+    loading the splits concerned only when a fraction below 1 is given. ``--fast-dev-run``
+    replaces the limits, so nothing is checked then. Raises ``UserError``.
+    """
+    if config.fast_dev_run:
+        return
+    fractions = [
+        (split, flag, noun, stage, limit)
+        for split, flag, noun, stage in _LIMITS
+        # Lightning's own test: a float (an int counts batches), above 0 (0.0 turns the loop off).
+        if isinstance(limit := getattr(config, flag), float) and 0.0 < limit < 1.0
+    ]
+    if not fractions:
+        return
+    processes = config.hardware.device_count * config.num_nodes
+    datamodule.prepare_data()
+    for stage in dict.fromkeys(stage for _, _, _, stage, _ in fractions):
+        datamodule.setup(stage)
+    for split, flag, noun, _, limit in fractions:
+        batches = datamodule.batches_per_process(split, processes)
+        # No batches at all (--val-size 0) is no validation, which Lightning accepts whatever the limit.
+        if batches and int(batches * limit) == 0:
+            size = f"batch size {datamodule.batch_size}" if split == "train" else f"eval batch size {datamodule.eval_batch_size}"
+            shared = (" per process", f", {processes} processes") if processes > 1 else ("", "")
+            raise UserError(
+                f"--{flag.replace('_', '-')} {limit:g} is 0 of the {batches} {noun} batches{shared[0]} ({size}{shared[1]}); "
+                f"give a fraction of at least {least_fraction(batches)} or a number of batches"
+            )
+
+
+def least_fraction(batches: int) -> str:
+    """The smallest fraction of 3 significant digits, as text, that keeps at least one of ``batches``
+    (``int(fraction * batches) >= 1``, checked on the value the text reads back as)."""
+    step = 10.0 ** (math.floor(math.log10(1 / batches)) - 2)
+    # Rounding 1 / batches to 3 digits may round down (1/3 -> 0.333, and int(3 * 0.333) is 0).
+    count = math.floor(1 / batches / step)
+    while int(batches * float(text := f"{count * step:.3g}")) < 1:
+        count += 1
+    return text
 
 
 def build_module(config: RunConfig, class_names: tuple[str, ...] | list[str]) -> ImageClassifier:
@@ -201,7 +263,8 @@ class Assembly:
 
 
 def build_data_and_module(config: RunConfig) -> tuple[CIFAR10DataModule, ImageClassifier]:
-    """The seeded DataModule and LightningModule: everything that can fail on bad input, no files written."""
+    """The seeded DataModule and LightningModule: everything that can fail on bad input, no run files written
+    (the data is read, or downloaded, already when a fractional ``--limit-*-batches`` needs its size)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     return datamodule, build_module(config, datamodule.classes)

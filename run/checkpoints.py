@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import shlex
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,14 @@ from run.paths import check_checkpoint_file
 
 # Attribute name of the backbone inside ImageClassifier, hence the key prefix in its state dict.
 BACKBONE_PREFIX = "backbone."
+# Where the PyTorch tutorials' training loops put the model's state dict in the dict they torch.save
+# (beside "epoch", "optimizer_state_dict", "loss"...), in the order they are looked for.
+WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+# Keys that only a Lightning checkpoint has: its "state_dict" holds the LightningModule, not a course model.
+_LIGHTNING_KEYS = ("hyper_parameters", "pytorch-lightning_version")
+# How many of a dict's keys an error message shows, and how long a quoted reason may get.
+_SHOWN_KEYS = 5
+_REASON_CHARS = 120
 
 
 @dataclass
@@ -38,6 +48,23 @@ class CheckpointContents:
         return f"{self.model_name} ({self.num_classes} classes), {origin}"
 
 
+def _short_reason(exc: BaseException) -> str:
+    """``exc``'s message for a one-line error: its first line, and of a long one the first sentence,
+    or the words that fit in ``_REASON_CHARS`` (torch adds paragraphs of advice after the reason)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(text) <= _REASON_CHARS:
+        return text
+    first_sentence_end = text.find(". ")
+    if 0 < first_sentence_end < _REASON_CHARS:
+        return text[: first_sentence_end + 1]
+    head = text[: _REASON_CHARS + 1]
+    return head[: head.rfind(" ")].rstrip(" ,;:") + "..." if " " in head else head[:_REASON_CHARS] + "..."
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    return UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {_short_reason(exc)}")
+
+
 def read_checkpoint_file(path: str | Path, peek: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True``, turning every failure into one clear line.
 
@@ -47,11 +74,13 @@ def read_checkpoint_file(path: str | Path, peek: bool = False) -> Any:
     with path.open("rb") as file:
         zipped = file.read(4) == b"PK\x03\x04"  # mmap needs the zip format (PyTorch >= 1.6)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=peek and zipped)
+        with warnings.catch_warnings():
+            # torch warns before refusing a TorchScript archive; the error below says it in one line.
+            warnings.filterwarnings("ignore", message=r".*looks like a TorchScript archive")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=peek and zipped)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "GLOBAL" not in str(exc):
-            reason = str(exc).splitlines()[0][:120]
-            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {reason}") from None
+            raise _unreadable(path, exc) from None
         offending = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"the pickled global {offending.group(1)}" if offending else "pickled Python objects"
         raise UserError(
@@ -59,8 +88,12 @@ def read_checkpoint_file(path: str | Path, peek: bool = False) -> Any:
             "only plain weights are accepted (re-save it with torch.save(model.state_dict()) if you trust it)"
         ) from None
     except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError... for damaged files
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {reason}") from None
+        if "TorchScript" in str(exc):  # torch recognises the archive and refuses it under weights_only
+            raise UserError(
+                f"{path} is a TorchScript file (as export.py writes), not a checkpoint; "
+                "pass the .ckpt it was exported from"
+            ) from None
+        raise _unreadable(path, exc) from None
 
 
 def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -71,6 +104,44 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()
     )
+
+
+def _course_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The model state dict that ``obj`` is, or that a tutorial-style training dict holds
+    (``{"epoch": 3, "model_state_dict": ..., "optimizer_state_dict": ...}``); None otherwise,
+    a Lightning checkpoint included (its "state_dict" is the LightningModule's, read above)."""
+    if _is_state_dict(obj):
+        return obj
+    if not isinstance(obj, dict) or any(key in obj for key in _LIGHTNING_KEYS):
+        return None
+    return next((obj[key] for key in WRAPPER_KEYS if _is_state_dict(obj.get(key))), None)
+
+
+def _not_a_checkpoint(path: Path, obj: Any) -> UserError:
+    """The one-line refusal of a file that holds no layout we read, naming what it does hold."""
+    if isinstance(obj, dict) and any(key in obj for key in _LIGHTNING_KEYS):
+        return UserError(
+            f"{path} is a Lightning checkpoint of another program (its hyper_parameters name no model_name), "
+            "not of train.py; pass a .ckpt written by train.py, or that network's torch.save(model.state_dict())"
+        )
+    if isinstance(obj, dict) and obj:
+        keys = [repr(key) if not isinstance(key, str) else key for key in list(obj)[: _SHOWN_KEYS]]
+        found = f"a dict with keys {', '.join(keys)}" + (", ..." if len(obj) > _SHOWN_KEYS else "")
+    else:
+        found = "an empty dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+    return UserError(
+        f"{path} holds {found}, not a model's weights; pass a .ckpt written by train.py, a state dict "
+        "(torch.save(model.state_dict())), or a dict holding one under " + ", ".join(f'"{key}"' for key in WRAPPER_KEYS)
+    )
+
+
+def check_expected_model(contents: CheckpointContents, expected_model: str | None) -> None:
+    """Refuse ``contents`` when ``expected_model`` (a ``--model`` flag) names another network."""
+    if expected_model is not None and expected_model != contents.model_name:
+        raise UserError(
+            f"{contents.path} holds a {contents.model_name} network, not {expected_model}; "
+            f"use --model {contents.model_name} or another checkpoint"
+        )
 
 
 def _require_data(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -109,33 +180,32 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None, peek: b
             epoch=int(obj["epoch"]) if "epoch" in obj else None,
             global_step=int(obj["global_step"]) if "global_step" in obj else None,
         )
-    elif _is_state_dict(obj):
-        model_name, options = infer_architecture(obj, source=str(path))
+    elif (course := _course_state_dict(obj)) is not None:
+        # Of a training loop's dict only the weights are used: a run started from them gets a fresh optimiser.
+        model_name, options = infer_architecture(course, source=str(path))
         num_classes = options.pop("num_classes")
-        contents = CheckpointContents(path, "state_dict", model_name, num_classes, options, obj)
+        contents = CheckpointContents(path, "state_dict", model_name, num_classes, options, course)
     else:
-        raise UserError(
-            f"{path} is neither a checkpoint of this project nor a model state dict "
-            "(torch.save(model.state_dict())); pass a .ckpt written by train.py or a course checkpoint"
-        )
+        raise _not_a_checkpoint(path, obj)
     _require_data(contents.state_dict, path)
-    if expected_model is not None and expected_model != contents.model_name:
-        raise UserError(
-            f"{path} holds a {contents.model_name} network, not {expected_model}; "
-            f"use --model {contents.model_name} or another checkpoint"
-        )
+    check_expected_model(contents, expected_model)
     return contents
 
 
-def check_training_checkpoint(checkpoint: Path) -> None:
-    """Refuse, in one line, a ``--resume`` file that holds no training state to continue."""
+def check_training_checkpoint(checkpoint: Path) -> int:
+    """The number of epochs ``checkpoint`` has finished; a one-line UserError for a ``--resume`` file
+    that holds no training state to continue."""
     contents = read_checkpoint_file(checkpoint, peek=True)  # Lightning reads it in full when resuming
     if not (isinstance(contents, dict) and "pytorch-lightning_version" in contents and "state_dict" in contents):
         what = "a plain state dict (torch.save(model.state_dict()))" if _is_state_dict(contents) else "not a training checkpoint of train.py"
         raise UserError(
             f"--resume {checkpoint}: this is {what}, which holds no training state to continue; "
-            f"start a new run from its weights with --weights {checkpoint}"
+            f"start a new run from its weights with --weights {shlex.quote(str(checkpoint))}"
         )
+    # Lightning counts an epoch "processed" once its batches are trained, before the end-of-epoch
+    # checkpoints are saved (and "completed" only after them); a mid-epoch save has not processed its own.
+    progress = contents.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", 0))
 
 
 def build_backbone(contents: CheckpointContents, num_classes: int | None = None) -> nn.Module:

@@ -78,7 +78,7 @@ class RunConfig:
     accelerator: str = _option("auto")
     devices: Any = _option("auto", fixed=_SCHEDULE)
     precision: str = _option("auto")
-    precision_reason: str | None = _option(None)  # resolved: why this precision (no flag)
+    precision_reason: str | None = _option(None)  # resolved: why this precision (no flag: see DERIVED)
     channels_last: bool | None = _option(None)
     compile: bool = _option(False)
     num_nodes: int = _option(1, fixed=_SCHEDULE)
@@ -99,8 +99,8 @@ class RunConfig:
     # quick runs
     fast_dev_run: int = _option(0, per_invocation=True)
     limit_train_batches: int | float | None = _option(None, fixed=_SCHEDULE)
-    limit_val_batches: int | float | None = _option(None, per_invocation=True)
-    limit_test_batches: int | float | None = _option(None, per_invocation=True)
+    limit_val_batches: int | float | None = _option(None, fixed="the best checkpoint is chosen by validating on it")
+    limit_test_batches: int | float | None = _option(None)
 
     @property
     def hardware(self) -> Hardware:
@@ -122,6 +122,9 @@ class RunConfig:
 
 
 FIELDS = {option.name: option for option in dataclasses.fields(RunConfig)}
+# Facts the resolution adds, not options: a run's config.yaml holds them, a --config file may too
+# (that run's saved config, to run it again), where they are ignored.
+DERIVED = ("precision_reason",)
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in FIELDS.items()}
 FIXED_ON_RESUME = {name: option.metadata["fixed"] for name, option in FIELDS.items() if option.metadata["fixed"]}
 PER_INVOCATION = {name for name, option in FIELDS.items() if option.metadata["per_invocation"]}

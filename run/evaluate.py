@@ -1,4 +1,4 @@
-"""Testing one checkpoint (test.py): ours or a course state dict, on the test split of some data."""
+"""Testing one checkpoint (test.py): ours, a course state dict or an exported .safetensors, on a test split."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,8 +10,9 @@ from datamodules import check_data_dir, describe_source
 from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.build import build_datamodule, build_trainer
-from run.checkpoints import build_backbone, load_checkpoint
+from run.checkpoints import build_backbone
 from run.config import build_config
+from run.exporting import load_any_checkpoint
 from run.folder import require_run_dir
 from run.tensorboard import run_dashboards
 
@@ -21,7 +22,7 @@ def evaluate(args: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     config = build_config(values)
     run_dir = require_run_dir(args["ckpt"]) if args.get("log_to_run") else None
     check_data_dir(config.data_dir, download=True)
-    contents = load_checkpoint(args["ckpt"], expected_model=args.get("model"))
+    contents = load_any_checkpoint(args["ckpt"], expected_model=args.get("model"))
     # A flag wins; otherwise the checkpoint is evaluated as its own run evaluated it.
     tta = args.get("tta") or contents.hparams.get("tta", "none")
     datamodule = build_datamodule(config)

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from run.checkpoints import CheckpointContents, load_checkpoint
+from run.checkpoints import CheckpointContents, check_expected_model, load_checkpoint
 from base.errors import UserError
 from base.options import EXPORT_FORMATS
 from run.inference import IMAGE_SIZE
@@ -138,8 +138,12 @@ def read_safetensors(path: str | Path) -> CheckpointContents:
         raise UserError(f"{path} has damaged metadata ({exc}); re-export it with export.py") from None
 
 
-def load_any_checkpoint(path: str | Path) -> CheckpointContents:
-    """``load_checkpoint``, plus ``.safetensors`` files such as export.py writes."""
+def load_any_checkpoint(path: str | Path, expected_model: str | None = None) -> CheckpointContents:
+    """``load_checkpoint``, plus ``.safetensors`` files such as export.py writes.
+
+    ``expected_model``, when given, must match the file's architecture, whatever its format."""
     if Path(path).suffix.lower() == ".safetensors":
-        return read_safetensors(path)
-    return load_checkpoint(path)
+        contents = read_safetensors(path)
+        check_expected_model(contents, expected_model)
+        return contents
+    return load_checkpoint(path, expected_model=expected_model)

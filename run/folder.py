@@ -9,8 +9,13 @@ Paths only: nothing here loads torch (what a checkpoint holds is checked by ``ru
 from __future__ import annotations
 
 import glob
+import shlex
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from base.errors import UserError
 from run.paths import check_checkpoint_file
@@ -18,6 +23,8 @@ from run.paths import check_checkpoint_file
 CONFIG_NAME = "config.yaml"
 RESUMED_CONFIG_NAME = "config.resumed.yaml"
 LAST_NAME = "last.ckpt"
+# Held by the process that trains the run (hidden: nothing looking for runs or checkpoints sees it).
+LOCK_NAME = ".train.lock"
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
@@ -86,6 +93,9 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
         if run_name is not None:
             # A run name is a folder name, which may hold [ ] * ?: taken literally, not as a pattern.
             found = sorted(output_dir.glob(f"{model or '*'}/{glob.escape(run_name)}/checkpoints/{LAST_NAME}"))
+            if len(found) > 1:
+                runs = ", ".join(str(path.parent.parent) for path in found)
+                raise UserError(f"--resume last --run-name {run_name}: runs of several models have this name ({runs}); add --model")
             return check_resumable(found[0]) if found else None
         run = newest_run(output_dir, model)
         if run is None:
@@ -122,9 +132,32 @@ def check_resumable(checkpoint: Path) -> Path:
         raise UserError(
             f"--resume {checkpoint}: not inside a run folder of train.py (RUN/checkpoints/ beside RUN/{CONFIG_NAME}), "
             f"so there is no run to continue; put it back in its run folder, or start a new run from its weights "
-            f"(a course state dict, say) with --weights {checkpoint}"
+            f"(a course state dict, say) with --weights {shlex.quote(str(checkpoint))}"
         )
     return checkpoint.resolve()
+
+
+@contextmanager
+def hold_run(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` while this process trains it; a one-line UserError when another process does.
+
+    Two trainings of one run would interleave its checkpoints and event files (two jobs started
+    with the same ``--run-name``, a ``--resume`` of a run still training). The lock is the
+    operating system's (``flock``, via filelock), so it ends with its process however that ends,
+    SIGKILL included: a preempted run is never left locked.
+    """
+    lock = FileLock(run_dir / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"run {run_dir} is being trained by another process right now; wait for it to end or stop it "
+            "(Ctrl-C, or kill its PID), then continue the run with --resume"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def discard_if_unfinished(run_dir: Path) -> bool:

@@ -11,18 +11,21 @@ folder that is removed, so nothing is left behind but the plot and the numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.tuner import Tuner, lr_finder
 
 from base.errors import UserError
 from base.files import atomic_write, atomic_write_text
-from run.build import build_data_and_module, build_trainer
+from run.build import build_data_and_module, build_trainer, check_batch_limits
 from run.config import RunConfig
 
 MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
@@ -50,16 +53,42 @@ class LrFinding:
         return picture
 
 
+@contextmanager
+def sweep_bar(shown: bool) -> Iterator[None]:
+    """Within the block, Lightning's range test draws its "Finding best initial lr" bar only if ``shown``.
+
+    That bar is not the Trainer's (``enable_progress_bar`` does not turn it off): the test's own
+    callback (``lightning.pytorch.tuner.lr_finder._LRCallback``) always opens a tqdm bar on
+    standard error, which in a log file is one long line of carriage-return updates. Hidden, the
+    module is handed a tqdm that is disabled, and its own is put back afterwards.
+    """
+    bar = getattr(lr_finder, "tqdm", None)
+    if shown or bar is None:
+        yield
+        return
+    lr_finder.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        lr_finder.tqdm = bar
+
+
 def find_lr(config: RunConfig) -> LrFinding:
     """Run the range test for ``config`` (its ``lr`` is ignored); a UserError when it suggests nothing."""
     # Any number will do for building: the test sets the optimiser's rate at every step.
     # Enough epochs for STEPS steps however small the data: Lightning's test stops at max_epochs too.
-    probe = dataclasses.replace(config, lr=MIN_LR, fast_dev_run=0, limit_val_batches=0, epochs=max(config.epochs, STEPS))
+    # No test limit: the range test never tests.
+    probe = dataclasses.replace(config, lr=MIN_LR, fast_dev_run=0, limit_val_batches=0, limit_test_batches=None,
+                                epochs=max(config.epochs, STEPS))
     datamodule, module = build_data_and_module(probe)
+    if not config.find_lr:
+        # --lr find: a run follows, whose validation and test limits are refused now, not after the test.
+        check_batch_limits(config, datamodule)
     datamodule.prepare_data()
-    with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch:
-        # Lightning's own bar for the test in a terminal; in a log file it would print every step.
-        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=sys.stdout.isatty())
+    # Lightning's own bars for the test in a terminal; in a log file they would print every step.
+    in_terminal = sys.stdout.isatty() and sys.stderr.isatty()
+    with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch, sweep_bar(in_terminal):
+        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal)
         finder = Tuner(trainer).lr_find(
             module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR, num_training=STEPS, update_attr=False,
             # The whole sweep, always: Lightning's default stops once the loss is 4x its best, which

@@ -27,7 +27,7 @@ def check_test(args: Mapping[str, Any]) -> dict[str, Any]:
 
     A checkpoint of a train.py run is tested on that run's data unless ``--data-dir`` says otherwise.
     """
-    checkpoint = check_checkpoint_file(args["ckpt"])
+    checkpoint = check_checkpoint_file(args["ckpt"], safetensors=True)
     if args.get("log_to_run"):
         require_run_dir(checkpoint)
     if args.get("json") is not None:

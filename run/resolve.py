@@ -7,6 +7,7 @@ in the flags is refused before torch loads.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from run.config import (
     read_config,
     settle,
 )
-from run.folder import CONFIG_NAME, find_resume
+from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, find_resume
 from run.hardware import Machine, certainly_without_gpu
 from run.paths import check_checkpoint_file, check_output_file, check_writable
 
@@ -35,11 +36,8 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     with ``--weights`` takes its network from that checkpoint.
     """
     asked = merge(config_file, typed)
-    if asked["resume"] is not None and (asked["lr"] == "find" or asked["find_lr"]):
-        raise UserError(
-            "--lr find / --find-lr with --resume: a resumed run keeps its learning rate and optimiser state; "
-            "run the range test without --resume, or start a new run from these weights with --weights"
-        )
+    if asked["resume"] is not None:
+        _refuse_with_resume(asked)
     model = asked["model"] if "model" in typed or "model" in config_file else None
     output_dir = absolute_path(asked["output_dir"])
     resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
@@ -57,7 +55,14 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
         start = load_checkpoint(weights, expected_model=model, peek=True)
         return build_config(values, start.model_name, start.model_options)
     run_dir = resume.parent.parent
-    saved_file = {k: v for k, v in read_config(run_dir / CONFIG_NAME).items() if k in FIELDS and k not in PER_INVOCATION}
+    if asked["run_name"] not in (None, run_dir.name):
+        raise UserError(
+            f"--run-name {asked['run_name']} with --resume {asked['resume']}: that is the run {run_dir.name}; "
+            "leave out --run-name, or continue a named run with --resume last --run-name NAME"
+        )
+    # The run's options as its latest start or resume used them: what a resume changed stays changed.
+    latest = run_dir / RESUMED_CONFIG_NAME if (run_dir / RESUMED_CONFIG_NAME).is_file() else run_dir / CONFIG_NAME
+    saved_file = {k: v for k, v in read_config(latest).items() if k in FIELDS and k not in PER_INVOCATION}
     saved = merge(saved_file)
     values = merge(saved_file, config_file, typed)
     # The run stays in its folder, wherever that folder is now (moved, copied, requeued).
@@ -70,10 +75,32 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     # torch loads here.
     from run.checkpoints import check_training_checkpoint
 
-    check_training_checkpoint(resume)
+    trained = check_training_checkpoint(resume)
     config = build_config(values)
     _refuse_changes(run_dir, resume, changed_fixed_options(saved, dataclasses.asdict(config), Machine.probe()))
+    if config.epochs < trained:
+        raise UserError(
+            f"--epochs {config.epochs}: {run_dir} has already trained {trained} epochs; give more to train "
+            f"further, or test it: python test.py --ckpt {shlex.quote(str(run_dir / 'checkpoints' / 'best.ckpt'))}"
+        )
+    if "precision" not in typed and "precision" not in config_file and config.precision == saved["precision"]:
+        # Kept from the run, not asked for now: the run's reason for it still holds.
+        config = dataclasses.replace(config, precision_reason=saved["precision_reason"] or config.precision_reason)
     return config
+
+
+def _refuse_with_resume(asked: Mapping[str, Any]) -> None:
+    """Options that start a run differently, which a resumed run cannot take."""
+    if asked["lr"] == "find" or asked["find_lr"]:
+        raise UserError(
+            "--lr find / --find-lr with --resume: a resumed run keeps its learning rate and optimiser state; "
+            "run the range test without --resume, or start a new run from these weights with --weights"
+        )
+    if asked["weights"] is not None:
+        raise UserError(
+            f"--weights with --resume: a resumed run continues from its own checkpoint; leave out --weights, "
+            f"or start a new run from {asked['weights']} without --resume"
+        )
 
 
 def _check_outputs(values: Mapping[str, Any]) -> None:
@@ -88,5 +115,5 @@ def _refuse_changes(run_dir: Any, resume: Any, problems: list[str]) -> None:
         more = f" (and {len(problems) - 1} more option(s))" if len(problems) > 1 else ""
         raise UserError(
             f"cannot resume {run_dir} with {problems[0]}{more}; resume without changing it, "
-            f"or start a new run from these weights with --weights {resume}"
+            f"or start a new run from these weights with --weights {shlex.quote(str(resume))}"
         )

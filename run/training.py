@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig, write_config
-from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, create_run_dir, discard_if_unfinished
+from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, create_run_dir, discard_if_unfinished, hold_run
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
@@ -108,7 +110,7 @@ def find_lr_only(config: RunConfig) -> Path:
     logger.experiment.add_figure("lr_find", finding.figure)
     logger.finalize("success")
     print(finding.describe())
-    print(f"plot: {picture} (also in tensorboard --logdir {folder})")
+    print(f"plot: {picture} (also in tensorboard --logdir {shlex.quote(str(folder))})")
     print(f"train with it: python train.py --lr {finding.suggestion:.3g} ..., or let train.py do both: --lr find")
     return folder
 
@@ -120,6 +122,14 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     known), ``SIGTERMException`` after saving ``last.ckpt`` on SIGTERM, ``Interrupted`` after
     saving it on Ctrl-C.
     """
+    with ExitStack() as held:
+        if config.resume is not None and RUN_DIR_ENV not in os.environ:
+            # Refused at once when another process trains this run (DDP workers: rank 0 holds it).
+            held.enter_context(hold_run(config.resume.parent.parent))
+        return _train(config, argv, held)
+
+
+def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOutcome:
     started = time.perf_counter()
     finding = None
     if config.lr == "find":
@@ -134,6 +144,10 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     parts[0].prepare_data()
     parts[0].setup()
     run_dir, created = open_run_dir(config)
+    if created:
+        # A named run's folder may be another process's that has not saved a checkpoint yet: refused
+        # here, before anything of it could be discarded below.
+        held.enter_context(hold_run(run_dir))
     try:
         assembly = build(config, run_dir, run_logger(run_dir), parts)
         trainer = assembly.trainer
@@ -178,7 +192,7 @@ def _test_and_record(
         data=describe_source(config.data_dir),
     )
     epochs_trained, test_started = trainer.current_epoch, time.perf_counter()
-    kept = f"the run is saved ({outcome.best or outcome.last}); test it with: python test.py --ckpt {outcome.best}"
+    kept = f"the run is saved ({outcome.best or outcome.last}); test it with: python test.py --ckpt {shlex.quote(str(outcome.best))}"
     try:
         with ctrl_c_raises(f"stopped by Ctrl-C during the final test; {kept}"):
             results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
@@ -244,8 +258,8 @@ def summary_lines(outcome: RunOutcome) -> list[tuple[str, str]]:
         ("best checkpoint", f"{outcome.best}{score}"),
         ("last checkpoint", str(outcome.last)),
         ("config", str(outcome.run_dir / CONFIG_NAME)),
-        ("dashboards", f"tensorboard --logdir {outcome.run_dir}"),
-        ("test again", f"python test.py --ckpt {outcome.best}"),
+        ("dashboards", f"tensorboard --logdir {shlex.quote(str(outcome.run_dir))}"),
+        ("test again", f"python test.py --ckpt {shlex.quote(outcome.best)}"),
     ]
     if config.results_json:
         lines.append(("results", str(config.results_json)))
