@@ -162,45 +162,49 @@ class ResumableRNG(Callback):
             restore_rng_state(state_dict)
 
 
-class SameData(Callback):
-    """Saves which training and validation images a run has in every checkpoint, and refuses to
-    resume it on others.
+def data_fingerprint(datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """Which training and validation images ``datamodule`` (set up) serves: their counts, and a hash
+    of the labels in split order with every 64th image's pixels. Cheap; another data set, or the
+    same images in another order (hence another validation split), changes it."""
+    digest = hashlib.sha1()
+    for split in (datamodule.train_set, datamodule.val_set):
+        step = max(1, len(split.labels) // 64)
+        digest.update(split.labels.cpu().numpy().tobytes())
+        digest.update(split.images[::step].cpu().numpy().tobytes())
+    return {"train_images": len(datamodule.train_set.labels), "val_images": len(datamodule.val_set.labels),
+            "sha1": digest.hexdigest()[:16]}
 
-    ``--data-dir`` may move with the data; pointing it at another data set (or the same images in
-    another order, hence another validation split) would continue the run on data its best
-    score was not measured on. Images are counted, and the labels in split order hashed with
-    every 64th part of the pixels: cheap, and another data set or split changes it.
+
+def check_same_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> None:
+    """Refuse to resume a run whose checkpoint saved the fingerprint ``saved`` on data that gives ``now``.
+
+    ``--data-dir`` may move with the data; other data would continue the run on images its best
+    score was not measured on. Checkpoints from before the fingerprint (None) are not checked.
     """
+    if not saved or dict(saved) == dict(now):
+        return
+    counts = lambda f: f"{f['train_images']:,} training and {f['val_images']:,} validation images"  # noqa: E731
+    same = counts(saved) == counts(now)
+    raise UserError(
+        f"this is not the data the run was trained on ({counts(saved)}; this data gives "
+        + ("as many, but other images or another order" if same else counts(now))
+        + "): resume with the run's own --data-dir, or start a new run from its weights with --weights"
+    )
+
+
+class SameData(Callback):
+    """Saves :func:`data_fingerprint` of the run's data in every checkpoint, for
+    :func:`check_same_data` when the run is resumed."""
 
     def __init__(self) -> None:
-        self._fitting = False
         self.fingerprint: dict[str, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._fitting = stage == "fit"
-        datamodule = trainer.datamodule
-        if self._fitting and datamodule is not None and hasattr(datamodule, "train_set"):
-            digest = hashlib.sha1()
-            for split in (datamodule.train_set, datamodule.val_set):
-                step = max(1, len(split.labels) // 64)
-                digest.update(split.labels.cpu().numpy().tobytes())
-                digest.update(split.images[::step].cpu().numpy().tobytes())
-            self.fingerprint = {"train_images": len(datamodule.train_set.labels),
-                                "val_images": len(datamodule.val_set.labels), "sha1": digest.hexdigest()[:16]}
+        if stage == "fit" and trainer.datamodule is not None:
+            self.fingerprint = data_fingerprint(trainer.datamodule)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.fingerprint)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not (self._fitting and state_dict and self.fingerprint) or dict(state_dict) == self.fingerprint:
-            return
-        counts = lambda f: f"{f['train_images']:,} training and {f['val_images']:,} validation images"  # noqa: E731
-        same = counts(state_dict) == counts(self.fingerprint)
-        raise UserError(
-            f"this is not the data the run was trained on ({counts(state_dict)}; this data gives "
-            + ("as many, but other images or another order" if same else counts(self.fingerprint))
-            + "): resume with the run's own --data-dir, or start a new run from its weights with --weights"
-        )
 
 
 class PreemptionCheckpoint(Callback):

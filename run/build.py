@@ -21,7 +21,7 @@ from callbacks.checkpoints import NamedCheckpoint
 from callbacks.dashboards import Dashboards
 from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
 from callbacks.recipes import TimeToAccuracy, recipe_callbacks
-from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG
+from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG, SameData
 from datamodules import CIFAR10DataModule
 from lit_modules import ImageClassifier
 from models import prepare_backbone
@@ -208,10 +208,11 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         Dashboards(class_names),
         clock,
         *console,
-        # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume.
+        # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume on the same data.
         FiniteLossGuard(),
         PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=config.requeue_signal),
         ResumableRNG(),
+        SameData(),
         *extras,
     ]
     timer = next((callback for callback in extras if isinstance(callback, TimeToAccuracy)), None)

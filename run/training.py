@@ -20,10 +20,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import Interrupted, UserError, ctrl_c_raises
-from callbacks.reliability import PreemptionCheckpoint
+from callbacks.reliability import PreemptionCheckpoint, SameData, check_same_data, data_fingerprint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
-from run.checkpoints import load_checkpoint
+from run.checkpoints import load_checkpoint, read_checkpoint_file
 from run.config import RunConfig, write_config
 from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, create_run_dir, discard_if_unfinished, hold_run
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
@@ -143,6 +143,9 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
     check_outputs(config, parts[1])
     parts[0].prepare_data()
     parts[0].setup()
+    if config.resume is not None:
+        saved = read_checkpoint_file(config.resume, peek=True).get("callbacks", {}).get(SameData.__qualname__)
+        check_same_data(saved, data_fingerprint(parts[0]))
     run_dir, created = open_run_dir(config)
     if created:
         # A named run's folder may be another process's that has not saved a checkpoint yet: refused

@@ -5,6 +5,7 @@ the counters a resume reads), and every case stops before the data is read or at
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUICK_VGG
+from conftest import QUICK_VGG, TEST_PER_CLASS, TRAIN_PER_CLASS
+from fakedata import make_image_folder
 from robustness import assert_one_line_error, record_runs
 
 from base.errors import UserError
@@ -35,6 +37,11 @@ def make_run(output: Path, *flags: str, epochs_trained: int = 1, name: str = "ve
     torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {}, "epoch": epochs_trained - 1, "loops": progress},
                run / "checkpoints" / "last.ckpt")
     return run
+
+
+def ckpt_epoch(run: Path) -> int:
+    """Epochs the run's last.ckpt has trained."""
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["epoch"] + 1
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
@@ -147,3 +154,26 @@ def test_resume_last_with_a_run_name_of_several_models_asks_for_the_model(cli, t
     assert_one_line_error(result, "several models", "--model")
     assert parse_run_config(["--resume", "last", "--run-name", "exp1", "--output-dir", str(output), "--model",
                              "resnet50", *CPU]).model == "resnet50"
+
+
+@pytest.mark.slow
+def test_a_run_resumes_only_on_its_own_data(cli, tiny_data, tmp_path, sigterm_at):
+    """--data-dir may move with the data, not change it: other images with the same counts and
+    labels, or fewer images, are refused before training; the run's own data resumes."""
+    output = tmp_path / "runs"
+    sigterm_at(epoch=1)
+    assert cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(output), "--epochs", "2").code == 143
+    run = output / "vgg16" / "version_0"
+    before = snapshot(run)
+    moved = shutil.copytree(tiny_data, tmp_path / "moved" / "cifar10")
+    lookalike = make_image_folder(tmp_path / "other" / "cifar10", TRAIN_PER_CLASS, TEST_PER_CLASS, seed=7)
+    fewer = make_image_folder(tmp_path / "fewer" / "cifar10", 5, 2)
+    sigterm_at()
+    for other, fragment in ((lookalike, "other images or another order"), (fewer, "this data gives 30 training")):
+        result = cli("train", "--resume", str(run), "--data-dir", str(other), *CPU)
+        assert_one_line_error(result, "not the data the run was trained on", fragment)
+        assert snapshot(run) == before
+    record_runs("a run resumed on other data", 2, int(snapshot(run) != before))
+    result = cli("train", "--resume", str(run), "--data-dir", str(moved), *CPU)
+    assert result.code == 0, result.err
+    assert ckpt_epoch(run) == 2
