@@ -20,11 +20,14 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
 def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
     """Flags equivalent to ``config``; unknown keys are refused with the list of valid ones."""
     actions = _actions_by_dest(parser)
+    # A run's saved config.yaml (it holds the facts the resolution adds) starts a new run with its
+    # options: the run's own name and the checkpoint it resumed from identify it, not its recipe.
+    skipped = set(DERIVED) | ({"run_name", "resume"} if any(key in config for key in DERIVED) else set())
     argv: list[str] = []
     for key, value in config.items():
         dest = str(key).replace("-", "_")
-        # null is "not set"; a run's saved config.yaml has such entries, and its derived facts.
-        if value is None or dest in DERIVED:
+        # null is "not set"; a run's saved config.yaml has such entries.
+        if value is None or dest in skipped:
             continue
         action = actions.get(dest)
         if action is None or dest == "config":

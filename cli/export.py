@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = check_export(checkpoint, args.format, args.output, args.force)
     # torch loads only now: --help and a mistaken flag answer at once.
     from run.checkpoints import build_backbone
-    from run.exporting import EXPORTERS, export_metadata, load_any_checkpoint
+    from run.checkpoints import load_any_checkpoint
+    from run.exporting import EXPORTERS, export_metadata
     from run.inference import class_names
 
     contents = load_any_checkpoint(checkpoint)

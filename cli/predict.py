@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = check_predict(args)
     # torch loads only now: --help and a mistaken flag answer at once.
     from run.checkpoints import build_backbone
-    from run.exporting import load_any_checkpoint
+    from run.checkpoints import load_any_checkpoint
     from run.inference import class_names, explain_images, inference_device, load_images, predict_probabilities
 
     device = inference_device(args.accelerator)

@@ -105,9 +105,14 @@ def check_data_dir(data_dir: str | Path, download: bool) -> None:
 def detect(path: Path) -> Source | None:
     """The source ``path`` holds, or None when it is missing or an empty folder (downloadable)."""
     if not path.exists():
-        if is_archive_name(path):
-            # A missing archive is a typo or a moved file, never a place to download into.
-            raise UserError(f"archive not found: {path}; check the path given to --data-dir")
+        if is_archive_name(path) or path.suffix:
+            # A missing file name (cifar10.tar.gzz, cifar10.zip) is a typo or a moved file, never a
+            # folder to download into; a missing folder (data/) is where the download goes.
+            what = "archive" if is_archive_name(path) else "file"
+            raise UserError(
+                f"{what} not found: {path}; check the path given to --data-dir (a folder that does not exist yet "
+                "is where CIFAR-10 is downloaded, a file name must exist)"
+            )
         return None
     if path.is_file():
         if is_archive_name(path):

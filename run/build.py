@@ -25,7 +25,7 @@ from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, Preemptio
 from datamodules import CIFAR10DataModule
 from lit_modules import ImageClassifier
 from models import prepare_backbone
-from run.checkpoints import build_backbone, load_checkpoint
+from run.checkpoints import build_backbone, load_any_checkpoint
 from run.config import RunConfig
 
 
@@ -132,7 +132,7 @@ def least_fraction(batches: int) -> str:
 def build_module(config: RunConfig, class_names: tuple[str, ...] | list[str]) -> ImageClassifier:
     """The LightningModule of ``config``; with ``--weights`` (and no resume) its network starts from them."""
     if config.weights is not None and config.resume is None:
-        backbone = build_backbone(load_checkpoint(config.weights, expected_model=config.model), len(class_names))
+        backbone = build_backbone(load_any_checkpoint(config.weights, expected_model=config.model), len(class_names))
     else:
         backbone = None
     module = ImageClassifier(

@@ -1,6 +1,8 @@
 """Reading checkpoints safely: ours (Lightning) or a course state dict, never arbitrary pickles."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import pickle
 import re
 import shlex
@@ -217,3 +219,51 @@ def build_backbone(contents: CheckpointContents, num_classes: int | None = None)
     model = build_model(contents.model_name, contents.num_classes, **contents.model_options)
     load_weights(model, contents.state_dict, source=str(contents.path))
     return model
+
+
+def read_safetensors(path: str | Path) -> CheckpointContents:
+    """A safetensors state dict: ours (with metadata) or any other of the course architectures.
+
+    Without our metadata the network is recognised from the key names, as for a course state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
+    if importlib.util.find_spec("safetensors") is None:
+        raise UserError(f"{path}: reading .safetensors needs the package safetensors: pip install safetensors")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+    if "model_name" not in metadata:
+        model_name, options = infer_architecture(state_dict, source=str(path))
+        return CheckpointContents(path, "safetensors", model_name, options.pop("num_classes"), options, state_dict)
+    try:
+        hparams = {"class_names": json.loads(metadata["class_names"])} if "class_names" in metadata else {}
+        return CheckpointContents(
+            path=path,
+            kind="safetensors",
+            model_name=metadata["model_name"],
+            num_classes=int(metadata.get("num_classes", 10)),
+            model_options=dict(json.loads(metadata.get("model_options", "{}"))),
+            state_dict=state_dict,
+            hparams=hparams,
+        )
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path} has damaged metadata ({exc}); re-export it with export.py") from None
+
+
+def load_any_checkpoint(path: str | Path, expected_model: str | None = None, peek: bool = False) -> CheckpointContents:
+    """``load_checkpoint``, plus ``.safetensors`` files such as export.py writes.
+
+    ``expected_model``, when given, must match the file's architecture, whatever its format;
+    ``peek`` as for ``load_checkpoint`` (safetensors files are read lazily anyway)."""
+    if Path(path).suffix.lower() == ".safetensors":
+        contents = read_safetensors(path)
+        check_expected_model(contents, expected_model)
+        return contents
+    return load_checkpoint(path, expected_model=expected_model, peek=peek)

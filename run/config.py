@@ -125,6 +125,7 @@ FIELDS = {option.name: option for option in dataclasses.fields(RunConfig)}
 # Facts the resolution adds, not options: a run's config.yaml holds them, a --config file may too
 # (that run's saved config, to run it again), where they are ignored.
 DERIVED = ("precision_reason",)
+LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in FIELDS.items()}
 FIXED_ON_RESUME = {name: option.metadata["fixed"] for name, option in FIELDS.items() if option.metadata["fixed"]}
 PER_INVOCATION = {name for name, option in FIELDS.items() if option.metadata["per_invocation"]}
@@ -185,6 +186,8 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
     if values["model"] not in COURSE_EPOCHS:
         raise UserError(f"unknown model {values['model']!r}: choose one of {', '.join(COURSE_EPOCHS)}")
     values["epochs"] = values["epochs"] or COURSE_EPOCHS[values["model"]]
+    for name in LIMITS:
+        values[name] = _limit(values[name])
     if values["run_name"] is not None:
         _check_run_name(values["run_name"])
     check_hardware_request(values["accelerator"], values["devices"], values["precision"])
@@ -204,6 +207,11 @@ def build_config(values: Mapping[str, Any], model: str | None = None, model_opti
     return RunConfig(**values)
 
 
+def _limit(value: Any) -> Any:
+    """A ``--limit-*-batches`` value; 1.0 (the whole split, a fraction) is the same as not set."""
+    return None if isinstance(value, float) and value == 1.0 else value
+
+
 def _check_run_name(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
         raise UserError(f"--run-name {name!r}: a run name is one folder name (no '/', not starting with '.')")
@@ -219,6 +227,8 @@ def changed_fixed_options(saved: Mapping[str, Any], wanted: Mapping[str, Any], m
     problems = []
     for name, why in FIXED_ON_RESUME.items():
         before, after = saved[name], wanted[name]
+        if name in LIMITS:
+            before = _limit(before)
         if FIELDS[name].metadata["path"] and before is not None:
             before = absolute_path(before)
         if name == "devices":

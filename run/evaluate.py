@@ -10,9 +10,8 @@ from datamodules import check_data_dir, describe_source
 from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.build import build_datamodule, build_trainer
-from run.checkpoints import build_backbone
+from run.checkpoints import build_backbone, load_any_checkpoint
 from run.config import build_config
-from run.exporting import load_any_checkpoint
 from run.folder import require_run_dir
 from run.tensorboard import run_dashboards
 

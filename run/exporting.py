@@ -10,18 +10,16 @@ import importlib.util
 import json
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import nn
 
-from run.checkpoints import CheckpointContents, check_expected_model, load_checkpoint
+from run.checkpoints import CheckpointContents
 from base.errors import UserError
 from base.options import EXPORT_FORMATS
 from run.inference import IMAGE_SIZE
 from datamodules import MEAN, STD
-from models import infer_architecture
 
 FORMATS = EXPORT_FORMATS
 PRODUCER = "cifar10-lightning"
@@ -101,49 +99,3 @@ EXPORTERS: dict[str, Callable[[nn.Module, BinaryIO, dict[str, str]], None]] = {
     "torchscript": export_torchscript,
     "safetensors": export_safetensors,
 }
-
-
-def read_safetensors(path: str | Path) -> CheckpointContents:
-    """A safetensors state dict: ours (with metadata) or any other of the course architectures.
-
-    Without our metadata the network is recognised from the key names, as for a course state dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
-    _require_packages("safetensors", "safetensors")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
-    if "model_name" not in metadata:
-        model_name, options = infer_architecture(state_dict, source=str(path))
-        return CheckpointContents(path, "safetensors", model_name, options.pop("num_classes"), options, state_dict)
-    try:
-        hparams = {"class_names": json.loads(metadata["class_names"])} if "class_names" in metadata else {}
-        return CheckpointContents(
-            path=path,
-            kind="safetensors",
-            model_name=metadata["model_name"],
-            num_classes=int(metadata.get("num_classes", 10)),
-            model_options=dict(json.loads(metadata.get("model_options", "{}"))),
-            state_dict=state_dict,
-            hparams=hparams,
-        )
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{path} has damaged metadata ({exc}); re-export it with export.py") from None
-
-
-def load_any_checkpoint(path: str | Path, expected_model: str | None = None) -> CheckpointContents:
-    """``load_checkpoint``, plus ``.safetensors`` files such as export.py writes.
-
-    ``expected_model``, when given, must match the file's architecture, whatever its format."""
-    if Path(path).suffix.lower() == ".safetensors":
-        contents = read_safetensors(path)
-        check_expected_model(contents, expected_model)
-        return contents
-    return load_checkpoint(path, expected_model=expected_model)

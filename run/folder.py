@@ -9,6 +9,7 @@ Paths only: nothing here loads torch (what a checkpoint holds is checked by ``ru
 from __future__ import annotations
 
 import glob
+import os
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ RESUMED_CONFIG_NAME = "config.resumed.yaml"
 LAST_NAME = "last.ckpt"
 # Held by the process that trains the run (hidden: nothing looking for runs or checkpoints sees it).
 LOCK_NAME = ".train.lock"
+# DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it, and
+# rank 0 holds its lock.
+RUN_DIR_ENV = "CIFAR10_LIGHTNING_RUN_DIR"
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
@@ -50,10 +54,7 @@ def create_run_dir(output_dir: Path, model: str, run_name: str | None) -> Path:
         try:
             folder.mkdir()
         except FileExistsError:
-            if any((folder / "checkpoints").glob("*.ckpt")):
-                raise UserError(
-                    f"run {folder} already exists; continue it with --resume last, or choose another --run-name"
-                ) from None
+            check_new_run_name(folder)
             # A start of this same run that ended before its first checkpoint: start it again.
         return folder
     number = max((_version(path) for path in root.iterdir()), default=-1) + 1
@@ -64,6 +65,13 @@ def create_run_dir(output_dir: Path, model: str, run_name: str | None) -> Path:
             return folder
         except FileExistsError:
             number += 1
+
+
+def check_new_run_name(folder: Path) -> None:
+    """Refuse to start a named run in ``folder`` when a run there has checkpoints or is training now."""
+    check_not_in_use(folder)
+    if any((folder / "checkpoints").glob("*.ckpt")):
+        raise UserError(f"run {folder} already exists; continue it with --resume last, or choose another --run-name")
 
 
 def _version(path: Path) -> int:
@@ -96,7 +104,17 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
             if len(found) > 1:
                 runs = ", ".join(str(path.parent.parent) for path in found)
                 raise UserError(f"--resume last --run-name {run_name}: runs of several models have this name ({runs}); add --model")
-            return check_resumable(found[0]) if found else None
+            if found:
+                return check_resumable(found[0])
+            for run in output_dir.glob(f"{model or '*'}/{glob.escape(run_name)}"):
+                check_not_in_use(run)
+                others = sorted(path.name for path in (run / "checkpoints").glob("*.ckpt"))
+                if others:
+                    raise UserError(
+                        f"--resume last --run-name {run_name}: {run} has no {LAST_NAME} to continue from, only "
+                        f"{', '.join(others)}; resume from one of them with --resume {shlex.quote(str(run / 'checkpoints' / others[-1]))}"
+                    )
+            return None  # the run's first start
         run = newest_run(output_dir, model)
         if run is None:
             runs = f"{model} runs" if model else "runs"
@@ -121,6 +139,14 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
     return check_resumable(path)
 
 
+def check_not_in_use(run_dir: Path) -> None:
+    """Refuse at once a run that another process trains now (:func:`hold_run` holds it while training)."""
+    # No lock file: no process has ever held the run (a check leaves none behind where there was none).
+    if (run_dir / LOCK_NAME).is_file() and RUN_DIR_ENV not in os.environ:
+        with hold_run(run_dir):
+            pass
+
+
 def check_resumable(checkpoint: Path) -> Path:
     """``checkpoint``, resolved, if it is a checkpoint file inside a run folder; a one-line UserError otherwise.
 
@@ -128,12 +154,14 @@ def check_resumable(checkpoint: Path) -> Path:
     that it holds a training state.
     """
     check_checkpoint_file(checkpoint)
-    if run_dir_of(checkpoint) is None:
+    run = run_dir_of(checkpoint)
+    if run is None:
         raise UserError(
             f"--resume {checkpoint}: not inside a run folder of train.py (RUN/checkpoints/ beside RUN/{CONFIG_NAME}), "
             f"so there is no run to continue; put it back in its run folder, or start a new run from its weights "
             f"(a course state dict, say) with --weights {shlex.quote(str(checkpoint))}"
         )
+    check_not_in_use(run)
     return checkpoint.resolve()
 
 

@@ -23,7 +23,7 @@ from run.config import (
     read_config,
     settle,
 )
-from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, find_resume
+from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, find_resume
 from run.hardware import Machine, certainly_without_gpu
 from run.paths import check_checkpoint_file, check_output_file, check_writable
 
@@ -44,15 +44,15 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     if resume is None:
         values = {**asked, "resume": None}
         if asked["weights"] is None:
-            _check_outputs(settle(values))
+            _check_outputs(settle(values), model_known=True)
             return build_config(values)
         # The network comes from the checkpoint, with its own options, whatever the flags say.
-        _check_outputs(settle({**values, "identity_shortcut": False}))
-        weights = check_checkpoint_file(absolute_path(asked["weights"]))
+        _check_outputs(settle({**values, "identity_shortcut": False}), model_known=model is not None)
+        weights = check_checkpoint_file(absolute_path(asked["weights"]), safetensors=True)
         # torch loads here. Only the network's name and options are needed; build_module loads the weights.
-        from run.checkpoints import load_checkpoint
+        from run.checkpoints import load_any_checkpoint
 
-        start = load_checkpoint(weights, expected_model=model, peek=True)
+        start = load_any_checkpoint(weights, expected_model=model, peek=True)
         return build_config(values, start.model_name, start.model_options)
     run_dir = resume.parent.parent
     if asked["run_name"] not in (None, run_dir.name):
@@ -103,9 +103,13 @@ def _refuse_with_resume(asked: Mapping[str, Any]) -> None:
         )
 
 
-def _check_outputs(values: Mapping[str, Any]) -> None:
-    """Refuse output paths where nothing can be written (the free space is checked once the network is built)."""
+def _check_outputs(values: Mapping[str, Any], model_known: bool = True) -> None:
+    """Refuse output paths where nothing can be written, and a named run's folder that another run
+    has (the free space is checked once the network is built; with ``--weights`` the network, hence
+    the run's folder, is known only once torch reads the checkpoint: ``model_known``)."""
     check_writable(values["output_dir"], "--output-dir")
+    if values["run_name"] is not None and values["resume"] is None and model_known:
+        check_new_run_name(values["output_dir"] / values["model"] / values["run_name"])
     if values["results_json"] is not None:
         check_output_file(values["results_json"], "--results-json")
 

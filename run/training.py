@@ -25,14 +25,12 @@ from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint, read_checkpoint_file
 from run.config import RunConfig, write_config
-from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, create_run_dir, discard_if_unfinished, hold_run
+from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, RUN_DIR_ENV, create_run_dir, discard_if_unfinished, hold_run
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
 from run.tensorboard import log_final_hparams, run_logger
 
-# DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it.
-RUN_DIR_ENV = "CIFAR10_LIGHTNING_RUN_DIR"
 
 
 @dataclass

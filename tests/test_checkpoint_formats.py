@@ -19,7 +19,8 @@ from base.errors import UserError
 from datamodules import CLASSES
 from models import build_model
 from run.checkpoints import build_backbone, load_checkpoint
-from run.exporting import export_metadata, export_safetensors, export_torchscript, load_any_checkpoint
+from run.checkpoints import load_any_checkpoint
+from run.exporting import export_metadata, export_safetensors, export_torchscript
 
 CPU = ["--accelerator", "cpu", "--workers", "0", "--eval-batch-size", "50"]
 
@@ -85,6 +86,15 @@ def test_train_weights_accepts_a_tutorial_dict(files):
     assert isinstance(backbone, torch.nn.Module)
     with pytest.raises(UserError, match="holds a vgg16 network, not resnet50"):
         load_checkpoint(files["model_state_dict"], expected_model="resnet50", peek=True)
+
+
+def test_train_weights_takes_an_exported_safetensors(files, tmp_path):
+    """train.py --weights model.safetensors (what export.py writes): the network comes from the file."""
+    from cli.train import parse_run_config
+
+    config = parse_run_config(["--weights", str(files["safetensors"]), "--accelerator", "cpu",
+                               "--data-dir", str(tmp_path / "no-data"), "--output-dir", str(tmp_path / "runs")])
+    assert config.model == "vgg16" and config.weights == files["safetensors"]
 
 
 @pytest.mark.slow

@@ -56,6 +56,8 @@ CASES = [
     ("train", ["--results-json", "{p}/empty"], "is a folder"),
     ("train", ["--data-dir", "{p}/cifar10-jpeg.tar.gz"], "archive not found"),
     ("train", ["--data-dir", "{p}/notes.txt"], "not a CIFAR-10 source"),
+    ("train", ["--data-dir", "{p}/cifar10-jpeg.tar.gzz"], "file not found"),
+    ("train", ["--data-dir", "{p}/cifar10.zip"], "file not found"),
     ("train", ["--data-dir", "{p}/runs"], "no CIFAR-10 data found"),
     ("train", ["--weights", "{p}/missing.ckpt"], "checkpoint not found"),
     ("train", ["--weights", "{p}/notes.txt"], "not a PyTorch checkpoint"),

@@ -14,7 +14,7 @@ from robustness import assert_one_line_error, record_files
 from run import exporting
 from run.checkpoints import build_backbone, load_checkpoint
 from base.errors import UserError
-from run.exporting import read_safetensors
+from run.checkpoints import read_safetensors
 from run.inference import load_image, load_images, predict_probabilities, to_model_input
 from datamodules import CLASSES
 from fakedata import fake_images

@@ -177,3 +177,37 @@ def test_a_run_resumes_only_on_its_own_data(cli, tiny_data, tmp_path, sigterm_at
     result = cli("train", "--resume", str(run), "--data-dir", str(moved), *CPU)
     assert result.code == 0, result.err
     assert ckpt_epoch(run) == 2
+
+
+def test_a_named_run_without_last_ckpt_names_the_checkpoints_it_has(cli, tmp_path):
+    """--resume last --run-name NAME of a run that has checkpoints but no last.ckpt: which to resume from."""
+    run = make_run(tmp_path / "runs", name="exp")
+    (run / "checkpoints" / "last.ckpt").rename(run / "checkpoints" / "best.ckpt")
+    result = cli("train", "--resume", "last", "--run-name", "exp", "--output-dir", str(tmp_path / "runs"), *CPU)
+    assert_one_line_error(result, "has no last.ckpt", f"--resume {run / 'checkpoints' / 'best.ckpt'}")
+
+
+def test_a_run_in_use_is_refused_before_torch_loads(tmp_path):
+    """The refusal of a run another process trains comes with the flags, not after seconds of imports."""
+    run = make_run(tmp_path / "runs", "--epochs", "3")
+    with trained_elsewhere(run):
+        done = subprocess.run([sys.executable, "tests/import_probe.py", "train", "--resume", str(run), *CPU],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "being trained by another process" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "IMPORTED: none"
+
+
+def test_a_named_runs_saved_config_starts_a_new_run(tmp_path):
+    """--config RUN/config.yaml (or config.resumed.yaml) of a named run: its options, not its name or resume."""
+    run = make_run(tmp_path / "runs", "--run-name", "exp", "--epochs", "4", name="exp")
+    resumed = parse_run_config(["--resume", str(run), *CPU])
+    (run / "config.resumed.yaml").write_text(yaml.safe_dump(resumed.to_dict(), sort_keys=False))
+    for saved in ("config.yaml", "config.resumed.yaml"):
+        again = parse_run_config(["--config", str(run / saved)])
+        assert again.run_name is None and again.resume is None and again.epochs == 4
+
+
+def test_a_whole_split_fraction_is_the_same_as_no_limit(tmp_path):
+    """--limit-val-batches 1.0 is every batch, as without the flag: not a change on resume."""
+    run = make_run(tmp_path / "runs")
+    assert parse_run_config(["--resume", str(run), *CPU, "--limit-val-batches", "1.0"]).limit_val_batches is None
