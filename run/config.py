@@ -126,6 +126,7 @@ FIELDS = {option.name: option for option in dataclasses.fields(RunConfig)}
 # (that run's saved config, to run it again), where they are ignored.
 DERIVED = ("precision_reason",)
 LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
+SGD_ONLY = ("momentum", "nesterov")
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in FIELDS.items()}
 FIXED_ON_RESUME = {name: option.metadata["fixed"] for name, option in FIELDS.items() if option.metadata["fixed"]}
 PER_INVOCATION = {name for name, option in FIELDS.items() if option.metadata["per_invocation"]}
@@ -226,6 +227,8 @@ def changed_fixed_options(saved: Mapping[str, Any], wanted: Mapping[str, Any], m
     """
     problems = []
     for name, why in FIXED_ON_RESUME.items():
+        if name in SGD_ONLY and saved["optimizer"] != "sgd":
+            continue  # unused by the run's optimiser: nothing to keep consistent
         before, after = saved[name], wanted[name]
         if name in LIMITS:
             before = _limit(before)

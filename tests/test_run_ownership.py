@@ -211,3 +211,12 @@ def test_a_whole_split_fraction_is_the_same_as_no_limit(tmp_path):
     """--limit-val-batches 1.0 is every batch, as without the flag: not a change on resume."""
     run = make_run(tmp_path / "runs")
     assert parse_run_config(["--resume", str(run), *CPU, "--limit-val-batches", "1.0"]).limit_val_batches is None
+
+
+def test_sgd_only_options_of_an_adam_run_may_change_on_resume(tmp_path):
+    """--momentum and --nesterov mean nothing to adam: not refused as changes of an adam run, but of an sgd one."""
+    adam = make_run(tmp_path / "adam")
+    assert parse_run_config(["--resume", str(adam), *CPU, "--momentum", "0.5"]).momentum == 0.5
+    sgd = make_run(tmp_path / "sgd", "--optimizer", "sgd", "--lr", "0.05")
+    with pytest.raises(UserError, match="--momentum 0.5"):
+        parse_run_config(["--resume", str(sgd), *CPU, "--momentum", "0.5"])
