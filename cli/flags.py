@@ -53,56 +53,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {where}{message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, accept: Callable[[float], bool], expected: str, must: str) -> int | float:
+    """``text`` as ``kind`` (int or float) if ``accept`` holds for it; an argparse error naming the flag otherwise."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not accept(value):  # NaN fails every comparison, so it is refused too
+        raise argparse.ArgumentTypeError(f"{must}, got {text.strip()}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer", "must be a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive (finite) number, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number", "must be a positive (finite) number")
 
 
 def non_negative_float(text: str) -> float:
     """A number >= 0 (a weight decay)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0", "must be >= 0")
 
 
 def unit_fraction(text: str) -> float:
     """A number from 0 (included) to 1 (excluded): a momentum, a label smoothing."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to below 1, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < 1, "a number from 0 to below 1", "must be at least 0 and below 1")
 
 
 def learning_rate(text: str) -> float | str:
@@ -112,13 +93,7 @@ def learning_rate(text: str) -> float | str:
 
 def open_fraction(text: str) -> float:
     """A number strictly between 0 and 1 (an EMA decay, a target accuracy)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < 1, "a number between 0 and 1", "must be between 0 and 1 (exclusive)")
 
 
 def batch_limit(text: str) -> int | float:

@@ -198,10 +198,16 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
 
 
 def build_config(values: Mapping[str, Any], model: str | None = None, model_options: Mapping[str, Any] | None = None) -> RunConfig:
-    """A :class:`RunConfig` from merged ``values``: :func:`settle`, then the hardware resolved
-    on this machine (which loads torch). ``model``, ``model_options``: as for :func:`settle`."""
-    values = settle(values, model, model_options)
-    hardware = resolve_hardware(values["accelerator"], values["devices"], values["precision"])
+    """A :class:`RunConfig` from merged ``values``: :func:`settle`, then :func:`complete`.
+    ``model``, ``model_options``: as for :func:`settle`."""
+    return complete(settle(values, model, model_options))
+
+
+def complete(settled: Mapping[str, Any], machine: Machine | None = None) -> RunConfig:
+    """The :class:`RunConfig` of ``settled`` values (:func:`settle`), its hardware resolved on
+    ``machine`` (default: this one, probed, which loads torch)."""
+    values = dict(settled)
+    hardware = resolve_hardware(values["accelerator"], values["devices"], values["precision"], machine)
     values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision,
                   precision_reason=hardware.precision_reason)
     values["channels_last"] = use_channels_last(values["channels_last"], hardware)

@@ -19,6 +19,7 @@ from run.config import (
     absolute_path,
     build_config,
     changed_fixed_options,
+    complete,
     merge,
     read_config,
     settle,
@@ -44,8 +45,9 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     if resume is None:
         values = {**asked, "resume": None}
         if asked["weights"] is None:
-            _check_outputs(settle(values), model_known=True)
-            return build_config(values)
+            settled = settle(values)
+            _check_outputs(settled, model_known=True)
+            return complete(settled)
         # The network comes from the checkpoint, with its own options, whatever the flags say.
         _check_outputs(settle({**values, "identity_shortcut": False}), model_known=model is not None)
         weights = check_checkpoint_file(absolute_path(asked["weights"]), safetensors=True)
@@ -76,8 +78,9 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     from run.checkpoints import check_training_checkpoint
 
     trained = check_training_checkpoint(resume)
-    config = build_config(values)
-    _refuse_changes(run_dir, resume, changed_fixed_options(saved, dataclasses.asdict(config), Machine.probe()))
+    machine = Machine.probe()
+    config = complete(settled, machine)
+    _refuse_changes(run_dir, resume, changed_fixed_options(saved, dataclasses.asdict(config), machine))
     if config.epochs < trained:
         raise UserError(
             f"--epochs {config.epochs}: {run_dir} has already trained {trained} epochs; give more to train "
