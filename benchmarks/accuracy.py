@@ -16,9 +16,12 @@ Runs already in OUT (same config, seed and flags) are skipped, so the same comma
 batch that was stopped; ``--budget-s`` starts no run that would likely end after that many
 seconds (the longest run so far is the estimate), for machines lent by the minute.
 
-    python benchmarks/accuracy.py --configs configs/vgg16_fast.yaml configs/resnet50_fast.yaml \\
+    python -m benchmarks.accuracy --configs configs/vgg16_fast.yaml configs/resnet50_fast.yaml \\
         --seeds 0 1 2 --data-dir ../shared/data/cifar10-jpeg.tar.gz --out benchmarks/results/accuracy-h100
-    python benchmarks/accuracy.py --out benchmarks/results/accuracy-h100     # only summarise again
+    python -m benchmarks.accuracy --out benchmarks/results/accuracy-h100     # only summarise again
+
+(from the repository root; ``python benchmarks/accuracy.py`` works too once the project is
+pip-installed).
 """
 from __future__ import annotations
 
@@ -37,9 +40,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from cli.flags import Parser, non_negative_int, run_main
-from base.errors import UserError
-from base.files import atomic_write_text
+try:
+    from cli.flags import Parser, non_negative_int, run_main
+    from base.errors import UserError
+    from base.files import atomic_write_text
+except ModuleNotFoundError as exc:
+    # `python benchmarks/accuracy.py` puts benchmarks/, not the checkout, on the path.
+    if exc.name not in ("cli", "base"):
+        raise
+    print(f"accuracy.py: error: cannot import the project ({exc}); run it from the repository root as "
+          "`python -m benchmarks.accuracy`, or after `pip install -e .`", file=sys.stderr)
+    sys.exit(2)
 
 SUMMARY, TABLE = "summary.json", "results.md"
 

@@ -19,8 +19,12 @@ of the per-round ratios. A run reports images/second over the timed steps (the c
 GPUs, as seed_loop's does), the peak resident memory of that process and, on CUDA, its peak
 allocated GPU memory. Prints a table and a JSON document; ``--out`` also writes the JSON.
 
-    python benchmarks/throughput.py --out benchmarks/results/cpu.json
-    python benchmarks/throughput.py --models resnet50 --steps 5 --warmup 2
+    python -m benchmarks.throughput --out benchmarks/results/cpu.json
+    python -m benchmarks.throughput --models resnet50 --steps 5 --warmup 2
+
+(from the repository root; ``python benchmarks/throughput.py`` works too once the project is
+pip-installed). Each child runs as ``python -m benchmarks.throughput`` from the repository root,
+so it imports this checkout whether or not the project is installed.
 """
 from __future__ import annotations
 
@@ -49,17 +53,25 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from cli.flags import Parser, non_negative_int, positive_int, run_main
-from run.build import build_data_and_module, quiet_lightning
-from run.config import build_config, merge
-from run.hardware import resolve_hardware
-from base.errors import UserError
-from run.hardware import use_channels_last
-from datamodules import CIFAR10DataModule
-from datamodules.device_batches import DATA_PATHS, resolve_data_path
-from lit_modules import ImageClassifier
-from callbacks.progress import ThrottledProgressBar
-from callbacks.reliability import FiniteLossGuard
+try:
+    from cli.flags import Parser, non_negative_int, positive_int, run_main
+    from run.build import build_data_and_module, quiet_lightning
+    from run.config import build_config, merge
+    from run.hardware import resolve_hardware
+    from base.errors import UserError
+    from run.hardware import use_channels_last
+    from datamodules import CIFAR10DataModule
+    from datamodules.device_batches import DATA_PATHS, resolve_data_path
+    from lit_modules import ImageClassifier
+    from callbacks.progress import ThrottledProgressBar
+    from callbacks.reliability import FiniteLossGuard
+except ModuleNotFoundError as exc:
+    # `python benchmarks/throughput.py` puts benchmarks/, not the checkout, on the path.
+    if exc.name not in ("cli", "run", "base", "datamodules", "lit_modules", "callbacks", "models"):
+        raise
+    print(f"throughput.py: error: cannot import the project ({exc}); run it from the repository root as "
+          "`python -m benchmarks.throughput`, or after `pip install -e .`", file=sys.stderr)
+    sys.exit(2)
 
 MODELS = ("vgg16", "resnet50")
 VARIANTS = ("seed_loop", "lightning", "bare")
@@ -114,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"the yardstick {args.seed_loop} is missing; pass --seed-loop, or leave seed_loop out of --variants")
 
     report: dict[str, Any] = {
-        "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["benchmarks/throughput.py", *argv]),
+        "command": shlex.join(["python", "-m", "benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)]),
         "device": device_name(hardware.accelerator),
         "torch": torch.__version__,
         "lightning": L.__version__,
@@ -155,7 +167,7 @@ def run_child(args: argparse.Namespace, model: str, variant: str) -> dict[str, A
     """Run one variant in a fresh process; its result plus that process's peak resident memory."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, str(Path(__file__).resolve()), *forwarded_flags(args),
+        command = [sys.executable, "-m", "benchmarks.throughput", *forwarded_flags(args),
                    "--worker", variant, "--worker-model", model, "--worker-out", str(out)]
         print(f"--- {model} / {variant}", file=sys.stderr, flush=True)
         # The child's own output (Lightning, seed_loop) goes to our stderr; stdout is the report's.
@@ -330,7 +342,7 @@ def time_lightning(args: argparse.Namespace) -> dict[str, Any]:
             num_sanity_val_steps=0,
             enable_checkpointing=False,
             logger=TensorBoardLogger(logs, name="throughput"),
-            callbacks=[ThrottledProgressBar(), FiniteLossGuard(), StepTimer(clock)],
+            callbacks=[ThrottledProgressBar(loss_guard=(guard := FiniteLossGuard())), guard, StepTimer(clock)],
             log_every_n_steps=50,
             benchmark=device.type == "cuda",
         )

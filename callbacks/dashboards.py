@@ -4,7 +4,9 @@
 ``validation_step`` and ``test_step`` return, and writes:
 
 - ``acc_per_class/val/<class>``: each class's validation accuracy, every validation epoch;
-- ``confusion_matrix/val``: the validation confusion matrix as an image, every validation epoch;
+- ``confusion_matrix/val``: the validation confusion matrix as an image, at the first and last
+  validation epoch and in between whenever drawing it costs at most 5 % of the time since the
+  last one (every epoch of a CPU run, every few of a fast GPU run);
 - ``confusion_matrix/test`` and ``misclassified/test``: the test confusion matrix and a grid of
   the test images the model got wrong most confidently, at the end of testing.
 
@@ -17,6 +19,8 @@ the epoch's end.
 """
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +34,7 @@ from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from datamodules.cifar10 import MEAN, STD
-from models.explain import grad_cam
+from models.explain import CAPTUM_MISSING, grad_cam, grad_cam_available
 
 STAGES = ("val", "test")
 
@@ -204,6 +208,7 @@ class Dashboards(L.Callback):
         misclassified: int = 16,
         logger: TensorBoardLogger | None = None,
         step: int | None = None,
+        figure_share: float = 0.05,
     ) -> None:
         if (logger is None) != (step is None):
             raise ValueError("logger and step go together: pass both (test.py --log-to-run) or neither")
@@ -213,6 +218,9 @@ class Dashboards(L.Callback):
         self.mistakes = ConfidentMistakes(misclassified)
         self.logger = logger
         self.step = step
+        self.figure_share = figure_share
+        self._drawn_at: float | None = None  # when the last validation matrix was drawn (time.monotonic)
+        self._draw_s = 0.0  # and how long that took
 
     # -- collecting -------------------------------------------------------------------------
 
@@ -270,9 +278,24 @@ class Dashboards(L.Callback):
                 # otherwise warns about unsynced epoch values under DDP.
                 pl_module.log(f"acc_per_class/val/{name}", accuracy, sync_dist=True)
         writer = self._writer(trainer)
-        if writer is not None:
+        if writer is not None and self._draw_validation_now(trainer):
+            started = time.monotonic()
             title = f"validation, epoch {trainer.current_epoch + 1}: {_accuracy_text(matrix)}"
             self._add_figure(writer, "confusion_matrix/val", confusion_matrix_figure(matrix, self.class_names, title), trainer)
+            self._drawn_at, self._draw_s = time.monotonic(), time.monotonic() - started
+
+    def _draw_validation_now(self, trainer: L.Trainer) -> bool:
+        """Whether this validation's confusion matrix is drawn: the first and the last epoch's always,
+        the others when drawing costs at most ``figure_share`` of the time since the last drawing.
+
+        Drawing and encoding the picture takes about half a second on the host, with the device
+        idle: every epoch of a CPU run (minutes long), but only every few epochs of a GPU run whose
+        epochs take seconds. The per-class accuracies are logged every epoch either way.
+        """
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if self._drawn_at is None or last_epoch or trainer.should_stop:
+            return True
+        return self._draw_s <= self.figure_share * (time.monotonic() - self._drawn_at)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metric = self.confusion["test"]
@@ -322,13 +345,23 @@ class Dashboards(L.Callback):
         writer.add_image(tag, figure_to_array(figure), global_step=step, dataformats="HWC")
 
 
+_said_no_captum = False
+
+
 def _explain(pl_module: L.LightningModule, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor | None:
-    """Grad-CAM maps (on the CPU) of ``classes`` for the module's backbone; None where it names no layer.
+    """Grad-CAM maps (on the CPU) of ``classes`` for the module's backbone; None where it names no
+    layer, or where captum is not installed (said once per process, on the console).
 
     A compiled backbone is left alone: hooks on its layers would make it compile again.
     """
+    global _said_no_captum
     backbone = getattr(pl_module, "backbone", None)
     if backbone is None or not hasattr(backbone, "cam_layer") or getattr(backbone, "_compiled_call_impl", None):
+        return None
+    if not grad_cam_available():
+        if not _said_no_captum:
+            print(f"misclassified/test is drawn without heat maps: {CAPTUM_MISSING}", file=sys.stderr, flush=True)
+            _said_no_captum = True
         return None
     device = next(backbone.parameters()).device
     with torch.autocast(device.type, enabled=False):

@@ -82,49 +82,49 @@ class RunClock(L.Callback):
 
 
 class ThrottledProgressBar(RichProgressBar):
-    """Lightning's RichProgressBar, reading the logged metrics at most every ``metrics_interval`` s.
+    """Lightning's RichProgressBar that never makes the host wait for the device at a training step.
 
     The stock bar reads every ``prog_bar=True`` value after every training batch, and reading a
     tensor on the GPU (``.item()``) waits for all queued work: the CPU can then no longer queue
-    the next step while the GPU runs this one. This bar still advances every batch, but shows
-    metrics read at most once per interval, so on a GPU running tens of steps a second the host
-    waits a couple of times a second instead of at every step. Metrics shown at the end of an
-    epoch, of validation and of testing are read fresh as usual.
+    the next step while the GPU runs this one. No step value is on the bar here (the module logs
+    epoch values only); the step loss shown is the one ``loss_guard``
+    (:class:`callbacks.reliability.FiniteLossGuard`) read for logging, once per
+    ``--log-every-n-steps`` steps. The bar still advances every batch and refreshes its metrics
+    at most every ``metrics_interval`` seconds; those shown at the end of an epoch, of validation
+    and of testing are read fresh as usual.
 
-    Besides the logged metrics it shows the training throughput, ``img/s``: the images of all
-    processes trained between two of those reads, over the time between them. A read waits for
-    the device to finish the steps queued so far, so that time is the device's, not the host's
-    queueing; the measurement adds no wait of its own. Epochs are counted from 1, as the run's
-    summary counts them, and Lightning's ``v_num`` (the run's version number) is left out.
+    It also shows the training throughput, ``img/s``: the images of all processes trained between
+    two of the guard's reads, over the time between them. A read waits for the device to finish
+    the steps queued so far, so that time is the device's, not the host's queueing; the
+    measurement adds no wait of its own. Epochs are counted from 1, as the run's summary counts
+    them, and Lightning's ``v_num`` (the run's version number) is left out.
     """
 
-    def __init__(self, metrics_interval: float = 0.5, clock: RunClock | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, metrics_interval: float = 0.5, clock: RunClock | None = None, loss_guard: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.metrics_interval = metrics_interval
         self.clock = clock
+        self.loss_guard = loss_guard
         self._in_train_batch_end = False
         self._metrics: dict[str, Any] | None = None
         self._read_at = float("-inf")
-        self._window_start = 0.0
-        self._window_images = 0
+        self._batch_images = 0
+        self._previous: Any = None  # the guard's reading that the throughput was last measured from
         self._throughput: float | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        # A run resumed in the middle of an epoch enters it without on_train_epoch_start.
-        self._window_start, self._window_images = time.monotonic(), 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         # A new window: the time since the last read holds validation and checkpointing.
-        self._window_start, self._window_images = time.monotonic(), 0
+        self._previous = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # The batch's size is known on the host (a shape), so counting never waits for the device.
         # Every process trains a batch of the same size at every step.
-        self._window_images += len(batch[0]) * trainer.world_size
+        self._batch_images = len(batch[0]) * trainer.world_size
         self._in_train_batch_end = True
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -149,11 +149,14 @@ class ThrottledProgressBar(RichProgressBar):
             return self._metrics
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        if self._in_train_batch_end:
-            read = time.monotonic()  # after the read, which waited for the device
-            if self._window_images and read > self._window_start:
-                self._throughput = self._window_images / (read - self._window_start)
-            self._window_start, self._window_images = read, 0
+        reading = getattr(self.loss_guard, "reading", None)
+        if self._in_train_batch_end and reading is not None:
+            metrics["loss"] = f"{reading.loss:.4g}"
+            previous = self._previous
+            if previous is not None and reading.step > previous.step and reading.time > previous.time:
+                self._throughput = (reading.step - previous.step) * self._batch_images / (reading.time - previous.time)
+            if previous is None or reading.step > previous.step:
+                self._previous = reading
         if self._throughput is not None:
             metrics["img/s"] = f"{self._throughput:,.0f}"
         left = self.clock.eta_seconds(trainer) if self.clock is not None and trainer.training else None

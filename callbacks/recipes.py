@@ -13,52 +13,76 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim.swa_utils import AveragedModel
 from torchmetrics.classification import MulticlassAccuracy
 
 
-def ema_multi_avg_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
-    """``AveragedModel``'s ``multi_avg_fn`` for an EMA whose decay warms up: ``min(decay, (1 + n) / (10 + n))``.
+def ema_weight(decay: float, updates: int) -> float:
+    """The weight of the current weights in the EMA's next update, ``1 - min(decay, (1 + n) / (10 + n))``.
 
     ``n`` is the number of updates already averaged (the first update copies the weights). The
     warm-up is TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` rule. Without it the
     average of a short run, and of the first epochs of a long one, is mostly the random initial
     weights: with a constant 0.998 they still weigh 0.998^88 = 84 % after the first epoch of
     configs/vgg16_fast.yaml (88 steps), so its early validation, and a short run's test, would
-    see an almost untrained model. The rule reaches 0.998 after about 4,500 updates. The decay
-    is computed on the device from the averaged model's counter, so no step waits for the GPU,
-    and the update is a few foreach kernels for all tensors at once. Integer buffers
-    (BatchNorm's ``num_batches_tracked``) cannot be averaged and follow the model.
+    see an almost untrained model. The rule reaches 0.998 after about 4,500 updates.
+    """
+    return 1.0 - min(decay, (1 + updates) / (10 + updates))
+
+
+class DeviceEMA(AveragedModel):
+    """PyTorch's ``AveragedModel`` as an EMA whose update never waits for the device.
+
+    ``AveragedModel.update_parameters`` reads its ``n_averaged`` counter, a tensor on the
+    average's device, twice per update (``bool(n_averaged == 0)``, ``n_averaged > 0``): on a GPU
+    two host waits per training step. Here a Python count (:attr:`updates`) decides, and gives
+    the decay of :func:`ema_weight` as a plain number, so an update is a handful of foreach
+    kernels for all tensors: one ``lerp`` over the floating-point ones, one copy over the integer
+    buffers (BatchNorm's ``num_batches_tracked``, which cannot be averaged and follow the model).
+    ``n_averaged`` is still counted, on the device, so checkpoints keep torch's layout; it is read
+    once, when a checkpoint is loaded.
     """
 
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        if not averaged[0].is_floating_point():
-            torch._foreach_copy_(averaged, current)
-            return
-        n = num_averaged.to(averaged[0].dtype)
-        weight = 1 - torch.clamp((1 + n) / (10 + n), max=decay)
-        step = torch._foreach_sub(current, averaged)
-        torch._foreach_mul_(step, weight)
-        torch._foreach_add_(averaged, step)
+    def __init__(self, model: torch.nn.Module, decay: float, device: torch.device) -> None:
+        super().__init__(model, device=device, use_buffers=True)
+        self.decay = decay
+        self.updates = 0
 
-    return update
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+        floats = [(a, c.detach()) for a, c in zip(averaged, current) if a.is_floating_point()]
+        others = [(a, c.detach()) for a, c in zip(averaged, current) if not a.is_floating_point()]
+        if self.updates == 0:
+            floats, others = [], floats + others
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], ema_weight(self.decay, self.updates))
+        if others:
+            torch._foreach_copy_([a for a, _ in others], [c for _, c in others])
+        self.n_averaged += 1
+        self.updates += 1
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.updates = int(self.n_averaged)
+        return result
 
 
 class WeightEMA(WeightAveraging):
     """An exponential moving average of the weights, updated after every optimiser step.
 
-    Lightning's ``WeightAveraging`` callback, the base of its ``EMAWeightAveraging``, with the
-    averaging function of :func:`ema_multi_avg_fn`. ``EMAWeightAveraging`` itself hard-wires
-    ``get_ema_avg_fn``: a constant decay (see the warm-up there) and three or four kernels per
-    tensor, over a thousand launches per step for resnet50's 373 parameter and buffer tensors,
-    where the foreach version launches a handful.
+    Lightning's ``WeightAveraging`` callback, the base of its ``EMAWeightAveraging``, averaging
+    with :class:`DeviceEMA` on the training device. ``EMAWeightAveraging`` itself hard-wires
+    ``get_ema_avg_fn``: a constant decay (see :func:`ema_weight` for the warm-up used here) and
+    three or four kernels per tensor, over a thousand launches per step for resnet50's 373
+    parameter and buffer tensors, where the foreach version launches a handful.
 
     What Lightning's callback does, and this project relies on:
 
@@ -72,6 +96,9 @@ class WeightEMA(WeightAveraging):
 
     Chosen here:
 
+    * The average lives on the strategy's device. Lightning builds it in ``setup`` on
+      ``pl_module.device``, but callbacks are set up before the strategy moves the module, so on
+      a GPU the average would stay on the CPU and every step would copy all weights there.
     * BatchNorm's running statistics are averaged like the weights (``use_buffers=True``). The
       swap exchanges buffers too, and without averaging them the averaged weights would be
       evaluated with the raw weights' statistics; their moving average is what timm's
@@ -85,8 +112,12 @@ class WeightEMA(WeightAveraging):
     def __init__(self, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        super().__init__(use_buffers=True, multi_avg_fn=ema_multi_avg_fn(decay))
+        super().__init__(use_buffers=True)
         self.decay = decay
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._average_model = DeviceEMA(pl_module, self.decay, trainer.strategy.root_device)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:

@@ -17,9 +17,12 @@ import os
 import random
 import shlex
 import signal
+import struct
 import sys
 import threading
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -35,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import UserError
 from base.options import REQUEUE_SIGNALS
+from base.slurm import requeue, slurm_task
 from base.files import TEMP_SUFFIX, atomic_write, temp_prefix
 
 
@@ -127,13 +132,25 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Seed the torch (CPU and CUDA), numpy and python RNGs with process ``rank``'s own stream of ``seed``.
+
+    Hashed rather than ``seed + rank``, so that rank 1 of seed 0 does not draw what rank 0 of seed 1
+    draws.
+    """
+    digest = hashlib.sha256(f"seed {seed} rank {rank}".encode()).digest()
+    value = int.from_bytes(digest[:8], "little") >> 1  # below 2**63, which every RNG here takes
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
 class ResumableRNG(Callback):
     """Saves the global RNG states in every checkpoint and restores them when fitting resumes.
 
-    Lightning restores model, optimiser, scheduler and loop state, but not the RNGs that drive
-    the DataLoader's shuffle (its seed is drawn from torch's global RNG when the epoch's
-    iterator is created), the augmentation and dropout. Without them a resumed run trains on
-    other batches than the uninterrupted one would have.
+    Lightning restores model, optimiser, scheduler and loop state, but not the global RNGs that
+    draw the augmentation of the loader path and dropout. Without them a resumed run trains on
+    other random numbers than the uninterrupted one would have.
 
     When the states go back matters. A resumed fit builds the first iterator in
     ``FitLoop.setup_data`` (and, unlike later epochs, not again in the epoch loop), before any
@@ -144,22 +161,49 @@ class ResumableRNG(Callback):
     nothing until it builds the next epoch's iterator. So both runs build that iterator from the
     same RNG state. Not exact with ``--workers`` > 0: persistent worker processes keep their own
     RNG streams across epochs, and those are not in the checkpoint.
+
+    Several processes (DDP): every process was seeded alike, so that the network's initial
+    weights agree; left so, all would draw the same dropout masks and augmentation. At ``setup``
+    of a fit, once the network is built, each process therefore switches to its own stream of the
+    run's seed (:func:`seed_rank_streams`), and a checkpoint holds every process's states,
+    ``{"ranks": [state of rank 0, state of rank 1, ...]}``, gathered in ``state_dict``: Lightning
+    builds a checkpoint's contents on every process (``dump_checkpoint``, for every save, the one
+    on SIGTERM included) and only rank 0 writes them, so the gather is a collective every process
+    reaches. On resume each process restores its own. A checkpoint of one process's states (a
+    single-process run, or a DDP run saved before every rank's were kept) is restored on rank 0;
+    the other ranks keep the streams of their own seeded at ``setup``.
     """
 
     def __init__(self) -> None:
         self._fitting = False
+        self._rank, self._world_size = 0, 1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning also restores callbacks for trainer.test(ckpt_path=...): that must not
         # rewind the RNGs of a process that may train again.
         self._fitting = stage == "fit"
+        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        if self._fitting and self._world_size > 1:
+            # torch's initial seed is the run's (L.seed_everything); a resume then restores the saved states.
+            seed_rank_streams(torch.initial_seed(), self._rank)
 
     def state_dict(self) -> dict[str, Any]:
-        return capture_rng_state()
+        state = capture_rng_state()
+        if self._world_size < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return state
+        states: list[Any] = [None] * self._world_size
+        torch.distributed.all_gather_object(states, state)
+        return {"ranks": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._fitting:
-            restore_rng_state(state_dict)
+        if not self._fitting:
+            return
+        ranks = state_dict.get("ranks")
+        if ranks is None:
+            if self._rank == 0:
+                restore_rng_state(state_dict)
+        elif self._rank < len(ranks):
+            restore_rng_state(ranks[self._rank])
 
 
 def data_fingerprint(datamodule: L.LightningDataModule) -> dict[str, Any]:
@@ -217,6 +261,27 @@ class PreemptionCheckpoint(Callback):
     signal is forwarded to the process as SIGTERM, so it follows the very same path, and so is
     the first Ctrl-C (SIGINT); ``received`` names the signal, and a second Ctrl-C exits at once
     with code 130.
+
+    A stop that arrives during validation (or the sanity check) takes effect when that validation
+    ends, as Lightning already does for a stop in an epoch's last training batch: the epoch's
+    ``acc/val``, its checkpoints and the best score are all written, and the resume starts the
+    next epoch. Stopped in the middle, Lightning 2.6 would save a checkpoint that its resume
+    takes for "validation done" (``_TrainingEpochLoop``'s ``restarted_on_last``): that epoch's
+    validation would never run, and the best checkpoint would be chosen without it.
+
+    Several processes (DDP, SLURM tasks): a signal reaches each at its own moment, and Lightning
+    lets each stop at the first safe point after its own (its handler even broadcasts from inside
+    the signal handler), so two of them can stop after different batches, one then waiting for
+    ever in a collective that the others never join. Here every process only marks the signal it
+    got, and at the same steps on every process (each ``log_every_n_steps``-th step and each
+    epoch's last batch) they take the largest mark (one all-reduce): if any process got a signal,
+    all stop after that same batch, through Lightning's flag, so all of them save together.
+
+    Under SLURM (``base.slurm``), a stop on the requeue signal then asks SLURM to requeue the job:
+    once ``last.ckpt`` is whole, global rank 0 runs ``scontrol requeue $SLURM_JOB_ID``, once, and
+    says in one line whether that worked. The requeued job repeats its command, which resumes the
+    run (``--run-name NAME --resume last``). SIGTERM and Ctrl-C never requeue: SLURM sends SIGTERM
+    for ``scancel`` and for a preemption that requeues by itself.
     """
 
     def __init__(self, path: Path, requeue_signal: str | None = None) -> None:
@@ -226,6 +291,13 @@ class PreemptionCheckpoint(Callback):
         self.requeue_signal = requeue_signal
         self.received = "SIGTERM"
         self._previous_handlers: dict[int, Any] = {}
+        self._stop_after_validation = False
+        self._signalled_in_validation = False
+        self._lightning_sigterm: Any = None  # Lightning's SIGTERM handler, while validation defers stops
+        # Several processes: signals are marked (the largest number got) and stops agreed on.
+        self._agree = False
+        self._marked = 0
+        self._requeued = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Installed here, not in setup: Lightning's signal connector records every handler after
@@ -233,6 +305,10 @@ class PreemptionCheckpoint(Callback):
         # Signal handlers can only be installed from the main thread (Lightning skips them too).
         if threading.current_thread() is not threading.main_thread():
             return
+        self._agree, self._marked = trainer.world_size > 1, 0
+        if self._agree:
+            # SIGTERM too is only marked (see the class docstring); Lightning's handler goes back afterwards.
+            self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._forward_as_sigterm)
         # Ctrl-C: the first one stops like SIGTERM (after the batch, saving last.ckpt), a second
         # one aborts at once. Lightning's own handling of KeyboardInterrupt saves nothing.
         self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._stop_after_batch)
@@ -244,7 +320,25 @@ class PreemptionCheckpoint(Callback):
 
     def _forward_as_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
-        os.kill(os.getpid(), signal.SIGTERM)
+        if self._agree:
+            self._marked = max(self._marked, int(signum))
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._agree:
+            return
+        if trainer.global_step % max(1, trainer.log_every_n_steps) and batch_idx + 1 < trainer.num_training_batches:
+            return
+        # The same steps on every process, so every process joins this collective.
+        marked = torch.tensor(self._marked, device=pl_module.device)
+        agreed = int(trainer.strategy.reduce(marked, reduce_op="max"))
+        if agreed:
+            # Lightning stops every process after this batch, at the same point, as for its own SIGTERM.
+            self.received = signal.Signals(agreed).name
+            trainer._signal_connector.received_sigterm = True
 
     def _stop_after_batch(self, signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, _abort_now)
@@ -263,6 +357,32 @@ class PreemptionCheckpoint(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The evaluation loop checks Lightning's flag after every batch. Until validation ends, a
+        # SIGTERM only marks the stop as due, and a stop already due (a signal in the epoch's last
+        # training batch) is hidden from that check. (Lightning 2.6 keeps the flag in its signal
+        # connector; the class docstring says why.) Handlers are the main thread's to change.
+        if trainer.state.fn != TrainerFn.FITTING or threading.current_thread() is not threading.main_thread():
+            return
+        self._stop_after_validation = trainer.received_sigterm
+        trainer._signal_connector.received_sigterm = False
+        self._signalled_in_validation = False
+        self._lightning_sigterm = signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._signalled_in_validation = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._lightning_sigterm is None:
+            return
+        signal.signal(signal.SIGTERM, self._lightning_sigterm)
+        if self._signalled_in_validation and callable(self._lightning_sigterm):
+            # The handling it would have had, now: Lightning's flag, or (several processes) the mark.
+            self._lightning_sigterm(signal.SIGTERM, None)
+        if self._stop_after_validation:
+            trainer._signal_connector.received_sigterm = True
+        self._lightning_sigterm = None
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown hooks after an exception. The handlers go back only after the
         # save: a second Ctrl-C during it must abort (the previous last.ckpt stays whole), not raise
@@ -270,16 +390,31 @@ class PreemptionCheckpoint(Callback):
         try:
             if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
                 trainer.save_checkpoint(self.path, weights_only=False)  # full state: loops, callbacks, optimiser
+                # Checkpoints are written in the background (callbacks.checkpoints): whole before it is said.
+                getattr(trainer.strategy.checkpoint_io, "wait", lambda: None)()
                 if trainer.is_global_zero:
                     signal_name = "Ctrl-C" if self.received == "SIGINT" else self.received
+                    epochs = trainer.fit_loop.epoch_progress.current
+                    # At an epoch's end its count is complete already: the stop came between two epochs.
+                    where = (f"after epoch {epochs.completed}" if epochs.completed == epochs.ready
+                             else f"in epoch {trainer.current_epoch + 1}")
                     print(
-                        f"stopped by {signal_name} in epoch {trainer.current_epoch + 1}, after step "
+                        f"stopped by {signal_name} {where}, after step "
                         f"{trainer.global_step}: saved {self.path}; continue with: python train.py --resume "
                         f"{shlex.quote(str(self.path.parent.parent))}",
                         file=sys.stderr,
                     )
+                    self._requeue_if_asked()
         finally:
             self._restore_handlers()
+
+    def _requeue_if_asked(self) -> None:
+        """Under SLURM, after a stop on the requeue signal: ``scontrol requeue`` the job, once."""
+        task = slurm_task()
+        if task is None or self.requeue_signal is None or self.received != self.requeue_signal or self._requeued:
+            return
+        self._requeued = True
+        print(requeue(task.job_id), file=sys.stderr, flush=True)
 
 
 def _abort_now(signum: int, frame: FrameType | None) -> None:
@@ -288,32 +423,47 @@ def _abort_now(signum: int, frame: FrameType | None) -> None:
     os._exit(130)
 
 
-class FiniteLossGuard(Callback):
-    """Stops training with a UserError when the training loss is NaN or infinite.
+@dataclass(frozen=True)
+class LossReading:
+    """One host read of the training loss: its value, the step it was logged at, and when (the
+    ``time.monotonic()`` just after the read, which waited for the device to finish that step)."""
 
-    Checking each step's loss on the host would wait for the GPU at every step. Instead each
-    step only updates a flag on the loss's device (``torch.isfinite`` and ``torch.where``, no
-    sync), and the host reads it every ``trainer.log_every_n_steps`` steps, where Lightning's
-    logging waits for the device anyway, and after each epoch's last batch, before validation
-    and the epoch's checkpoints. So a diverged run trains at most ``log_every_n_steps`` more
-    steps, and the error names the first bad step, as recorded on the device. Lightning's own
-    ``Trainer(detect_anomaly=True)`` would stop at the first bad step, but it is autograd's
-    debugging mode, which checks every backward operation and records a traceback for each
-    forward one: far too slow to leave on.
+    loss: float
+    step: int
+    time: float
+
+
+class FiniteLossGuard(Callback):
+    """Logs ``loss/train_step`` and stops training with a UserError when the loss is NaN or infinite,
+    reading the device once per ``trainer.log_every_n_steps`` steps for both.
+
+    Reading a tensor's value on the host (``.item()``) waits for every queued kernel, so the GPU
+    runs dry while the host queues the next step. Logged with ``self.log``, the step loss would be
+    read by Lightning at its logging steps and this guard's flag would be read again at the same
+    steps; here each step only updates, on the device, the first step whose loss was not finite
+    (``torch.isfinite`` and ``torch.where``), and at Lightning's logging steps (``global_step %
+    log_every_n_steps == 0``) that step and the loss travel to the host in one small tensor. The
+    loss then goes straight to the loggers (as Lightning's ``LearningRateMonitor`` logs ``lr``), at
+    the step Lightning would have used, and :attr:`reading` keeps it for the progress bar. The flag
+    is read once more before each validation and at each epoch's end, outside the training steps,
+    before any checkpoint of the epoch. So a diverged run trains at most ``log_every_n_steps`` more
+    steps, and the error names the first bad step. Lightning's ``Trainer(detect_anomaly=True)``
+    would stop at the first bad step, but it is autograd's debugging mode: far too slow to leave on.
 
     Under DDP every rank must stop at the same point, or the others wait forever in their next
-    collective. Each check therefore takes the minimum over the ranks (one all-reduce, at the
-    same steps on every rank, like Lightning's own per-step SIGTERM broadcast). Checks on the
-    way into a checkpoint (``on_save_checkpoint``, run before the file is written, also for a
-    save on SIGTERM) need no collective: they look at the weights being saved, which DDP keeps
-    identical on every rank, and a NaN loss on any rank makes them NaN at the next step.
+    collective. Each read therefore takes the minimum over the ranks (one all-reduce, at the same
+    steps on every rank); the loss logged is rank 0's batch. Checks on the way into a checkpoint
+    (``on_save_checkpoint``, before the file is written, also for a save on SIGTERM) need no
+    collective: they look at the weights being saved, which DDP keeps identical on every rank.
     """
 
     def __init__(self) -> None:
         self._first_bad_step: torch.Tensor | None = None
+        self.reading: LossReading | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_bad_step = None
+        self.reading = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -322,17 +472,43 @@ class FiniteLossGuard(Callback):
         if not isinstance(loss, torch.Tensor):
             return
         step = trainer.global_step
+        loss = loss.detach().float().reshape(())
         if self._first_bad_step is None:
             self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first_seen = self._first_bad_step.lt(0) & ~torch.isfinite(loss.detach()).all()
+        first_seen = self._first_bad_step.lt(0) & ~torch.isfinite(loss)
         self._first_bad_step = torch.where(first_seen, step, self._first_bad_step)
-        if step % trainer.log_every_n_steps == 0 or batch_idx + 1 >= trainer.num_training_batches:
-            # Every rank takes the minimum, so all of them stop together.
-            never = torch.iinfo(torch.long).max
-            local = torch.where(self._first_bad_step.lt(0), never, self._first_bad_step)
-            first_bad = int(trainer.strategy.reduce(local, reduce_op="min"))
-            if first_bad != never:
-                self._stop(trainer, pl_module, f"the loss became NaN or infinite at step {first_bad}")
+        if trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
+            # The loss's float32 bits ride in the same int64 tensor as the step: one read, and no
+            # float64, which some devices (MPS) lack.
+            bits = loss.view(torch.int32).long().reshape(1)
+            value_bits, first_bad = torch.cat([bits, self._reduced_first_bad(trainer).reshape(1)]).tolist()
+            self.reading = LossReading(struct.unpack("<f", struct.pack("<i", value_bits))[0], step - 1, time.monotonic())
+            if trainer.is_global_zero:
+                # Lightning logs a step's values at the step count before it (its _batches_that_stepped).
+                for logger in trainer.loggers:
+                    logger.log_metrics({"loss/train_step": self.reading.loss}, step=self.reading.step)
+            self._raise_if_bad(trainer, pl_module, first_bad)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._first_bad_step is not None:
+            self._raise_if_bad(trainer, pl_module, int(self._reduced_first_bad(trainer)))
+
+    def _reduced_first_bad(self, trainer: L.Trainer) -> torch.Tensor:
+        """The first bad step over all ranks (a collective under DDP), or int64's maximum for none."""
+        assert self._first_bad_step is not None
+        local = torch.where(self._first_bad_step.lt(0), _NEVER, self._first_bad_step)
+        return trainer.strategy.reduce(local, reduce_op="min")
+
+    def _raise_if_bad(self, trainer: L.Trainer, pl_module: L.LightningModule, first_bad: int) -> None:
+        if first_bad != _NEVER:
+            self._stop(trainer, pl_module, f"the loss became NaN or infinite at step {first_bad}")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         bad = non_finite_keys(checkpoint.get("state_dict", {}))
@@ -344,8 +520,11 @@ class FiniteLossGuard(Callback):
     def _stop(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
         lr = pl_module.hparams.get("lr") if isinstance(pl_module.hparams, Mapping) else None
         advice = f"lower the learning rate (e.g. --lr {lr / 10:g}, now {lr:g})" if lr else "lower the learning rate"
-        # Checked at least after every epoch's last batch, so the bad step lies in this epoch.
+        # Checked at least before every validation and epoch end, so the bad step lies in this epoch.
         raise UserError(
             f"training diverged: {what} (epoch {trainer.current_epoch}); "
             f"stopped without saving the diverged weights; {advice}"
         )
+
+
+_NEVER = torch.iinfo(torch.long).max

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from base.errors import UserError
+from base.yamlfile import read_mapping
+from cli.flags import did_you_mean
 from run.config import DERIVED, read_config
 
 
@@ -17,31 +19,52 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
     return {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
 
 
-def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
-    """Flags equivalent to ``config``; unknown keys are refused with the list of valid ones."""
+def config_to_argv(
+    config: dict[str, Any],
+    parser: argparse.ArgumentParser,
+    source: str,
+    written: dict[Any, str | None] | None = None,
+    lines: dict[Any, int] | None = None,
+) -> list[str]:
+    """Flags equivalent to ``config``; unknown keys are refused with the list of valid ones.
+
+    ``written``: each key's value as the file spells it, passed to the flag as typed, so that a
+    number means what it says (``run_name: 1.10`` is the name "1.10", not 1.1); ``lines``: each
+    key's line, named in errors. One option given under two spellings (``batch-size`` and
+    ``batch_size``) is refused rather than one of them silently winning.
+    """
     actions = _actions_by_dest(parser)
+    written, lines = written or {}, lines or {}
     # A run's saved config.yaml (it holds the facts the resolution adds) starts a new run with its
     # options: the run's own name and the checkpoint it resumed from identify it, not its recipe.
     skipped = set(DERIVED) | ({"run_name", "resume"} if any(key in config for key in DERIVED) else set())
     argv: list[str] = []
+    seen: dict[str, Any] = {}
     for key, value in config.items():
         dest = str(key).replace("-", "_")
+        where = f"{source}: line {lines[key]}" if key in lines else source
+        if dest in seen:
+            raise UserError(f"{where}: {key!r} is the option {seen[dest]!r} again; keep one of them")
+        seen[dest] = key
         # null is "not set"; a run's saved config.yaml has such entries.
         if value is None or dest in skipped:
             continue
         action = actions.get(dest)
         if action is None or dest == "config":
-            valid = ", ".join(sorted(d for d in actions if d != "config"))
-            raise UserError(f"{source}: unknown option {key!r}; valid options are: {valid}")
+            valid = sorted(d for d in actions if d != "config")
+            hint = did_you_mean(dest, valid)
+            raise UserError(f"{where}: unknown option {key!r}{hint}; valid options are: {', '.join(valid)}")
         flag = action.option_strings[0]
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
-                raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+                raise UserError(f"{where}: {key} must be true or false, got {value!r}")
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
-                raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+                raise UserError(f"{where}: {key} must be true or false, got {value!r}")
             argv += [flag] if value else []
+        elif isinstance(value, (int, float)) and written.get(key) is not None:
+            argv += [flag, str(written[key])]
         else:
             argv += [flag, str(value)]
     return argv
@@ -49,9 +72,22 @@ def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sour
 
 def parse_config_file(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
     """The options of the YAML file ``path``, type-checked as flags; a bad value names the file."""
-    argv = config_to_argv(read_config(path), parser, str(path))
+    if not Path(path).is_file():
+        read_config(path)  # refuses it with the message every config reader gives
+    entries = read_mapping(path)
+    config = {entry.key: entry.value for entry in entries}
+    written = {entry.key: entry.written for entry in entries}
+    argv = config_to_argv(config, parser, str(path), written, {entry.key: entry.line for entry in entries})
+    actions = _actions_by_dest(parser)
     parser.error_source = str(path)  # type: ignore[attr-defined]
+    # A value the flag refuses is reported at its line of the file.
+    parser.error_lines = {  # type: ignore[attr-defined]
+        actions[dest].option_strings[0]: entry.line
+        for entry in entries
+        if (dest := str(entry.key).replace("-", "_")) in actions
+    }
     try:
         return vars(parser.parse_args(argv))
     finally:
         parser.error_source = None  # type: ignore[attr-defined]
+        parser.error_lines = {}  # type: ignore[attr-defined]

@@ -4,7 +4,9 @@
     python export.py --ckpt resnet50_epoch285.ckpt --format safetensors --output models/resnet50.safetensors
 
 The output defaults to the checkpoint's path with the format's suffix (.onnx, .torchscript.pt,
-.safetensors). An existing file is only replaced with --force, and the file appears complete or
+.safetensors). A checkpoint trained with --tta flip is exported with it: the ONNX and TorchScript
+graphs output the mean logits of each image and its mirror, and a safetensors file records it in
+its metadata (--tta none exports the plain network). An existing file is only replaced with --force, and the file appears complete or
 not at all: it is written under a temporary name in the same folder, then renamed.
 """
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from base.files import atomic_write
+from base.files import atomic_write, printable
 from base.options import EXPORT_FORMATS as FORMATS
+from base.options import TTA_MODES
 from cli.flags import Parser
 from run.preflight import check_export
 
@@ -33,6 +36,13 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--output", type=Path, help="where to write (default: beside the checkpoint)")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        help="test-time augmentation the export scores with; flip: onnx and torchscript graphs output the mean "
+        "logits of each image and its mirror, safetensors records it in its metadata (default: what the "
+        "checkpoint's training run validated and tested with; none for course state dicts)",
+    )
     return parser
 
 
@@ -43,13 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch loads only now: --help and a mistaken flag answer at once.
     from run.checkpoints import build_backbone
     from run.checkpoints import load_any_checkpoint
-    from run.exporting import EXPORTERS, export_metadata
-    from run.inference import class_names
+    from run.exporting import EXPORTERS, describe_export, export_metadata
+    from run.inference import checkpoint_tta, class_names
 
     contents = load_any_checkpoint(checkpoint)
     model = build_backbone(contents).eval()
-    metadata = export_metadata(contents, class_names(contents))
+    # What the run measured is what is deployed: its test-time augmentation goes with the export.
+    metadata = export_metadata(contents, class_names(contents), args.tta or checkpoint_tta(contents))
     atomic_write(output, lambda file: EXPORTERS[args.format](model, file, metadata))
-    print(f"{contents.model_name} ({contents.num_classes} classes) exported to {output} ({args.format}, "
-          f"{output.stat().st_size / 2**20:.1f} MiB)")
+    print(f"{contents.model_name} ({contents.num_classes} classes) exported to {printable(output)} ({args.format}, "
+          f"{output.stat().st_size / 2**20:.1f} MiB){describe_export(metadata, args.format)}")
     return 0

@@ -7,8 +7,10 @@ Only this layer sees an argparse namespace; it hands plain dicts of typed values
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -47,10 +49,89 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
         self.error_source: str | None = None
+        # Set with error_source: the line of the file each flag's value came from.
+        self.error_lines: dict[str, int] = {}
+        self._parsing: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        # Kept for error(): argparse reports a missing required flag before an unknown one, which
+        # is usually the same flag mistyped (export.py --frmat onnx).
+        self._parsing = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
+        return super().parse_known_args(args, namespace)
+
+    def _unknown_flags(self) -> list[str]:
+        """The flag-like words of the arguments being parsed that name no flag, nor abbreviate one."""
+        unknown = []
+        for arg in self._parsing:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if not arg.startswith("-") or name in self._option_string_actions or self._negative_number_matcher.match(arg):
+                continue
+            if not any(option.startswith(name) for option in self._option_string_actions if name.startswith("--")):
+                unknown.append(arg)
+        return unknown
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required") and self._unknown_flags():
+            message = "unrecognized arguments: " + " ".join(self._unknown_flags())
         where = f"{self.error_source}: " if self.error_source else ""
-        self.exit(2, f"{self.prog}: error: {where}{message} (see --help)\n")
+        flag = _ARGUMENT.match(message)
+        if flag and self.error_source:
+            line = next((self.error_lines[name] for name in flag.group(1).split("/") if name in self.error_lines), None)
+            where += f"line {line}: " if line else ""
+        self.exit(2, f"{self.prog}: error: {where}{message}{self._suggestion(message)} (see --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """" (did you mean --epochs?)" for a mistyped flag or choice, else ""."""
+        unknown = _UNRECOGNISED.match(message)
+        if unknown:
+            options = [name for name in self._option_string_actions if name.startswith("--")]
+            hints = [
+                (given, hint)
+                for given in unknown.group(1).split()
+                if given.startswith("-") and (hint := closest(given.split("=", 1)[0], options))
+            ]
+            if len(hints) == 1:
+                return f" (did you mean {hints[0][1]}?)"
+            if hints:
+                return " (did you mean " + ", ".join(f"{hint} for {given.split('=', 1)[0]}" for given, hint in hints) + "?)"
+            return ""
+        choice = _INVALID_CHOICE.search(message)
+        if choice:
+            choices = re.findall(r"'([^']*)'", choice.group(2))
+            hint = closest(choice.group(1), choices, dashes=False)
+            return f" (did you mean {hint}?)" if hint else ""
+        return ""
+
+
+# The messages of argparse (Python 3.10 to 3.13) that a suggestion is added to.
+_ARGUMENT = re.compile(r"argument (\S+?): ")
+_UNRECOGNISED = re.compile(r"unrecognized arguments: (.*)$")
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
+def closest(word: str, options: Iterable[str], dashes: bool = True) -> str | None:
+    """The one of ``options`` that ``word`` most likely mistypes (``--epcohs``: ``--epochs``), or None.
+
+    Compared without leading dashes, case and the difference between ``_`` and ``-`` (with
+    ``dashes``), so ``-epochs`` and ``--batch_size`` find their flags too.
+    """
+    def norm(text: str) -> str:
+        return text.lstrip("-").replace("_", "-").lower() if dashes else text.lower()
+
+    by_norm = {norm(option): option for option in options}
+    target = norm(word)
+    if target in by_norm and by_norm[target] != word:
+        return by_norm[target]
+    close = difflib.get_close_matches(target, [n for n in by_norm if by_norm[n] != word], n=1, cutoff=0.7)
+    return by_norm[close[0]] if close else None
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """" (did you mean batch_size?)" when ``word`` is close to one of ``options`` (config keys), else ""."""
+    hint = closest(word, options)
+    return f" (did you mean {hint}?)" if hint else ""
 
 
 def _number(text: str, kind: type, accept: Callable[[float], bool], expected: str, must: str) -> int | float:
@@ -145,8 +226,13 @@ def add_hardware_args(parser: argparse.ArgumentParser) -> None:
 
 def wide_console() -> Console:
     """A rich console for tables; into a file or a pipe it does not wrap at 80 columns (rich's
-    default there), which would cut file names over two lines."""
-    return Console() if sys.stdout.isatty() else Console(width=1000)
+    default there), which would cut file names over two lines.
+
+    Markup and emoji codes are off: what it prints holds file names, paths and class names, and
+    ``[draft] cat.png`` must not lose ``[draft]`` as a style tag, nor ``:cat:`` turn into a picture.
+    """
+    width = None if sys.stdout.isatty() else 1000
+    return Console(width=width, markup=False, emoji=False)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:

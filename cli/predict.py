@@ -4,7 +4,9 @@
     python predict.py --ckpt vgg16_epoch250.ckpt --top-k 5 --json pictures/ > predictions.jsonl
 
 Any size and colour mode is accepted: each picture is centre-cropped to a square and resized to
-32x32 (see run/inference.py for why). Folders are searched recursively. An image that cannot
+32x32 (see run/inference.py for why). Folders are searched recursively, through symbolic links.
+A checkpoint trained with --tta flip predicts with it (the mean logits of each picture and its
+mirror), as its run measured its accuracy, unless --tta none says otherwise. An image that cannot
 be decoded is skipped with a warning on stderr and the exit code is 1; the others are still
 classified. A missing path, a folder without images or a bad checkpoint stop at once (exit 2).
 """
@@ -20,7 +22,7 @@ from rich.table import Table
 
 from base.errors import UserError
 from base.files import printable
-from base.options import ACCELERATORS
+from base.options import ACCELERATORS, TTA_MODES
 from cli.flags import Parser, positive_int, wide_console
 from run.preflight import check_predict
 
@@ -47,6 +49,12 @@ def build_parser() -> Parser:
         "(where the network found the evidence for the predicted class), at the picture's size",
     )
     parser.add_argument("--explain-class", metavar="NAME", help="with --explain: explain this class instead of the prediction")
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        help="test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
+        "checkpoint's training run validated and tested with, as test.py does; none for course state dicts)",
+    )
     return parser
 
 
@@ -81,7 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch loads only now: --help and a mistaken flag answer at once.
     from run.checkpoints import build_backbone
     from run.checkpoints import load_any_checkpoint
-    from run.inference import class_names, explain_images, inference_device, load_images, predict_probabilities
+    from run.inference import (
+        checkpoint_tta,
+        class_names,
+        explain_images,
+        inference_device,
+        load_images,
+        predict_probabilities,
+        with_tta,
+    )
 
     device = inference_device(args.accelerator)
     contents = load_any_checkpoint(args.ckpt)
@@ -93,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.explain_class is not None and args.explain_class not in names:
         raise UserError(f"--explain-class {args.explain_class!r}: not a class of {args.ckpt}; choose one of {', '.join(names)}")
     model = build_backbone(contents).to(device)
+    # Scored as the run validated and tested it: a --tta flip checkpoint averages each image's
+    # logits with its mirror's, unless --tta says otherwise. Grad-CAM explains the plain image.
+    tta = args.tta or checkpoint_tta(contents)
+    scorer = with_tta(model, tta)
 
     skipped: list[Exception] = []
 
@@ -105,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images, kept = load_images(paths[start : start + args.batch_size], on_unreadable=skip)
         if not kept:
             continue
-        top = predict_probabilities(model, images, args.batch_size).topk(args.top_k, dim=1)
+        top = predict_probabilities(scorer, images, args.batch_size).topk(args.top_k, dim=1)
         explained = (
             explain_images(model, images, top.indices[:, 0], kept, args.explain, args.explain_class, names)
             if args.explain
@@ -122,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not records:
         raise UserError(f"none of the {len(paths)} image(s) could be read (see the warnings above)")
     if not args.json:
-        print_table(records, f"{contents.model_name} ({contents.num_classes} classes) from {args.ckpt}", args.top_k)
+        title = f"{contents.model_name} ({contents.num_classes} classes) from {printable(args.ckpt)}, test-time augmentation: {tta}"
+        print_table(records, title, args.top_k)
         if skipped:
             print(f"{len(records)} image(s) classified, {len(skipped)} skipped (unreadable)")
     if args.explain and not args.json:

@@ -160,7 +160,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         train_limit: int | None = None,
         cache_dir: Path | None = None,
         download: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         data_path: str = DATA.data_path,
         channels_last: bool = False,
         device: str | torch.device | None = None,
@@ -184,6 +184,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.train_limit = train_limit
         self.cache_dir = cache_dir
         self.download = download
+        # None: pinned when the batches go to a CUDA device (the loader path; the device path builds
+        # its batches there already). Pinned host memory lets the copy to the GPU run asynchronously.
         self.pin_memory = pin_memory
         # The device path (datamodules.device_batches) builds batches on the Trainer's root
         # device; ``device`` stands in for it when no Trainer is attached (default: the CPU).
@@ -252,7 +254,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pins(device),
             persistent_workers=self.num_workers > 0,
             # Its own generator for the workers' base seed: drawing it from the global RNG at
             # every iter() would make a resumed epoch's augmentation differ.
@@ -302,9 +304,13 @@ class CIFAR10DataModule(L.LightningDataModule):
             dataset,
             batch_sampler=EvalShard(len(dataset), self.eval_batch_size, rank, world_size),
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pins(device),
             persistent_workers=self.num_workers > 0,
         )
+
+    def _pins(self, device: torch.device) -> bool:
+        """Whether the loader path's batches go through pinned memory on their way to ``device``."""
+        return device.type == "cuda" if self.pin_memory is None else self.pin_memory
 
     def _placement(self) -> tuple[torch.device, int, int]:
         """(device, global rank, world size) that batches are built for: the Trainer's, when attached."""

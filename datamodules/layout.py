@@ -16,6 +16,7 @@ their other flags, before the heavy imports; ``sources`` reads what is found.
 
 from __future__ import annotations
 
+import os
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from base.errors import UserError
+from base.files import printable
 from base.options import IMAGE_SUFFIXES
 
 CLASSES: tuple[str, ...] = (
@@ -51,7 +53,6 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLITS = ("train", "test")
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 
-# Bump when decoding changes, so caches written by older code are not reused.
 LAYOUTS = (
     "an image-folder tree (train/<class>/*, test/<class>/*), a .tar.gz of one, "
     "or a folder holding cifar-10-batches-py"
@@ -184,6 +185,51 @@ def find_nested_source(path: Path, max_depth: int = 3, max_folders: int = 200) -
             if child.is_dir() and depth + 1 < max_depth:
                 queue.append((child, depth + 1))
     return None
+
+
+def list_files(folder: Path, skip_hidden: bool = True) -> list[Path]:
+    """Every file below ``folder``, sub-folders and symbolic links to folders included, sorted.
+
+    Links are followed the way ``find -L`` and ``cp -rL`` follow them, so a class folder or a
+    sub-folder that is a link is read like the folder it points to; a folder that links back to
+    one of its own parents (a loop) is entered once. A broken link is listed as a file, so that
+    whoever reads it says why it cannot be read instead of leaving it out without a word. Hidden
+    names (``.DS_Store``, ``._x.jpg``, ``__MACOSX``) are skipped with ``skip_hidden``.
+
+    Raises UserError, naming it, for a folder that cannot be listed.
+    """
+    found: list[Path] = []
+
+    def walk(current: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            info = current.stat()
+            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+        except OSError as exc:
+            raise UserError(
+                f"cannot list folder {printable(current)} ({exc.strerror or exc}): fix its permissions or remove it"
+            ) from None
+        here = ancestors | {(info.st_dev, info.st_ino)}
+        for entry in entries:
+            if skip_hidden and is_hidden(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                is_folder = entry.is_dir()  # follows links; False for a broken one
+            except OSError:
+                is_folder = False
+            if not is_folder:
+                found.append(path)
+                continue
+            try:
+                target = path.stat()
+            except OSError:
+                found.append(path)
+                continue
+            if (target.st_dev, target.st_ino) not in here:  # a loop back to a parent: already listed
+                walk(path, here)
+
+    walk(folder, frozenset())
+    return found
 
 
 def is_tree(path: Path) -> bool:

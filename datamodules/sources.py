@@ -13,13 +13,15 @@ import io
 import logging
 import os
 import pickle
+import posixpath
 import re
 import tarfile
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from torchvision.datasets import utils as tv_utils
 
 from base.errors import UserError
 from base.files import atomic_write, printable
+from base.options import IMAGE_SUFFIXES
 from datamodules.layout import (
     BATCH_FIX,
     CLASS_INDEX,
@@ -43,13 +46,16 @@ from datamodules.layout import (
     detect,
     is_hidden,
     is_image_name,
+    list_files,
     missing_batch_error,
     missing_data_error,
 )
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+# Bump when decoding or what a cache is made from changes, so caches of older code are not reused.
+# 2: images in sub-folders and behind links; the key covers every image by its change time too.
+_CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -183,40 +189,99 @@ def _field(entry: dict, key: str) -> object:
 
 
 def _load_cached(source: Source, split: Split, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    cache_file = cache_dir / f"{source.path.name}-{split}-{_cache_key(source, split)}.npz"
+    """The split's images: from the cache when it was made from exactly these files, else decoded
+    and cached, removing this source's caches of files that have changed since.
+
+    Files that are not used (not images by their names, or outside the class folders) are named
+    in one warning line, from the cache too.
+    """
+    listing = _list_folder(source.path, split) if source.kind == "folder" else None
+    stem = _cache_stem(source, split)
+    cache_file = cache_dir / f"{stem}-{_cache_key(source, split, listing)}.npz"
     cached = _read_cache(cache_file)
-    if cached is not None:
-        return cached
-    if source.kind == "folder":
-        images, labels = _decode_folder(source.path, split)
-    else:
-        images, labels = _decode_archive(source.path, split)
-    _write_cache(cache_file, images, labels)
+    if cached is None:
+        if listing is not None:
+            cached = _decode_folder(source.path, split, listing)
+        else:
+            cached = _decode_archive(source.path, split)
+        _write_cache(cache_file, *cached)
+        _remove_stale_caches(cache_dir, stem, cache_file)
+    images, labels, left_out = cached
+    _warn_left_out(left_out, f"{source.path}/{split}" if source.kind == "folder" else f"{source.path}:{split}/")
     return images, labels
 
 
-def _cache_key(source: Source, split: Split) -> str:
-    # File names are hashed as the bytes they are on disk (os.fsencode): a name that is not
-    # valid UTF-8 (a Windows archive unzipped here) is a str that .encode() refuses.
+def _cache_stem(source: Source, split: Split) -> str:
+    """The start of the names of ``source``'s caches of ``split``: its name, and a hash of its path,
+    so that a new cache can replace the old ones of the same data and no other's."""
+    where = hashlib.sha256(f"{source.kind}|".encode() + os.fsencode(source.path)).hexdigest()[:8]
+    return f"{source.path.name}-{split}-{where}"
+
+
+_KEY_CHARS = 20
+
+
+def _cache_key(source: Source, split: Split, listing: _Listing | None) -> str:
+    """A hash of everything the cache is made from: each image file of a folder (``listing``) or
+    the archive file, by name, size, modification and change time and inode.
+
+    A folder's own times do not change when files deeper down do, so the key covers every image;
+    the change time (ctime) changes on every write, even when a copy keeps the modification time
+    (``cp -p``, ``rsync -t``) or a file was replaced by one of the same size, so an image fixed in
+    place is read again. File names are hashed as the bytes they are on disk (os.fsencode): a
+    name that is not valid UTF-8 (a Windows archive unzipped here) is a str that .encode() refuses.
+    """
     digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.kind}|{split}|".encode() + os.fsencode(source.path))
-    if source.kind == "archive":
-        stat = source.path.stat()
-        digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    else:
-        # A folder's own mtime does not change when files deeper down do, so key on every file.
-        for path in sorted((source.path / split).rglob("*")):
-            stat = path.stat()
-            digest.update(b"|" + os.fsencode(path.relative_to(source.path)) + f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:20]
+    paths = [source.path] if listing is None else [path for _, _, path in listing.images]
+    for path in paths:
+        try:
+            stat = path.stat()  # through links: the file they point to
+        except OSError:
+            stat = path.lstat()  # a broken link, which decoding refuses
+        digest.update(
+            b"|" + os.fsencode(path) + f"|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}".encode()
+        )
+    return digest.hexdigest()[:_KEY_CHARS]
 
 
-def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached arrays, or None when there are none or they are unusable (then we rebuild)."""
+def _remove_stale_caches(cache_dir: Path, stem: str, keep: Path) -> None:
+    """Delete the caches of the same source and split other than ``keep``: they were made from files
+    that have changed since, and would only fill the disk."""
+    length = len(stem) + 1 + _KEY_CHARS + len(".npz")
+    try:
+        stale = [
+            path
+            for path in cache_dir.iterdir()
+            if path.name.startswith(stem + "-") and path.name.endswith(".npz") and len(path.name) == length and path != keep
+        ]
+        for path in stale:
+            path.unlink(missing_ok=True)
+    except OSError as exc:  # only costs disk space
+        log.warning("cannot remove old caches in %s (%s)", printable(cache_dir), exc)
+
+
+def _warn_left_out(left_out: list[str], where: str) -> None:
+    if not left_out:
+        return
+    shown = ", ".join(left_out[:_SHOWN_LEFT_OUT]) + (", ..." if len(left_out) > _SHOWN_LEFT_OUT else "")
+    log.warning(
+        "warning: %d file(s) of %s not used: %s (images are files named %s inside train/<class>/ or "
+        "test/<class>/, sub-folders included)",
+        len(left_out), where, shown, "/".join(IMAGE_SUFFIXES),
+    )
+
+
+_SHOWN_LEFT_OUT = 5
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The cached arrays and left-out names, or None when there are none or they are unusable (then we rebuild)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as npz:
             images, labels = npz["x"], npz["y"]
+            left_out = [str(name) for name in npz["left_out"]] if "left_out" in npz.files else []
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, exc)
         return None
@@ -229,14 +294,15 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     ):
         log.warning("ignoring malformed cache %s; rebuilding it", path)
         return None
-    return images, labels
+    return images, labels, left_out
 
 
-def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, left_out: list[str]) -> None:
     # Atomic: a run killed mid-write leaves at most a stray temp file, never a truncated cache.
     # Failing to cache only costs time next run, so it warns instead of stopping this one.
+    names = np.array(left_out, dtype=str)
     try:
-        atomic_write(path, lambda f: np.savez(f, x=images, y=labels))
+        atomic_write(path, lambda f: np.savez(f, x=images, y=labels, left_out=names))
     except OSError as exc:
         log.warning("cannot write cache %s (%s); decoding again next run", printable(path), exc)
 
@@ -309,7 +375,8 @@ def _decode_reason(exc: BaseException) -> str:
 
 
 def _stack(decoded: list[tuple[int, str, np.ndarray]], where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Order images by (class, file name) so every layout yields the same order, then stack."""
+    """Order images by (class, path within the class folder) so every layout yields the same
+    order, then stack."""
     decoded.sort(key=lambda item: item[:2])
     labels = np.array([label for label, _, _ in decoded], dtype=np.int64)
     present = set(labels.tolist())
@@ -321,49 +388,72 @@ def _stack(decoded: list[tuple[int, str, np.ndarray]], where: str) -> tuple[np.n
     return np.stack([image for _, _, image in decoded]), labels
 
 
-def _decode_folder(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class _Listing:
+    """The files of one split of a folder tree: ``images`` as (label, path within its class folder,
+    file), and ``left_out``, the printable names of the files that are not used."""
+
+    images: list[tuple[int, str, Path]]
+    left_out: list[str]
+
+
+def _list_folder(root: Path, split: Split) -> _Listing:
+    """Every image of ``root/split``: all files named like images below each class folder, in
+    sub-folders and behind symbolic links too (``layout.list_files``). Other files, and files
+    beside the class folders, are left out (and named by the caller)."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise UserError(
             f"missing folder {split_dir}: an image-folder tree needs train/<class> and "
             "test/<class>"
         )
-    unknown = sorted(
-        c.name
-        for c in split_dir.iterdir()
-        if c.is_dir() and not is_hidden(c.name) and c.name not in CLASS_INDEX
-    )
+    children = [c for c in split_dir.iterdir() if not is_hidden(c.name)]
+    unknown = sorted(c.name for c in children if c.is_dir() and c.name not in CLASS_INDEX)
     if unknown:
         raise UserError(
             f"unexpected folder(s) {', '.join(unknown)} in {split_dir}: class folders must be "
             f"named {', '.join(CLASSES)}"
         )
+    broken = [name for name in CLASSES if (split_dir / name).is_symlink() and not (split_dir / name).exists()]
+    if broken:
+        raise UserError(f"class folder(s) {', '.join(broken)} in {split_dir} are broken symbolic links: fix or replace them")
     missing = [name for name in CLASSES if not (split_dir / name).is_dir()]
     if missing:
         raise UserError(f"missing class folder(s) {', '.join(missing)} in {split_dir}: add them")
-    files = []
+    listing = _Listing([], sorted(printable(c.relative_to(root)) for c in children if not c.is_dir()))
     for label, name in enumerate(CLASSES):
-        for file in (split_dir / name).iterdir():
-            if is_image_name(file.name) and file.is_file():
-                try:
-                    files.append((label, file.name, str(file), file.read_bytes()))
-                except OSError as exc:
-                    raise UserError(
-                        f"cannot read image {printable(file)} ({exc.strerror or exc}): fix its permissions "
-                        "or remove it"
-                    ) from exc
-    return _stack(_decode_all(files), str(split_dir))
+        class_dir = split_dir / name
+        for file in list_files(class_dir):
+            if is_image_name(file.name):
+                listing.images.append((label, file.relative_to(class_dir).as_posix(), file))
+            else:
+                listing.left_out.append(printable(file.relative_to(root)))
+    return listing
 
 
-def _decode_archive(archive: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+def _decode_folder(root: Path, split: Split, listing: _Listing) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    files = []
+    for label, name, file in listing.images:
+        try:
+            files.append((label, name, str(file), file.read_bytes()))
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if file.is_symlink() and not file.exists():
+                why = f"a broken symbolic link to {printable(os.readlink(file))}"
+            raise UserError(
+                f"cannot read image {printable(file)} ({why}): fix it (or its permissions) or remove it"
+            ) from exc
+    return (*_stack(_decode_all(files), str(root / split)), listing.left_out)
+
+
+def _decode_archive(archive: Path, split: Split) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
-        files = [(label, PurePosixPath(name).name, f"{archive}:{name}", data)
-                 for label, name, data in _archive_images(archive, split)]
+        files, left_out = _archive_images(archive, split)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise corrupt_archive_error(archive, exc) from exc
     if not files:
         raise corrupt_archive_error(archive, f"no images under {split}/<class>/")
-    return _stack(_decode_all(files), f"{archive}:{split}/")
+    return (*_stack(_decode_all(files), f"{archive}:{split}/"), left_out)
 
 
 def _decode_all(files: list[tuple[int, str, str, bytes]]) -> list[tuple[int, str, np.ndarray]]:
@@ -381,14 +471,49 @@ def _decode_all(files: list[tuple[int, str, str, bytes]]) -> list[tuple[int, str
         return list(pool.map(decode, files))
 
 
-def _archive_images(archive: Path, split: Split) -> Iterator[tuple[int, str, bytes]]:
-    """Yield (label, member name, bytes) for the split's images, reading the archive once."""
-    top: str | None = None
-    # Stream mode reads the compressed file front to back without seeking, the fast path for gzip.
+def _member_parts(name: str) -> list[str]:
+    return [part for part in PurePosixPath(name).parts if part not in (".", "", "/")]
+
+
+def _in_split(parts: list[str]) -> tuple[str | None, list[str]] | None:
+    """(top-level folder or None, the parts from the split folder on) of a member's path, or None
+    for a member outside train/ and test/ (a README beside them)."""
+    if parts and parts[0] in SPLITS and not (len(parts) > 1 and parts[1] in SPLITS):
+        return None, parts
+    if len(parts) > 1 and parts[1] in SPLITS:
+        return parts[0], parts[1:]
+    return None
+
+
+@dataclass
+class _Link:
+    """An archive member that is a hard or symbolic link, whose data another member holds."""
+
+    label: int
+    name: str  # its path within its class folder
+    shown: str  # the member's name, for messages
+    target: str  # the member it points to, as normalised parts joined by "/"
+    symbolic: bool  # a symbolic link may point to a folder: every image below it is used then
+
+
+def _archive_images(archive: Path, split: Split) -> tuple[list[tuple[int, str, str, bytes]], list[str]]:
+    """(label, path within the class folder, name for errors, bytes) of the split's images, and
+    the members left out (not images by name, or beside the class folders).
+
+    Read front to back (stream mode, the fast path for gzip). Hard links (``tar`` stores every
+    further name of a hard-linked file so) and symbolic links are images like the files they
+    point to, as in the unpacked tree; one whose target comes later in the archive, or lies in
+    the other split, is read in a second pass. A link out of the archive, or to nothing, is refused.
+    """
+    top: list[str | None] = []
+    files: list[tuple[int, str, str, bytes]] = []
+    left_out: list[str] = []
+    kept: dict[str, bytes] = {}
+    links: list[_Link] = []
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
-            parts = [p for p in PurePosixPath(member.name).parts if p not in (".", "")]
-            if not member.isfile() or any(is_hidden(p) for p in parts):
+            parts = _member_parts(member.name)
+            if not (member.isfile() or member.islnk() or member.issym()) or any(is_hidden(p) for p in parts):
                 continue
             if PYTHON_FOLDER in parts:
                 raise UserError(
@@ -396,22 +521,100 @@ def _archive_images(archive: Path, split: Split) -> Iterator[tuple[int, str, byt
                     f"extract it (tar xzf {archive}) and pass --data-dir pointing at the "
                     "extracted folder"
                 )
-            if len(parts) == 4:
-                if top is None:
-                    top = parts[0]
-                elif parts[0] != top:
-                    raise UserError(
-                        f"{archive} holds several top-level folders ({top}, {parts[0]}): "
-                        "pack a single image-folder tree"
-                    )
-                parts = parts[1:]
-            if len(parts) != 3 or parts[0] != split or not is_image_name(parts[2]):
+            placed = _in_split(parts)
+            if placed is None:
                 continue
-            if parts[1] not in CLASS_INDEX:
+            if not top:
+                top.append(placed[0])
+            elif placed[0] != top[0]:
                 raise UserError(
-                    f"unexpected folder {split}/{parts[1]} in {archive}: class folders must be "
-                    f"named {', '.join(CLASSES)}"
+                    f"{archive} holds several top-level folders ({top[0] or '.'}, {placed[0] or '.'}): "
+                    "pack a single image-folder tree"
                 )
-            extracted = tar.extractfile(member)
-            assert extracted is not None  # member.isfile() guarantees a file object
-            yield CLASS_INDEX[parts[1]], member.name, extracted.read()
+            rest = placed[1]
+            if rest[0] != split:
+                continue
+            shown = printable(member.name)
+            if len(rest) == 2:  # beside the class folders
+                left_out.append(shown)
+                continue
+            if rest[1] not in CLASS_INDEX:
+                if is_image_name(rest[-1]):
+                    raise UserError(
+                        f"unexpected folder {split}/{printable(rest[1])} in {archive}: class folders must be "
+                        f"named {', '.join(CLASSES)}"
+                    )
+                left_out.append(shown)
+                continue
+            label, name = CLASS_INDEX[rest[1]], "/".join(rest[2:])
+            if not is_image_name(rest[-1]) and not member.issym():
+                left_out.append(shown)
+                continue
+            if member.isfile():
+                extracted = tar.extractfile(member)
+                assert extracted is not None  # member.isfile() guarantees a file object
+                data = extracted.read()
+                kept["/".join(parts)] = data
+                files.append((label, name, f"{archive}:{member.name}", data))
+                continue
+            target = _link_target(archive, member, parts)
+            if target in kept and is_image_name(rest[-1]):
+                files.append((label, name, f"{archive}:{member.name}", kept[target]))
+            else:
+                links.append(_Link(label, name, member.name, target, member.issym()))
+    if links:
+        _read_link_targets(archive, links, files, left_out)
+    return files, left_out
+
+
+def _link_target(archive: Path, member: tarfile.TarInfo, parts: list[str]) -> str:
+    """The normalised name of the member that link ``member`` points to; a UserError if outside."""
+    if member.islnk():  # hard links name the target from the archive's root
+        return "/".join(_member_parts(member.linkname))
+    if not member.linkname.startswith("/"):
+        joined = posixpath.normpath(posixpath.join(*parts[:-1], member.linkname)) if len(parts) > 1 else posixpath.normpath(member.linkname)
+        if joined != ".." and not joined.startswith("../"):
+            return "/".join(_member_parts(joined))
+    raise UserError(
+        f"{archive}: member {printable(member.name)} is a symbolic link to {printable(member.linkname)}, "
+        "outside the archive: pack the file itself (tar --dereference, or -h)"
+    )
+
+
+def _read_link_targets(
+    archive: Path, links: list[_Link], files: list[tuple[int, str, str, bytes]], left_out: list[str]
+) -> None:
+    """Read, in a second pass over ``archive``, the data of the ``links`` the first pass could not:
+    the file each points to, or, for a symbolic link to a folder, every image below that folder."""
+    by_target: dict[str, list[_Link]] = {}
+    for link in links:
+        by_target.setdefault(link.target, []).append(link)
+    found: set[int] = set()
+    with tarfile.open(archive, "r|*") as tar:
+        for member in tar:
+            parts = _member_parts(member.name)
+            if any(is_hidden(p) for p in parts) or not (member.isfile() or member.islnk() or member.issym()):
+                continue
+            for depth in range(len(parts), 0, -1):  # the member itself, then each folder above it
+                for link in by_target.get("/".join(parts[:depth]), ()):
+                    below = parts[depth:]
+                    if below and not link.symbolic:
+                        continue
+                    name = "/".join([link.name, *below]) if below else link.name
+                    shown = "/".join([link.shown, *below])
+                    found.add(id(link))
+                    if not is_image_name(name):
+                        left_out.append(printable(shown))
+                        continue
+                    if not member.isfile():  # a link reached through a link: not followed further
+                        left_out.append(printable(shown))
+                        continue
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    files.append((link.label, name, f"{archive}:{shown}", extracted.read()))
+    for link in links:
+        if id(link) not in found:
+            raise UserError(
+                f"{archive}: member {printable(link.shown)} is a link to {printable(link.target)}, which the archive "
+                "does not hold: pack the file itself (tar --dereference, or -h)"
+            )

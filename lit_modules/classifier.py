@@ -89,17 +89,20 @@ class ImageClassifier(L.LightningModule):
         # every CIFAR-10 table report it; torchmetrics' default is the mean of per-class accuracies,
         # which differs on a validation split whose classes are not exactly balanced. Micro also
         # counts with one comparison, where macro's bincount makes the host wait for a GPU.
-        # No input validation on the per-step metric: it calls torch.unique, which waits for the GPU
-        # at every step, and training labels come from load_split, always in range.
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)
-        # How many images each evaluation saw: a limited one (--limit-*-batches) says so.
-        self.val_images = SumMetric()
-        self.test_images = SumMetric()
+        # No input validation: torchmetrics' checks call torch.unique, which waits for the GPU at
+        # every batch, and the labels come from the data sources, always in range of the classes
+        # (a checkpoint's class count is checked against the data before testing).
+        metric = {"average": "micro", "validate_args": False}
+        self.train_acc = MulticlassAccuracy(num_classes, **metric)
+        self.val_acc = MulticlassAccuracy(num_classes, **metric)
+        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, **metric)
+        self.test_acc = MulticlassAccuracy(num_classes, **metric)
+        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, **metric)
+        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None, validate_args=False)
+        # How many images each evaluation saw: a limited one (--limit-*-batches) says so. A count
+        # cannot be NaN, and the NaN check reads the value on the host.
+        self.val_images = SumMetric(nan_strategy="disable")
+        self.test_images = SumMetric(nan_strategy="disable")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -131,11 +134,11 @@ class ImageClassifier(L.LightningModule):
         # update(), not a call: only the epoch value is logged, so the per-batch accuracy that a
         # call also computes would be wasted kernels.
         self.train_acc.update(logits, labels)
-        # Two calls, because sync_dist applies to every value of a call: Lightning's sync puts a
-        # barrier before each all-reduce, which under DDP would stop the host at every step. The
-        # per-step curve is this process's batch; the epoch mean is over all processes, synced
-        # once at the epoch's end.
-        self.log("loss/train_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # Epoch values only: they are read once, at the epoch's end (the mean over all processes,
+        # synced then). The per-step curve, loss/train_step, is logged by callbacks.reliability's
+        # FiniteLossGuard, which reads the loss on the host once per --log-every-n-steps steps
+        # together with its divergence check; a step value logged here, and any prog_bar=True
+        # step value, would be read by Lightning again, the latter at every step.
         self.log("loss/train_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("acc/train", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
@@ -148,7 +151,7 @@ class ImageClassifier(L.LightningModule):
         self.log("loss/val", self.criterion(logits, labels), sync_dist=True, prog_bar=True)
         self.log("acc/val", self.val_acc, prog_bar=True)
         self.log("acc_top5/val", self.val_acc_top5)
-        self.val_images.update(torch.tensor(float(labels.shape[0]), device=labels.device))
+        self.val_images.update(_count(labels))
         self.log("images/val", self.val_images)
         # For callbacks that look at the predictions (callbacks/dashboards.py).
         return {"logits": logits, "labels": labels}
@@ -162,7 +165,7 @@ class ImageClassifier(L.LightningModule):
         self.log("loss/test", self.criterion(logits, labels), sync_dist=True)
         self.log("acc/test", self.test_acc)
         self.log("acc_top5/test", self.test_acc_top5)
-        self.test_images.update(torch.tensor(float(labels.shape[0]), device=labels.device))
+        self.test_images.update(_count(labels))
         self.log("images/test", self.test_images)
         return {"logits": logits, "labels": labels}
 
@@ -213,6 +216,12 @@ class ImageClassifier(L.LightningModule):
                 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
             interval = "step"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}
+
+
+def _count(labels: torch.Tensor) -> torch.Tensor:
+    """The batch's image count as a float scalar on its device, made by a fill kernel: a tensor
+    built from a Python number would be copied from the host, which waits for the device."""
+    return torch.full((), float(labels.shape[0]), device=labels.device)
 
 
 @contextmanager

@@ -10,8 +10,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerGradCam
 from torch import nn
+
+from base.errors import UserError
+
+# captum is imported where a map is drawn, not with this module: training, testing and the
+# benchmarks run without it (a lent GPU machine may have only torch and Lightning).
+CAPTUM_MISSING = "Grad-CAM needs captum, which is not installed here: pip install 'captum>=0.8,<1'"
+
+
+def grad_cam_available() -> bool:
+    """Whether captum can be imported here (its import is a few hundred ms, paid once)."""
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cam_layer(model: nn.Module) -> nn.Module:
@@ -27,8 +41,13 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, laye
 
     ``images`` are the network's normalised input (N, 3, H, W); each map is scaled by its own
     maximum (an all-zero map stays zero). The model runs in evaluation mode, with gradients,
-    whatever the caller's mode; its parameters' gradients are left untouched.
+    whatever the caller's mode; its parameters' gradients are left untouched. Raises
+    ``UserError`` where captum is not installed (:func:`grad_cam_available` asks first).
     """
+    try:
+        from captum.attr import LayerGradCam
+    except ImportError as exc:
+        raise UserError(CAPTUM_MISSING) from exc
     layer = layer if layer is not None else cam_layer(model)
     was_training = model.training
     model.eval()

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 # DataParallel/DDP save under "module.", torch.compile under "_orig_mod."; both can nest.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Where this project's LightningModule (lit_modules.ImageClassifier) keeps the network.
+MODULE_PREFIX = "backbone."
+# BatchNorm's counter of batches seen, added in PyTorch 0.4.1; only BatchNorm with momentum=None
+# reads it (none here), and PyTorch loads state dicts of older versions without it as 0.
+_BATCH_COUNTER = "num_batches_tracked"
 LEGACY_PREFIX = "layer5."
 _PREVIEW = 3
 
@@ -67,6 +72,30 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _without_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the ``backbone.`` in front of every key that a state dict of this
+    project's LightningModule (``torch.save(module.state_dict())``, whose network is its
+    ``backbone``) has; any other state dict as it is. Only when every key has it: a dict mixing
+    both is another model, refused by the key check."""
+    if not state_dict or not all(key.startswith(MODULE_PREFIX) for key in state_dict):
+        return state_dict
+    out: OrderedDict[str, Any] = OrderedDict((key[len(MODULE_PREFIX) :], value) for key, value in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (path[len(MODULE_PREFIX) :] if path.startswith(MODULE_PREFIX) else "", version)
+            for path, version in metadata.items()
+            if path.startswith(MODULE_PREFIX) or path == MODULE_PREFIX[:-1]
+        )
+    return out
+
+
+def course_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of the network itself: wrapper prefixes (``module.``, ``_orig_mod.``) and our
+    LightningModule's ``backbone.`` removed (see :func:`normalize_keys`)."""
+    return _without_module_prefix(normalize_keys(state_dict))
+
+
 def _require_state_dict(obj: object, source: str) -> None:
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
         raise UserError(
@@ -89,7 +118,7 @@ def infer_architecture(
     saved with that option. The weights themselves are validated later by :func:`load_weights`.
     """
     _require_state_dict(state_dict, source)
-    sd = normalize_keys(state_dict)
+    sd = course_keys(state_dict)
     if "features.0.weight" in sd and "classifier.5.weight" in sd:
         name = "vgg16_bn" if "features.1.running_mean" in sd else "vgg16"
         return name, {"num_classes": _num_classes(sd["classifier.5.weight"], 512, source)}
@@ -140,18 +169,26 @@ def _mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) 
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str) -> list[str]:
     """Load ``state_dict`` into ``model`` with strict semantics; return the ignored legacy keys.
 
-    Wrapper prefixes are removed and ``layer5.*`` keys (the unused block of old course skeletons)
-    are dropped and reported with one WARNING log line. Any other difference in keys or shapes,
+    Wrapper prefixes and our LightningModule's ``backbone.`` are removed, missing BatchNorm
+    ``num_batches_tracked`` counters (state dicts of PyTorch before 0.4.1) start at 0 as PyTorch
+    does, and ``layer5.*`` keys (the unused block of old course skeletons) are dropped and
+    reported with one WARNING log line. Any other difference in keys or shapes,
     and any NaN/inf in a floating tensor, raises UserError naming ``source``; the model is left
     untouched in that case.
     """
     _require_state_dict(state_dict, source)
-    sd = normalize_keys(state_dict)
+    sd = course_keys(state_dict)
     ignored = [key for key in sd if key.startswith(LEGACY_PREFIX)]
     for key in ignored:
         del sd[key]
 
-    problems = _mismatches(model.state_dict(), sd)
+    expected = model.state_dict()
+    # A state dict of PyTorch before 0.4.1 has no BatchNorm batch counters; PyTorch itself loads
+    # it (with the counter at 0), so it loads here too, whatever version its metadata claims.
+    for key, value in expected.items():
+        if key.rsplit(".", 1)[-1] == _BATCH_COUNTER and key not in sd:
+            sd[key] = torch.zeros_like(value)
+    problems = _mismatches(expected, sd)
     if problems:
         raise UserError(f"cannot load {source}: " + "; ".join(problems))
     for key, value in sd.items():

@@ -15,9 +15,12 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
 from base.errors import UserError
-from callbacks.checkpoints import NamedCheckpoint
+from base.slurm import check_layout
+from callbacks.checkpoints import BackgroundCheckpointIO, NamedCheckpoint
 from callbacks.dashboards import Dashboards
 from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
 from callbacks.recipes import TimeToAccuracy, recipe_callbacks
@@ -168,6 +171,12 @@ class RunCallbacks:
     clock: TimeToAccuracy | None
 
 
+# At most one last.ckpt per this many seconds, and always after the last epoch (README: Where outputs
+# go). Epochs of minutes (any CPU run) save it every epoch; a GPU run whose epochs take seconds would
+# otherwise spend as long writing it as training.
+LAST_EVERY_S = 60.0
+
+
 def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ...] | list[str]) -> RunCallbacks:
     checkpoint_dir = run_dir / "checkpoints"
     best = NamedCheckpoint(
@@ -181,7 +190,9 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
     )
     # Its own callback rather than save_last=True: Lightning 2.6 refreshes save_last only in
     # epochs where the monitored checkpoint was also saved, and resuming needs every epoch.
-    latest = NamedCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    latest = NamedCheckpoint(
+        dirpath=checkpoint_dir, filename="last", save_top_k=1, enable_version_counter=False, min_interval_s=LAST_EVERY_S
+    )
     periodic = NamedCheckpoint(
         dirpath=checkpoint_dir,
         filename="epoch{epoch:03d}",
@@ -193,8 +204,9 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
     # In a terminal a live bar; in a log file (nohup, SLURM, CI) one line per epoch, since a
     # live bar draws nothing there until its last frame.
     # Lightning's rich model summary is drawn 80 columns wide where there is no terminal: plain text there.
+    loss_guard = FiniteLossGuard()  # logs loss/train_step too: the bar shows what it read
     if sys.stdout.isatty():
-        console = [ThrottledProgressBar(clock=clock), RichModelSummary()]
+        console = [ThrottledProgressBar(clock=clock, loss_guard=loss_guard), RichModelSummary()]
     else:
         console = [EpochLines(clock=clock), ModelSummary()]
     # Fast recipes: EMA of the weights, time-to-accuracy benchmark (callbacks/recipes.py).
@@ -209,7 +221,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         clock,
         *console,
         # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume on the same data.
-        FiniteLossGuard(),
+        loss_guard,
         PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=config.requeue_signal),
         ResumableRNG(),
         SameData(),
@@ -228,10 +240,18 @@ def build_trainer(
     progress_bar: bool = True,
 ) -> L.Trainer:
     """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
-    add its progress bar as the caller needs them."""
+    add its progress bar as the caller needs them.
+
+    Under SLURM it runs in Lightning's SLURM environment without Lightning's requeue handling
+    (``auto_requeue=False``: on SIGUSR1 Lightning would write ``hpc_ckpt_N.ckpt`` into the working
+    folder and requeue; ``PreemptionCheckpoint`` saves ``last.ckpt`` and requeues instead), and it
+    never loads such a file by itself (:class:`_NoHpcResume`).
+    """
     quiet_lightning()
+    check_layout(config.hardware.device_count, config.num_nodes)
     devices = list(config.devices) if isinstance(config.devices, tuple) else config.devices
-    return L.Trainer(
+    cluster = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    trainer = L.Trainer(
         accelerator=config.accelerator,
         devices=devices,
         num_nodes=config.num_nodes,
@@ -240,7 +260,7 @@ def build_trainer(
         max_epochs=config.epochs,
         logger=logger,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[BackgroundCheckpointIO(AtomicCheckpointIO()), *cluster],
         fast_dev_run=config.fast_dev_run,
         limit_train_batches=config.limit_train_batches,
         limit_val_batches=config.limit_val_batches,
@@ -253,6 +273,23 @@ def build_trainer(
         default_root_dir=root_dir,
         enable_progress_bar=progress_bar,
     )
+    trainer._checkpoint_connector.__class__ = _NoHpcResume
+    return trainer
+
+
+class _NoHpcResume(_CheckpointConnector):
+    """Lightning's checkpoint connector, blind to ``hpc_ckpt_N.ckpt`` files.
+
+    Under SLURM, Lightning 2.6 loads the newest ``hpc_ckpt_N.ckpt`` of ``default_root_dir`` (the
+    working folder, by default) whenever ``fit``, ``validate`` or ``test`` is given no checkpoint
+    path (``_CheckpointConnector._parse_ckpt_path``): a file left by some other run would silently
+    replace the weights test.py evaluates, or a new run's start. This project's runs resume only
+    from the checkpoint ``--resume`` names.
+    """
+
+    @property
+    def _hpc_resume_path(self) -> None:
+        return None
 
 
 @dataclass

@@ -244,6 +244,8 @@ def read_safetensors(path: str | Path) -> CheckpointContents:
         return CheckpointContents(path, "safetensors", model_name, options.pop("num_classes"), options, state_dict)
     try:
         hparams = {"class_names": json.loads(metadata["class_names"])} if "class_names" in metadata else {}
+        if "tta" in metadata:  # what the exported checkpoint's run validated and tested with
+            hparams["tta"] = metadata["tta"]
         return CheckpointContents(
             path=path,
             kind="safetensors",

@@ -26,6 +26,7 @@ import yaml
 
 from base.errors import UserError
 from base.files import atomic_write_text
+from base.yamlfile import read_mapping
 from base.options import COURSE_EPOCHS, COURSE_RECIPE, DATA
 from datamodules.layout import check_data_dir
 from run.hardware import Hardware, Machine, check_hardware_request, resolve_hardware, use_channels_last
@@ -133,19 +134,16 @@ PER_INVOCATION = {name for name, option in FIELDS.items() if option.metadata["pe
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping of option names to values (a ``--config`` file or a run's ``config.yaml``)."""
+    """A YAML mapping of option names to values (a ``--config`` file or a run's ``config.yaml``).
+
+    Read by ``base.yamlfile``: numbers and booleans only in the spellings that mean one thing (no
+    YAML 1.1 octal or base 60), a key given twice or a file that is not a YAML mapping refused
+    with its line number.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must be a mapping of option names to values, e.g. 'batch_size: 100'")
-    return data
+    return {entry.key: entry.value for entry in read_mapping(path)}
 
 
 def write_config(values: Mapping[str, Any], path: Path) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from run.checkpoints import CheckpointContents
 from base.errors import UserError
 from base.options import EXPORT_FORMATS
-from run.inference import IMAGE_SIZE
+from run.inference import IMAGE_SIZE, with_tta
 from datamodules import MEAN, STD
 
 FORMATS = EXPORT_FORMATS
@@ -29,8 +29,14 @@ _EXAMPLE_BATCH = 2
 _INSTALL_HINT = 'install the export extras: pip install -e ".[export]"'
 
 
-def export_metadata(contents: CheckpointContents, class_names: list[str]) -> dict[str, str]:
-    """String key/values (what ONNX and safetensors metadata can hold) describing the model."""
+def export_metadata(contents: CheckpointContents, class_names: list[str], tta: str = "none") -> dict[str, str]:
+    """String key/values (what ONNX and safetensors metadata can hold) describing the model.
+
+    ``tta``: the test-time augmentation the file scores with. The ONNX and TorchScript exporters
+    build it into the graph (:func:`deployed`); a safetensors file holds weights only, so its
+    metadata says what whoever loads it must do (predict.py and test.py do it).
+    """
+    flip = tta == "flip"
     return {
         "producer": PRODUCER,
         "model_name": contents.model_name,
@@ -40,8 +46,27 @@ def export_metadata(contents: CheckpointContents, class_names: list[str]) -> dic
         "input": f"{INPUT_NAME}: float32 N,3,{IMAGE_SIZE},{IMAGE_SIZE}, RGB scaled to [0, 1] then (x - mean) / std",
         "mean": json.dumps(list(MEAN)),
         "std": json.dumps(list(STD)),
-        "output": f"{OUTPUT_NAME}: float32 N,{contents.num_classes}, softmax gives the class probabilities",
+        "output": f"{OUTPUT_NAME}: float32 N,{contents.num_classes}, softmax gives the class probabilities"
+        + (", the mean logits of each image and its mirror (flip test-time augmentation)" if flip else ""),
+        "tta": tta,
     }
+
+
+def deployed(model: nn.Module, metadata: dict[str, str]) -> nn.Module:
+    """The module a graph format (ONNX, TorchScript) is traced or scripted from: ``model`` itself,
+    or with ``metadata["tta"] == "flip"`` the mean of its logits on each image and its mirror
+    (``run.inference.FlipAveraged``), so the file answers what the checkpoint's run measured."""
+    return with_tta(model, metadata.get("tta", "none")).eval()
+
+
+def describe_export(metadata: dict[str, str], fmt: str) -> str:
+    """What an export does about test-time augmentation, for export.py's one line; "" when none."""
+    if metadata.get("tta") != "flip":
+        return ""
+    if fmt == "safetensors":
+        return ("; test-time augmentation flip recorded in its metadata (predict.py and test.py apply it; "
+                "elsewhere average the logits of each image and its mirror)")
+    return "; test-time augmentation flip is in the graph: it outputs the mean logits of each image and its mirror"
 
 
 def _require_packages(fmt: str, *names: str) -> None:
@@ -59,7 +84,7 @@ def export_onnx(model: nn.Module, file: BinaryIO, metadata: dict[str, str]) -> N
     _require_packages("onnx", "onnx", "onnxscript")
     example = torch.zeros(_EXAMPLE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
     program = torch.onnx.export(
-        model.eval(),
+        deployed(model, metadata),
         (example,),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
@@ -81,12 +106,13 @@ def export_torchscript(model: nn.Module, file: BinaryIO, metadata: dict[str, str
     with warnings.catch_warnings():
         # PyTorch 2.10+ deprecates TorchScript and warns once per scripted method; the user asked for it.
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
-        scripted = torch.jit.script(model.eval())
+        scripted = torch.jit.script(deployed(model, metadata))
         torch.jit.save(scripted, file, _extra_files={"metadata.json": json.dumps(metadata)})
 
 
 def export_safetensors(model: nn.Module, file: BinaryIO, metadata: dict[str, str]) -> None:
-    """The backbone's state dict (the course's key names) with the metadata to rebuild it."""
+    """The backbone's state dict (the course's key names) with the metadata to rebuild it, and the
+    test-time augmentation to score with (``tta``)."""
     _require_packages("safetensors", "safetensors")
     from safetensors.torch import save
 

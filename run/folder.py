@@ -4,14 +4,18 @@ A run owns its folder: ``config.yaml`` (its resolved options), ``checkpoints/`` 
 TensorBoard event files. A new run gets a fresh folder (``version_N``, or ``--run-name``),
 created atomically so that two jobs starting at once never share one; a resume, in every form,
 continues the folder of the checkpoint it names. Shared by train.py and ``test.py --log-to-run``.
+Under SLURM the job's task of global rank 0 opens the folder and tells the job's other tasks
+which one it is (:func:`announce_run_dir`, :func:`join_run_dir`).
 Paths only: nothing here loads torch (what a checkpoint holds is checked by ``run.checkpoints``).
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shlex
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from base.errors import UserError
+from base.files import atomic_write_text
+from base.slurm import SlurmTask, slurm_task
 from run.paths import check_checkpoint_file
 
 CONFIG_NAME = "config.yaml"
@@ -29,6 +35,19 @@ LOCK_NAME = ".train.lock"
 # DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it, and
 # rank 0 holds its lock.
 RUN_DIR_ENV = "CIFAR10_LIGHTNING_RUN_DIR"
+# How long a SLURM task waits for its job's task 0 to name the run folder. Every task loads the
+# data first, so they normally arrive together; a shared file system may show a new file late.
+JOIN_TIMEOUT_S = 600.0
+
+
+def joins_run() -> bool:
+    """True for a process that trains a run opened by another process of the same run, which holds
+    its lock: a DDP worker started by Lightning (it inherits :data:`RUN_DIR_ENV`), or a SLURM task
+    other than the job's global rank 0 (:func:`join_run_dir`)."""
+    if RUN_DIR_ENV in os.environ:
+        return True
+    task = slurm_task()
+    return task is not None and task.global_rank != 0
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
@@ -142,7 +161,8 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
 def check_not_in_use(run_dir: Path) -> None:
     """Refuse at once a run that another process trains now (:func:`hold_run` holds it while training)."""
     # No lock file: no process has ever held the run (a check leaves none behind where there was none).
-    if (run_dir / LOCK_NAME).is_file() and RUN_DIR_ENV not in os.environ:
+    # A process that joins a run (joins_run) finds it held by the process it joins; that one checked.
+    if (run_dir / LOCK_NAME).is_file() and not joins_run():
         with hold_run(run_dir):
             pass
 
@@ -207,3 +227,82 @@ def require_run_dir(checkpoint: str | Path) -> Path:
             "pass a checkpoint from such a folder, or leave out --log-to-run"
         )
     return run
+
+
+# --- several SLURM tasks, one run -----------------------------------------------------------------
+# Under srun every task runs all of train.py, each started on its own (no parent process to inherit
+# RUN_DIR_ENV from). Task 0 alone creates or continues the run folder and holds its lock; it then
+# writes the folder's path into a small file under the output folder, named after this start of
+# the job (job id, restart count, step id: SlurmTask.attempt), which the job's other tasks wait for.
+# A file of an earlier start has another name, so it is never read; task 0 removes its own when it
+# ends, and those of the job's earlier starts when it writes one.
+ANNOUNCEMENT_PREFIX = ".slurm-job-"
+
+
+def _announcement(output_dir: Path, task: SlurmTask) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in task.attempt)
+    return output_dir / f"{ANNOUNCEMENT_PREFIX}{safe}.json"
+
+
+def announce_run_dir(
+    output_dir: Path, run_dir: Path | None = None, resume: Path | None = None, error: str | None = None
+) -> Path | None:
+    """SLURM task 0 of a job of several tasks: tell the others that this start trains ``run_dir``
+    (continuing ``resume``, or new), or that it stopped with ``error`` before opening one.
+
+    Returns the file written (for :func:`withdraw_announcement`), or None in any other process,
+    where there is nobody to tell. The write is atomic: a reader sees the whole file or none.
+    """
+    task = slurm_task()
+    if task is None or task.ntasks < 2 or task.global_rank != 0:
+        return None
+    path = _announcement(output_dir, task)
+    content = {"run_dir": str(run_dir) if run_dir else None, "resume": str(resume) if resume else None, "error": error}
+    atomic_write_text(path, json.dumps(content) + "\n")
+    # Left by earlier starts of this job that were killed before removing theirs.
+    job = path.name.removeprefix(ANNOUNCEMENT_PREFIX).split(".")[0]
+    for earlier in output_dir.glob(f"{ANNOUNCEMENT_PREFIX}{glob.escape(job)}.*.json"):
+        restart = earlier.name.removeprefix(ANNOUNCEMENT_PREFIX).split(".")[1]
+        if restart.isdigit() and int(restart) < task.restart_count:
+            earlier.unlink(missing_ok=True)
+    return path
+
+
+def withdraw_announcement(path: Path | None) -> None:
+    """Remove what :func:`announce_run_dir` wrote (once every task has read it, or none will)."""
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def join_run_dir(output_dir: Path, resume: Path | None, timeout: float = JOIN_TIMEOUT_S) -> Path:
+    """SLURM task other than 0: the run folder that the job's task 0 announced for this start.
+
+    ``resume`` is the checkpoint this task resolved to continue (None for a new run): it must be
+    task 0's, or the tasks would train different runs. Raises a one-line ``UserError`` when task 0
+    stopped before announcing, announced another run, or said nothing within ``timeout`` seconds.
+    """
+    task = slurm_task()
+    assert task is not None and task.global_rank != 0, "only the other tasks of a SLURM job join a run"
+    path = _announcement(output_dir, task)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            said = json.loads(path.read_text(encoding="utf-8"))
+            break
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"SLURM task {task.global_rank} of job {task.job_id}: task 0 did not say which run folder to train "
+                    f"within {timeout:.0f} s (in {path}); see task 0's output for why it stopped, then submit the job again"
+                ) from None
+            time.sleep(0.2)
+    if said.get("error"):
+        raise UserError(f"task 0 of this SLURM job stopped: {said['error']}")
+    theirs = said.get("resume")
+    if theirs != (str(resume) if resume else None):
+        raise UserError(
+            f"SLURM task {task.global_rank} of job {task.job_id} resolved {('--resume ' + str(resume)) if resume else 'a new run'}, "
+            f"but task 0 {('continues ' + theirs) if theirs else 'starts a new run'} (runs changed while the tasks "
+            "started); name the run with --run-name NAME --resume last, and submit the job again"
+        )
+    return Path(said["run_dir"])

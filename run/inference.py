@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as F
 
 from base.errors import UserError
 from base.files import atomic_write, printable
+from base.options import TTA_MODES
 from datamodules import CLASSES
 from datamodules.cifar10 import eval_transform
 from datamodules.sources import to_rgb
@@ -104,6 +105,37 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, batch_size: in
     device = next(model.parameters()).device
     batches = [model(batch.to(device)).float().softmax(dim=1).cpu() for batch in images.split(batch_size)]
     return torch.cat(batches)
+
+
+class FlipAveraged(nn.Module):
+    """``model``'s logits averaged over each image and its mirror: ``--tta flip``, exactly as
+    validation and testing compute them (``ImageClassifier._eval_logits``).
+
+    A module of its own so that what was measured is what gets deployed: predict.py scores with
+    it, and export.py writes it into the ONNX and TorchScript graphs. Input and output as the
+    model's: normalised images (N, 3, H, W) -> logits (N, classes).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.model(images) + self.model(images.flip([3]))) / 2
+
+
+def checkpoint_tta(contents: CheckpointContents) -> str:
+    """The test-time augmentation the checkpoint's run validated and tested with ("none" or "flip");
+    "none" for course state dicts, which record none."""
+    tta = contents.hparams.get("tta") or "none"
+    if tta not in TTA_MODES:
+        raise UserError(f"{contents.path} records an unknown test-time augmentation {tta!r}; pass --tta none or flip")
+    return str(tta)
+
+
+def with_tta(model: nn.Module, tta: str) -> nn.Module:
+    """``model`` scoring with the test-time augmentation ``tta``: itself for "none", :class:`FlipAveraged` for "flip"."""
+    return FlipAveraged(model) if tta == "flip" else model
 
 
 def class_names(contents: CheckpointContents) -> list[str]:

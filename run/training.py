@@ -25,7 +25,19 @@ from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint, read_checkpoint_file
 from run.config import RunConfig, write_config
-from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, RUN_DIR_ENV, create_run_dir, discard_if_unfinished, hold_run
+from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, slurm_task
+from run.folder import (
+    CONFIG_NAME,
+    RESUMED_CONFIG_NAME,
+    RUN_DIR_ENV,
+    announce_run_dir,
+    create_run_dir,
+    discard_if_unfinished,
+    hold_run,
+    join_run_dir,
+    joins_run,
+    withdraw_announcement,
+)
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
@@ -72,10 +84,16 @@ def check_outputs(config: RunConfig, module: LightningModule) -> None:
 
 
 def open_run_dir(config: RunConfig) -> tuple[Path, bool]:
-    """(the run's folder, whether this process created it): a resumed run's own, else a new one."""
+    """(the run's folder, whether this process created it): a resumed run's own, else a new one.
+
+    A DDP worker started by Lightning inherits the folder from rank 0; a SLURM task other than 0
+    waits for the one its job's task 0 announces (``run.folder.join_run_dir``).
+    """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return Path(inherited), False
+    if joins_run():
+        return join_run_dir(config.output_dir, config.resume), False
     if config.resume is not None:
         return config.resume.parent.parent, False
     return create_run_dir(config.output_dir, config.model, config.run_name), True
@@ -120,11 +138,25 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     known), ``SIGTERMException`` after saving ``last.ckpt`` on SIGTERM, ``Interrupted`` after
     saving it on Ctrl-C.
     """
-    with ExitStack() as held:
-        if config.resume is not None and RUN_DIR_ENV not in os.environ:
-            # Refused at once when another process trains this run (DDP workers: rank 0 holds it).
-            held.enter_context(hold_run(config.resume.parent.parent))
-        return _train(config, argv, held)
+    check_layout(config.hardware.device_count, config.num_nodes)
+    if config.requeue_signal is None and slurm_task() is not None:
+        # Under SLURM the requeue signal defaults to Lightning's (SIGUSR1); the run's config records it.
+        config = dataclasses.replace(config, requeue_signal=DEFAULT_REQUEUE_SIGNAL)
+    try:
+        with ExitStack() as held:
+            if config.resume is not None and not joins_run():
+                # Refused at once when another process trains this run (DDP workers, the job's other
+                # SLURM tasks: rank 0 holds it).
+                held.enter_context(hold_run(config.resume.parent.parent))
+            return _train(config, argv, held)
+    except UserError as exc:
+        # The job's other SLURM tasks may be waiting for task 0 to name the run folder: they stop
+        # with this error rather than at their timeout. (Nothing to do in any other process.)
+        try:
+            announce_run_dir(config.output_dir, error=str(exc))
+        except OSError:
+            pass
+        raise
 
 
 def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOutcome:
@@ -149,6 +181,8 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
         # A named run's folder may be another process's that has not saved a checkpoint yet: refused
         # here, before anything of it could be discarded below.
         held.enter_context(hold_run(run_dir))
+    # Under srun, SLURM task 0 tells the job's other tasks which folder this is (once it holds it).
+    held.callback(withdraw_announcement, announce_run_dir(config.output_dir, run_dir, config.resume))
     try:
         assembly = build(config, run_dir, run_logger(run_dir), parts)
         trainer = assembly.trainer

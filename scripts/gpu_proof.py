@@ -1,189 +1,673 @@
 #!/usr/bin/env python
-"""The GPU proof in one command: CUDA tests, throughput, accuracy of the fast recipes, one table.
+"""The GPU proof in one command: CUDA tests, throughput, accuracy of the fast recipes, one archive.
 
-A lent GPU comes for minutes, so this runs its parts in order of value, each only if its
-estimated time still fits the budget (``--budget-s``, default 9 minutes), each stopped at the
-budget's end if it runs over, and prints one line per finished part:
+Made for a GPU lent for minutes, with its own Python and PyTorch and nothing installable: it runs
+from a plain checkout (no ``pip install``; every child gets the checkout on ``PYTHONPATH``) and
+needs only the standard library itself. In order:
 
-1. ``cuda-tests``: ``pytest -m gpu`` (bf16, channels_last, compile, the device data path,
-   train -> resume -> test on the GPU, the GPU checkpoint tested on the CPU);
-2. ``throughput``: ``benchmarks/throughput.py`` for vgg16 and resnet50: the course loop, ours in
-   Lightning and the same step in a bare loop, interleaved over repeats;
-3. ``vgg16-seeds``: ``configs/vgg16_fast.yaml``, three seeds, with the time to 93 % test accuracy;
-4. ``lr-sweep``: ``configs/vgg16_fast.yaml`` at other one-cycle peaks (seed 0);
-5. ``resnet50-seeds``: ``configs/resnet50_fast.yaml``, three seeds;
-6. ``table``: ``results.md``, every figure above with the files it came from.
+1. a preflight, in seconds: Python, torch, torchvision, lightning, torchmetrics and the other
+   imports, CUDA (not with ``--dry-run``), that ``cli`` comes from this checkout, that the data
+   archive and the course's loop exist and that the archive can be written; a problem is one
+   line and exit code 2, before anything heavy;
+2. the parts, most valuable first, each started only if its estimated time still fits
+   (``--budget-s``, default 6 minutes for everything) and stopped with all its processes at the
+   deadline: ``cuda-tests`` (``pytest -m gpu``), ``throughput`` (``benchmarks/throughput.py``,
+   both models against the course loop), then single ``train.py`` runs through
+   ``benchmarks/accuracy.py``: vgg16 seed 0, resnet50 seed 0, vgg16 seeds 1 and 2, the
+   learning-rate sweep of ``configs/vgg16_fast.yaml``, resnet50 seeds 1 and 2. The estimates come
+   from what was measured: the throughput part's images/s on this GPU, then each finished run's
+   own seconds (``--costs`` starts from an earlier proof's ``costs.json``). A swept rate that
+   diverges (train.py's "training diverged", exit code 2) is a result, not a failure;
+3. after every part, ``results.md`` (the table of parts with why any was skipped, the versions,
+   the figures), ``costs.json``, the logs and JSON files are packed into ONE archive,
+   ``$OUT/proof.tar.gz`` by default, so a run cut off still returns what finished. Checkpoints
+   and run folders stay in ``--work-dir`` (the system's temporary folder), never in the archive.
 
-Everything goes under ``--out``; ``--archive`` also packs that folder into one ``.tar.gz`` after
-every part (a lent machine returns a few files, not a tree). ``--dry-run`` runs the very same
-parts on the CPU with tiny sizes and generated data, which is how CI checks this script.
+    python3 scripts/gpu_proof.py          # reads .data/cifar10-jpeg.tar.gz and .data/seed_loop.py
+    python3 scripts/gpu_proof.py --parts vgg16-seeds lr-sweep --costs .data/costs.json
+    python scripts/gpu_proof.py --dry-run --archive /tmp/proof.tar.gz
 
-    python scripts/gpu_proof.py --data ~/data/cifar10-jpeg.tar.gz --seed-loop seed_loop.py --out proof
-    python scripts/gpu_proof.py --dry-run --out /tmp/proof
+``--dry-run`` runs the very same parts on the CPU with tiny sizes and generated data (one swept
+rate made to diverge on purpose), which is how CI checks this script.
+
+Exit codes: 0 when every part finished, diverged as recorded or was skipped; 1 when one failed
+or was cut off at the deadline; 2 for bad input or a failed preflight; 143 when stopped by SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
-# Peaks of the one-cycle schedule tried besides the config's own (configs/vgg16_fast.yaml: 0.05).
-SWEEP_LRS = ("0.1", "0.2", "0.4")
+PROG = "gpu_proof"
 TARGET = "0.93"
+PARTS = ("cuda-tests", "throughput", "vgg16-seeds", "resnet50-seeds", "lr-sweep")
+# The checkpoint kinds of .gitignore: never packed, whatever folder they end up in.
+HEAVY_SUFFIXES = {".ckpt", ".pt", ".pth", ".npz", ".safetensors", ".onnx"}
+# Kept back from the budget for stopping a cut-off part (TERM, then KILL) and packing the archive.
+RESERVE_S = 8.0
+STOP_GRACE_S = 3.0
+# cuda-tests may not take more than this share of the budget, so that throughput still runs.
+TESTS_SHARE = 0.4
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the proof runs, on the GPU or (``--dry-run``) tiny on the CPU."""
+
+    accelerator: str
+    bench: tuple[str, ...]  # benchmarks/throughput.py flags
+    repeats: int
+    train_flags: tuple[str, ...]  # every train.py run
+    seeds: dict[str, tuple[int, ...]]  # per model
+    sweep_lrs: tuple[str, ...]  # one-cycle peaks tried besides the config's own
+    diverging_lr: str | None  # a rate that must diverge (the dry run's check of that path)
+    # Per run, for estimates before one is measured: (epochs, training images, evaluated images
+    # per epoch: validation + the time-to-accuracy test pass, twice with flip TTA).
+    epochs: int
+    train_images: int
+    eval_images: int
+    # Guesses used only until measured (seconds); conservative.
+    tests_s: float
+    throughput_child_s: float
+    run_start_s: float  # start-up, data decode, final test of one train.py run
+    epoch_fixed_s: float  # checkpoints and figures at each epoch's end
+    unmeasured_images_per_s: dict[str, float]  # when throughput did not run
+
+
+GPU = Sizes(
+    accelerator="gpu",
+    bench=("--steps", "50", "--warmup", "15"),
+    repeats=2,
+    train_flags=("--time-to-accuracy", TARGET, "--accelerator", "gpu"),
+    seeds={"vgg16": (0, 1, 2), "resnet50": (0, 1, 2)},
+    sweep_lrs=("0.1", "0.2", "0.4"),
+    diverging_lr=None,
+    epochs=40, train_images=45_000, eval_images=5_000 + 2 * 10_000,
+    tests_s=120.0, throughput_child_s=15.0, run_start_s=40.0, epoch_fixed_s=2.5,
+    unmeasured_images_per_s={"vgg16": 5_000.0, "resnet50": 2_000.0},
+)
+DRY = Sizes(
+    accelerator="cpu",
+    bench=("--steps", "2", "--warmup", "1", "--batch-size", "20", "--workers", "0"),
+    repeats=1,
+    train_flags=("--epochs", "1", "--train-limit", "40", "--val-size", "20", "--batch-size", "20",
+                 "--eval-batch-size", "50", "--workers", "0", "--time-to-accuracy", TARGET, "--accelerator", "cpu"),
+    seeds={"vgg16": (0, 1), "resnet50": (0,)},
+    # 1e30 makes the loss NaN within two steps (tests/test_reliability.py).
+    sweep_lrs=("0.1", "1e30"),
+    diverging_lr="1e30",
+    epochs=1, train_images=40, eval_images=20 + 2 * 50,
+    tests_s=20.0, throughput_child_s=15.0, run_start_s=15.0, epoch_fixed_s=1.0,
+    unmeasured_images_per_s={"vgg16": 20.0, "resnet50": 10.0},
+)
+CONFIGS = {"vgg16": "configs/vgg16_fast.yaml", "resnet50": "configs/resnet50_fast.yaml"}
+# A forward pass (validation, test) is about three times faster per image than a training step.
+EVAL_SPEEDUP = 3.0
+MEASURED_MARGIN = 1.1  # on a measured cost repeated
+FORMULA_MARGIN = 1.25  # on a cost computed from throughput only
+
+
+class ProofError(Exception):
+    """A problem the user can fix: printed as one line, exit code 2."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: stop the part running, pack what there is, exit."""
+
+
+# --- the plan ------------------------------------------------------------------------------------
 
 
 @dataclass
-class Part:
+class Run:
+    """One train.py run (through benchmarks/accuracy.py): what its cost is estimated from."""
+
+    model: str
+    config: str
+    seed: int
+    lr: str | None = None  # a swept one-cycle peak; None: the config's own
+    expect_diverge: bool = False
+
+
+@dataclass
+class Item:
+    """One row of the table: a command, its estimate when it was planned, what became of it."""
+
     name: str
-    commands: list[list[str]]
-    estimate_s: float
+    part: str  # one of PARTS
+    command: list[str]
+    run: Run | None = None
+    cap_s: float | None = None  # at most this long, even with budget left
+    estimate_s: float = 0.0
+    basis: str = ""
     outcome: str = "not run"
     seconds: float = 0.0
-    files: list[str] = field(default_factory=list)
+    log: str = ""  # relative to the results folder
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for every result")
-    parser.add_argument("--archive", type=Path, help="also pack --out into this .tar.gz after every part")
-    parser.add_argument("--data", type=Path, help="CIFAR-10 (train.py's --data-dir); generated with --dry-run")
-    parser.add_argument("--seed-loop", type=Path, help="the course's training loop script, for the throughput yardstick")
-    parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for everything (default: 9 minutes)")
-    parser.add_argument("--dry-run", action="store_true", help="the same parts on the CPU, tiny sizes, generated data")
-    return parser
+@dataclass
+class Costs:
+    """What was measured so far, the planner's only source besides the conservative guesses."""
+
+    seconds: dict[str, float] = field(default_factory=dict)  # per finished item name
+    images_per_s: dict[str, float] = field(default_factory=dict)  # per model, ours in Lightning
+    throughput_child_s: float | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)  # finished train runs: model, config, epochs, seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "images_per_s": self.images_per_s,
+                "throughput_child_s": self.throughput_child_s, "runs": self.runs}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Costs:
+        return cls(seconds=dict(data.get("seconds", {})), images_per_s=dict(data.get("images_per_s", {})),
+                   throughput_child_s=data.get("throughput_child_s"), runs=list(data.get("runs", [])))
 
 
-def plan(args: argparse.Namespace, data: Path) -> list[Part]:
-    """The parts in order of value, with commands and conservative time estimates (seconds)."""
+def build_items(parts: Sequence[str], sizes: Sizes, paths: dict[str, Path], seed_loop: Path | None,
+                budget_s: float) -> list[Item]:
+    """The items of ``parts`` in order of value: tests, throughput, one run per model, then spread, sweep."""
     py = sys.executable
-    out = args.out
-    if args.dry_run:
-        device = ["--accelerator", "cpu"]
-        bench = ["--steps", "2", "--warmup", "1", "--repeats", "1", "--data", str(data), *device]
-        tiny = ["--", "--epochs", "1", "--train-limit", "40", "--val-size", "20", "--batch-size", "20",
-                "--eval-batch-size", "50", "--workers", "0", "--time-to-accuracy", TARGET, *device]
-        estimates = {"cuda-tests": 60, "throughput": 120, "seeds": 30, "sweep": 30}
+    results, runs, data = paths["results"], paths["runs"], paths["data"]
+    items: list[Item] = []
+    if "cuda-tests" in parts:
+        items.append(Item("cuda-tests", "cuda-tests", [
+            py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--basetemp={runs / 'pytest'}",
+            f"--junitxml={results / 'cuda-tests.xml'}", "--durations=0", "tests/test_gpu.py"],
+            cap_s=TESTS_SHARE * budget_s))
+    if "throughput" in parts:
+        variants = ["seed_loop", "lightning", "bare"] if seed_loop else ["lightning", "bare"]
+        command = [py, "-m", "benchmarks.throughput", "--models", "vgg16", "resnet50", "--variants", *variants,
+                   *sizes.bench, "--repeats", str(sizes.repeats), "--data", str(data),
+                   "--accelerator", sizes.accelerator, "--out", str(results / "throughput.json")]
+        if seed_loop:
+            command += ["--seed-loop", str(seed_loop)]
+        items.append(Item("throughput", "throughput", command))
+
+    def train(model: str, seed: int, lr: str | None = None) -> Item:
+        folder = "lr-sweep" if lr else "accuracy"
+        command = [py, "-m", "benchmarks.accuracy", "--configs", CONFIGS[model], "--seeds", str(seed),
+                   "--data-dir", str(data), "--runs-dir", str(runs / folder), "--out", str(results / folder)]
+        if lr:
+            command += ["--tag", f"lr{lr}"]
+        command += ["--", *sizes.train_flags, *(["--lr", lr] if lr else [])]
+        name = f"lr-{lr}" if lr else f"{model}-seed{seed}"
+        part = "lr-sweep" if lr else f"{model}-seeds"
+        return Item(name, part, command, run=Run(model, CONFIGS[model], seed, lr, lr is not None and lr == sizes.diverging_lr))
+
+    first = [train(model, sizes.seeds[model][0]) for model in ("vgg16", "resnet50") if f"{model}-seeds" in parts]
+    more_vgg = [train("vgg16", seed) for seed in sizes.seeds["vgg16"][1:]] if "vgg16-seeds" in parts else []
+    sweep = [train("vgg16", 0, lr) for lr in sizes.sweep_lrs] if "lr-sweep" in parts else []
+    more_resnet = [train("resnet50", seed) for seed in sizes.seeds["resnet50"][1:]] if "resnet50-seeds" in parts else []
+    return items + first + more_vgg + sweep + more_resnet
+
+
+def estimate(item: Item, costs: Costs, sizes: Sizes) -> tuple[float, str]:
+    """Seconds ``item`` will likely take, and what that figure rests on (for the table)."""
+    if item.name in costs.seconds:
+        return MEASURED_MARGIN * costs.seconds[item.name], f"measured {costs.seconds[item.name]:.0f} s before"
+    if item.part == "cuda-tests":
+        return sizes.tests_s, "a guess: not measured yet"
+    if item.part == "throughput":
+        children = 2 * (3 if "seed_loop" in item.command else 2) * sizes.repeats
+        if costs.throughput_child_s is not None:
+            return (MEASURED_MARGIN * children * costs.throughput_child_s,
+                    f"{children} processes at {costs.throughput_child_s:.0f} s measured")
+        return children * sizes.throughput_child_s, f"a guess: {children} processes at {sizes.throughput_child_s:.0f} s"
+    assert item.run is not None
+    run = item.run
+    same = [r["seconds"] for r in costs.runs if r["config"] == run.config]
+    if same:
+        return MEASURED_MARGIN * max(same), f"{run.config} measured {max(same):.0f} s"
+    images_per_s, measured = costs.images_per_s.get(run.model), True
+    if images_per_s is None:
+        images_per_s, measured = sizes.unmeasured_images_per_s[run.model], False
+    compute = sizes.epochs * (sizes.train_images + sizes.eval_images / EVAL_SPEEDUP) / images_per_s
+    # Everything else a run spends (start-up, checkpoints, figures): from another config's measured run if any.
+    others = [r for r in costs.runs if r["model"] in costs.images_per_s]
+    if others and measured:
+        other = max(others, key=lambda r: r["seconds"])
+        other_compute = other["epochs"] * (sizes.train_images + sizes.eval_images / EVAL_SPEEDUP) / costs.images_per_s[other["model"]]
+        overhead = max(other["seconds"] - other_compute, 0.0) * sizes.epochs / max(other["epochs"], 1)
+        source = f"the rest as {other['config']}'s measured run"
     else:
-        device = ["--accelerator", "gpu"]
-        bench = ["--steps", "100", "--warmup", "20", "--repeats", "3", "--data", str(data), *device]
-        tiny = ["--", "--time-to-accuracy", TARGET, *device]
-        # From the targets: vgg16 at 100,000 img/s trains 40 epochs in ~20 s; resnet50 at 25,000 in ~75 s;
-        # plus start-up and evaluation. Generous, so that what starts also ends.
-        estimates = {"cuda-tests": 120, "throughput": 150, "seeds": 40, "sweep": 40}
-    if args.seed_loop is not None:
-        bench += ["--seed-loop", str(args.seed_loop)]
-    variants = ["--variants", "seed_loop", "lightning", "bare"] if args.seed_loop else ["--variants", "lightning", "bare"]
-    accuracy = [py, "benchmarks/accuracy.py", "--data-dir", str(data), "--runs-dir", str(out / "runs")]
-    resnet_factor = 1 if args.dry_run else 4
-    return [
-        Part("cuda-tests", [[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                             f"--junitxml={out / 'cuda-tests.xml'}", "tests/test_gpu.py"]], estimates["cuda-tests"]),
-        Part("throughput", [[py, "benchmarks/throughput.py", *bench, *variants,
-                             "--out", str(out / "throughput.json")]], estimates["throughput"]),
-        Part("vgg16-seeds", [[*accuracy, "--configs", "configs/vgg16_fast.yaml", "--seeds", "0", "1", "2",
-                              "--out", str(out / "accuracy"), *tiny]], 3 * estimates["seeds"]),
-        Part("lr-sweep", [[*accuracy, "--configs", "configs/vgg16_fast.yaml", "--seeds", "0", "--tag", f"lr{lr}",
-                           "--out", str(out / "lr-sweep"), *tiny, "--lr", lr] for lr in SWEEP_LRS],
-             len(SWEEP_LRS) * estimates["sweep"]),
-        Part("resnet50-seeds", [[*accuracy, "--configs", "configs/resnet50_fast.yaml", "--seeds", "0", "1", "2",
-                                 "--out", str(out / "accuracy"), *tiny]], 3 * estimates["seeds"] * resnet_factor),
-    ]
+        overhead = sizes.run_start_s + sizes.epochs * sizes.epoch_fixed_s
+        source = f"{sizes.run_start_s:.0f} s start + {sizes.epoch_fixed_s:g} s/epoch guessed"
+    speed = f"{images_per_s:,.0f} img/s {'measured' if measured else 'assumed (no throughput measured)'}"
+    return FORMULA_MARGIN * (compute + overhead), f"{sizes.epochs} epochs at {speed}, {source}"
 
 
-def run_part(part: Part, deadline: float, log: Path) -> None:
-    """Run ``part``'s commands one after the other, stopping at ``deadline``; fills its outcome."""
-    started = time.monotonic()
-    with log.open("a") as sink:
-        for command in part.commands:
-            left = deadline - time.monotonic()
-            sink.write(f"\n$ {shlex.join(command)}\n")
-            sink.flush()
-            try:
-                done = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, timeout=max(left, 1))
-            except subprocess.TimeoutExpired:
-                part.outcome = "cut off at the budget's end"
-                break
-            if done.returncode != 0:
-                part.outcome = f"failed (exit code {done.returncode})"
-                break
+def classify(item: Item, returncode: int | None, cut_off: bool, output: str, train_log: str) -> str:
+    """The outcome of a finished command: done, diverged at lr X (a result), failed, or cut off."""
+    if cut_off:
+        return "cut off at the deadline (all its processes stopped)"
+    diverged = "training diverged" in train_log and re.search(r"FAILED \(exit code 2\b", output)
+    if item.run is not None and item.run.lr is not None and diverged:
+        message = next((line.split("error: ", 1)[-1] for line in train_log.splitlines() if "training diverged" in line), "")
+        return f"diverged at lr {item.run.lr}" + (f" ({message[:160]})" if message else "")
+    if returncode != 0:
+        return f"failed (exit code {returncode})"
+    if item.run is not None and item.run.expect_diverge:
+        return f"failed: lr {item.run.lr} was expected to diverge (the dry run's check of that path)"
+    return "done"
+
+
+def learn(item: Item, results: Path, costs: Costs) -> None:
+    """Add what a finished item measured to ``costs``."""
+    if item.outcome != "done":
+        return
+    costs.seconds[item.name] = item.seconds
+    if item.part == "throughput":
+        report = json.loads((results / "throughput.json").read_text())
+        for model, variants in report.get("models", {}).items():
+            speed = variants.get("lightning", {}).get("images_per_s")
+            if speed:
+                costs.images_per_s[model] = float(speed)
+        children = sum(len([v for v in variants if v not in ("ratios", "ratios_per_round")])
+                       for variants in report.get("models", {}).values()) * int(report.get("settings", {}).get("repeats", 1))
+        costs.throughput_child_s = item.seconds / max(children, 1)
+    elif item.run is not None:
+        results_json, _ = run_files(item.run, results)
+        data = json.loads(results_json.read_text()) if results_json.is_file() else {}
+        costs.runs.append({"item": item.name, "model": item.run.model, "config": item.run.config,
+                           "epochs": data.get("epochs_trained") or 1, "seconds": round(item.seconds, 1)})
+
+
+def run_files(run: Run, results: Path) -> tuple[Path, Path]:
+    """The JSON and train.py log that benchmarks/accuracy.py writes for ``run`` (its run_name)."""
+    folder = results / ("lr-sweep" if run.lr else "accuracy")
+    clean = lambda text: "".join(c if c.isalnum() or c in "-_." else "_" for c in text)  # noqa: E731
+    name = f"{clean(Path(run.config).stem)}-" + (f"{clean('lr' + run.lr)}-" if run.lr else "") + f"seed{run.seed}"
+    return folder / f"{name}.json", folder / f"{name}.log"
+
+
+def run_plan(items: Sequence[Item], costs: Costs, sizes: Sizes, deadline: float,
+             execute: Callable[[Item, float], None], after_each: Callable[[Item], None],
+             now: Callable[[], float] = time.monotonic) -> None:
+    """Run each item whose estimate fits the time left, in order; the others are skipped, saying why.
+
+    ``execute(item, stop_at)`` runs one and fills its outcome and seconds; ``after_each`` (the
+    table and the archive) follows every item, run or skipped.
+    """
+    for item in items:
+        left = deadline - now()
+        item.estimate_s, item.basis = estimate(item, costs, sizes)
+        if item.estimate_s > left:
+            item.outcome = f"skipped: needs about {item.estimate_s:.0f} s, {max(left, 0):.0f} s left"
         else:
-            part.outcome = "done"
-    part.seconds = time.monotonic() - started
+            stop_at = deadline if item.cap_s is None else min(deadline, now() + item.cap_s)
+            execute(item, stop_at)
+            if item.outcome.startswith("cut off") and stop_at < deadline:
+                item.outcome = f"cut off at its cap of {item.cap_s:.0f} s (all its processes stopped)"
+        after_each(item)
 
 
-def tiny_data(folder: Path) -> Path:
-    """A generated image-folder CIFAR-10 for --dry-run (the tests' own generator)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fakedata import make_image_folder
-
-    return make_image_folder(folder, 12, 5)
+# --- child processes -----------------------------------------------------------------------------
 
 
-def table(parts: Sequence[Part], out: Path) -> str:
-    """results.md: what each part did, then the figures of the benchmark and accuracy summaries."""
-    lines = ["# GPU proof", "", "| part | outcome | seconds |", "| --- | --- | ---: |"]
-    lines += [f"| {part.name} | {part.outcome} | {part.seconds:.0f} |" for part in parts]
-    throughput = out / "throughput.json"
+def child_env(dry_run: bool, runs: Path) -> dict[str, str]:
+    """The environment of every child: this checkout first on PYTHONPATH, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    if dry_run:
+        # The decode cache of generated images would only litter the user's ~/.cache.
+        env["XDG_CACHE_HOME"] = str(runs / "cache")
+    return env
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stop_group(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> list[int]:
+    """SIGTERM the whole process group of ``process``, SIGKILL what remains; the pids still alive."""
+    pgid = process.pid
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            if process.poll() is not None and not _group_members(pgid):
+                break
+            time.sleep(0.05)
+    process.poll()
+    return _group_members(pgid)
+
+
+def run_command(command: Sequence[str], log: Path, stop_at: float, env: dict[str, str] | None = None,
+                grace_s: float = STOP_GRACE_S) -> tuple[int | None, bool, float]:
+    """Run ``command`` from the checkout in a process group of its own, output appended to ``log``.
+
+    Returns (exit code, cut off, seconds). At ``stop_at`` (time.monotonic) the whole group is
+    stopped, grandchildren included (a pytest's or accuracy.py's train.py); after a normal exit
+    any process of the group still running is stopped too. ``Stopped`` (a signal to this script)
+    stops the group the same way, then propagates.
+    """
+    start = time.monotonic()
+    # A process group, not a session (setsid): a session's processes would survive this script
+    # being killed outright; a group is still in ours, yet can be signalled as one.
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    with log.open("ab") as sink:
+        sink.write(f"\n$ {shlex.join(command)}\n".encode())
+        sink.flush()
+        process = subprocess.Popen(list(command), cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=sink,
+                                   stderr=subprocess.STDOUT, **group)
+        cut_off = False
+        try:
+            process.wait(timeout=max(stop_at - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            cut_off = True
+        finally:
+            left = stop_group(process, grace_s) if process.poll() is None or cut_off else stop_group(process, 0.5)
+            if left:
+                sink.write(f"\n[{PROG}: processes {left} of this part did not stop]\n".encode())
+    return process.returncode, cut_off, time.monotonic() - start
+
+
+def _on_signal(signum: int, frame: object) -> NoReturn:
+    raise Stopped(signal.Signals(signum).name)
+
+
+# --- preflight -----------------------------------------------------------------------------------
+
+# Run as a child with the children's environment, so that it sees what they will see.
+PREFLIGHT = r"""
+import importlib, importlib.util, json, platform, sys
+info = {"python": platform.python_version(), "executable": sys.executable, "versions": {}, "problems": []}
+for name in ("torch", "torchvision", "lightning", "torchmetrics", "numpy", "PIL", "yaml", "matplotlib",
+             "tensorboard", "filelock", "rich", "pytest"):
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:
+        info["problems"].append(f"cannot import {name} ({type(exc).__name__}: {exc})")
+    else:
+        info["versions"][name] = str(getattr(module, "__version__", "?"))
+try:
+    import captum
+except Exception as exc:
+    info["captum"] = None
+    info["captum_error"] = f"{type(exc).__name__}: {exc}"
+else:
+    info["captum"] = str(getattr(captum, "__version__", "?"))
+spec = importlib.util.find_spec("cli")
+info["cli"] = spec.origin if spec else None
+if "torch" in info["versions"]:
+    import torch
+    cuda = torch.cuda.is_available()
+    info["cuda"] = {"available": cuda, "torch_cuda": torch.version.cuda,
+                    "devices": torch.cuda.device_count() if cuda else 0,
+                    "name": torch.cuda.get_device_name(0) if cuda else None,
+                    "bf16": bool(torch.cuda.is_bf16_supported()) if cuda else None}
+print(json.dumps(info))
+"""
+# Whether `cli` imports with this checkout neither on the path nor the working folder: installed.
+INSTALLED = "import importlib.util, json; s = importlib.util.find_spec('cli'); print(json.dumps(s and s.origin))"
+
+
+def preflight(env: dict[str, str], dry_run: bool, require_bare: bool) -> dict[str, Any]:
+    """Versions and CUDA as the children see them; ProofError (one line) on any problem."""
+    done = subprocess.run([sys.executable, "-c", PREFLIGHT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ProofError(f"preflight: {sys.executable} could not run the import check ({last})")
+    info = json.loads(lines[-1])
+    if info["problems"]:
+        raise ProofError(f"preflight: {'; '.join(info['problems'])}: this Python ({info['executable']}) lacks a "
+                         "package the project needs (carry it as a wheel, or use the environment of README's set-up)")
+    cli = info["cli"]
+    if cli is None or ROOT not in Path(cli).resolve().parents:
+        raise ProofError(f"preflight: the project's 'cli' imports from {cli}, not from this checkout {ROOT}; "
+                         "run this script from the checkout it belongs to")
+    bare_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    outside = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    if outside:
+        bare_env["PYTHONPATH"] = os.pathsep.join(outside)
+    installed = subprocess.run([sys.executable, "-c", INSTALLED], cwd=tempfile.gettempdir(), env=bare_env,
+                               capture_output=True, text=True, timeout=60, check=False)
+    info["installed"] = json.loads(installed.stdout.strip().splitlines()[-1]) if installed.returncode == 0 else None
+    if require_bare and info["installed"]:
+        raise ProofError(f"preflight: --require-bare, but the project is installed here (cli from {info['installed']}); "
+                         "run it in an environment without this project's pip install")
+    if require_bare and info["captum"] is not None:
+        raise ProofError(f"preflight: --require-bare, but captum {info['captum']} imports here; "
+                         "run it where captum cannot be imported")
+    if not dry_run and not info["cuda"]["available"]:
+        raise ProofError(f"preflight: CUDA is not available to torch {info['versions']['torch']} "
+                         f"(built for CUDA {info['cuda']['torch_cuda']}); run on a GPU machine, or pass --dry-run")
+    return info
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def table(items: Sequence[Item], info: dict[str, Any], results: Path, budget_s: float, dry_run: bool) -> str:
+    """results.md: versions, what each part did (or why not), then the throughput and accuracy tables."""
+    versions = info.get("versions", {})
+    cuda = info.get("cuda") or {}
+    device = cuda.get("name") or "no CUDA device"
+    lines = ["# GPU proof" + (" (dry run on the CPU)" if dry_run else ""), "",
+             f"Python {info.get('python')}, " + ", ".join(f"{name} {version}" for name, version in versions.items())
+             + f"; captum {info.get('captum') or 'absent'}; CUDA {cuda.get('torch_cuda')}, {device}; "
+             f"project {'installed at ' + str(info['installed']) if info.get('installed') else 'not installed'}, "
+             f"cli from {info.get('cli')}; budget {budget_s:.0f} s.", "",
+             "| part | outcome | estimate (s) | estimated from | seconds |", "| --- | --- | ---: | --- | ---: |"]
+    for item in items:
+        estimate_s = f"{item.estimate_s:.0f}" if item.basis else ""
+        lines.append(f"| {item.name} | {item.outcome} | {estimate_s} | {item.basis} | {item.seconds:.0f} |")
+    throughput = results / "throughput.json"
     if throughput.is_file():
         report = json.loads(throughput.read_text())
-        lines += ["", f"## Throughput ({report['device']}, batch {report['settings']['batch_size']}, "
-                      f"{report['settings']['precision']}, median of {report['settings'].get('repeats', 1)})", "",
+        settings = report["settings"]
+        lines += ["", f"## Throughput ({report['device']}, batch {settings['batch_size']}, {settings['precision']}, "
+                      f"median of {settings.get('repeats', 1)})", "",
                   "| model | variant | images/s | min | max |", "| --- | --- | ---: | ---: | ---: |"]
-        for model, results in report["models"].items():
-            for variant, result in results.items():
+        for model, results_of in report["models"].items():
+            for variant, result in results_of.items():
                 if isinstance(result, dict) and "images_per_s" in result:
                     lines.append(f"| {model} | {variant} | {result['images_per_s']:.0f} | "
                                  f"{result.get('images_per_s_min', 0):.0f} | {result.get('images_per_s_max', 0):.0f} |")
-            lines += [f"| {model} | {name} | {value} | | |" for name, value in results.get("ratios", {}).items()]
+            lines += [f"| {model} | {name} | {value} | | |" for name, value in results_of.get("ratios", {}).items()]
     for folder in ("accuracy", "lr-sweep"):
-        summary = out / folder / "results.md"
+        summary = results / folder / "results.md"
         if summary.is_file():
             lines += ["", f"## {folder} (from {folder}/summary.json)", "", summary.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
-def pack(out: Path, archive: Path | None) -> None:
+def pack(results: Path, archive: Path) -> None:
+    """Write ``results`` (no checkpoints) into ``archive`` as ``proof/...``, replacing it whole."""
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in sorted(results.rglob("*")):
+            if path.is_file() and path.suffix not in HEAVY_SUFFIXES:
+                tar.add(path, arcname=str(Path("proof") / path.relative_to(results)))
+    os.replace(partial, archive)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, as the project's other commands
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / ".data" / "cifar10-jpeg.tar.gz",
+                        help="CIFAR-10 (train.py's --data-dir); generated with --dry-run")
+    parser.add_argument("--seed-loop", type=Path, default=ROOT / ".data" / "seed_loop.py",
+                        help="the course's training loop, the throughput yardstick (optional with --dry-run)")
+    parser.add_argument("--no-seed-loop", action="store_true", help="time ours only, without the course's loop")
+    parser.add_argument("--archive", type=Path, help="the one archive of results (default: $OUT/proof.tar.gz)")
+    parser.add_argument("--work-dir", type=Path, help="results and run folders with checkpoints (default: a new "
+                        "folder in the system's temporary folder); never inside $OUT")
+    parser.add_argument("--budget-s", type=float, default=360.0, help="seconds for everything, preflight included")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (in the order of value)")
+    parser.add_argument("--costs", type=Path, help="an earlier proof's costs.json: start from what it measured")
+    parser.add_argument("--dry-run", action="store_true", help="the same parts on the CPU, tiny sizes, generated data")
+    parser.add_argument("--require-bare", action="store_true",
+                        help="fail unless this project is not pip-installed and captum cannot be imported "
+                             "(CI's rehearsal of a lent GPU machine)")
+    return parser
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, Costs]:
+    """Flag and file problems, before anything is started: (archive, seed loop or None, costs)."""
+    if not args.budget_s > 0:
+        raise ProofError(f"--budget-s {args.budget_s:g}: give a positive number of seconds (default 360)")
+    out = os.environ.get("OUT")
+    archive = args.archive or (Path(out) / "proof.tar.gz" if out else None)
     if archive is None:
-        return
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(out.rglob("*")):
-            # Checkpoints stay behind: they are large and the figures are in the JSON files.
-            if path.is_file() and path.suffix != ".ckpt" and "runs" not in path.relative_to(out).parts:
-                tar.add(path, arcname=str(path.relative_to(out.parent)))
+        raise ProofError("no place for the results: pass --archive PATH.tar.gz (or set OUT to a folder)")
+    if not args.dry_run and not args.data.exists():
+        raise ProofError(f"--data {args.data}: CIFAR-10 not found; copy the archive there or pass --data PATH")
+    seed_loop = None if args.no_seed_loop else args.seed_loop.resolve()
+    if seed_loop is not None and not seed_loop.is_file():
+        if not args.dry_run or args.seed_loop != build_parser().get_default("seed_loop"):
+            raise ProofError(f"--seed-loop {args.seed_loop}: the course's training loop not found; "
+                             "copy it there, pass --seed-loop PATH, or --no-seed-loop")
+        seed_loop = None  # a dry run without it times ours only
+    if out and args.work_dir is not None and _inside(args.work_dir, Path(out)):
+        raise ProofError(f"--work-dir {args.work_dir} is inside $OUT ({out}): only the archive should go there")
+    if args.work_dir is not None and (args.work_dir / "results").is_dir() and any((args.work_dir / "results").iterdir()):
+        raise ProofError(f"--work-dir {args.work_dir} already holds a proof's results; pass a new or empty folder")
+    costs = Costs()
+    if args.costs is not None:
+        try:
+            costs = Costs.from_json(json.loads(args.costs.read_text()))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ProofError(f"--costs {args.costs}: not an earlier proof's costs.json ({exc})") from None
+    try:
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=archive.parent, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ProofError(f"cannot write the archive into {archive.parent} ({exc.strerror}); pass --archive "
+                         "to a writable place") from None
+    return archive.resolve(), seed_loop, costs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     start = time.monotonic()
-    deadline = start + args.budget_s
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = tiny_data(args.out / "tiny-data") if args.dry_run else args.data
-    if data is None or not Path(data).exists():
-        print(f"gpu_proof: error: --data {data}: CIFAR-10 not found; pass --data (or --dry-run)", file=sys.stderr)
-        return 2
-    log = args.out / "log.txt"
-    parts = plan(args, Path(data).resolve())
-    for part in parts:
-        left = deadline - time.monotonic()
-        if part.estimate_s > left:
-            part.outcome = f"skipped: needs about {part.estimate_s:.0f} s, {max(left, 0):.0f} s left"
-        else:
-            run_part(part, deadline, log)
-        print(f"[{time.monotonic() - start:5.0f} s] {part.name}: {part.outcome} ({part.seconds:.0f} s)", flush=True)
-        (args.out / "results.md").write_text(table(parts, args.out))
-        pack(args.out, args.archive)
-    print((args.out / "results.md").read_text(), end="")
-    return 0 if all(part.outcome == "done" or part.outcome.startswith("skipped") for part in parts) else 1
+    args = build_parser().parse_args(argv)
+    archive, seed_loop, costs = check_inputs(args)
+    deadline = start + args.budget_s - RESERVE_S
+    sizes = DRY if args.dry_run else GPU
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="gpu-proof-"))
+    results, runs = work / "results", work / "runs"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "logs").mkdir(exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    env = child_env(args.dry_run, runs)
+    info = preflight(env, args.dry_run, args.require_bare)
+    (results / "preflight.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"[{time.monotonic() - start:5.0f} s] preflight: Python {info['python']}, torch {info['versions']['torch']}, "
+          f"lightning {info['versions']['lightning']}, captum {info['captum'] or 'absent'}, "
+          f"{(info.get('cuda') or {}).get('name') or 'no CUDA device'}; results in {results}, runs in {runs}", flush=True)
+    if args.dry_run:
+        data = runs / "tiny-data"
+        subprocess.run([sys.executable, "-c", "import sys; from fakedata import make_image_folder; "
+                        "make_image_folder(sys.argv[1], 12, 5)", str(data)], cwd=ROOT, check=True,
+                       env={**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), env["PYTHONPATH"]])})
+    else:
+        data = args.data.resolve()
+    items = build_items(args.parts, sizes, {"results": results, "runs": runs, "data": data}, seed_loop, args.budget_s)
+
+    def execute(item: Item, stop_at: float) -> None:
+        log = results / "logs" / f"{item.name}.log"
+        item.log = str(log.relative_to(results))
+        print(f"[{time.monotonic() - start:5.0f} s] {item.name}: started, about {item.estimate_s:.0f} s "
+              f"({item.basis})", flush=True)
+        item.outcome, started = "running", time.monotonic()
+        try:
+            code, cut_off, item.seconds = run_command(item.command, log, stop_at, env)
+        finally:
+            item.seconds = time.monotonic() - started
+        output = log.read_text(errors="replace")
+        train_log = ""
+        if item.run is not None:
+            run_log = run_files(item.run, results)[1]
+            train_log = run_log.read_text(errors="replace") if run_log.is_file() else ""
+        item.outcome = classify(item, code, cut_off, output, train_log)
+        learn(item, results, costs)
+
+    def write_report() -> None:
+        (results / "results.md").write_text(table(items, info, results, args.budget_s, args.dry_run))
+        (results / "costs.json").write_text(json.dumps(costs.to_json(), indent=2) + "\n")
+        pack(results, archive)
+
+    def after_each(item: Item) -> None:
+        print(f"[{time.monotonic() - start:5.0f} s] {item.name}: {item.outcome} ({item.seconds:.0f} s)", flush=True)
+        write_report()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    stopped = None
+    try:
+        run_plan(items, costs, sizes, deadline, execute, after_each)
+    except Stopped as exc:
+        stopped = str(exc)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # packing what there is must not be cut short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for item in items:
+            if item.outcome == "running":
+                item.outcome = f"stopped by {stopped} after {item.seconds:.0f} s (all its processes stopped)"
+            elif item.outcome == "not run":
+                item.outcome = f"not run: the proof was stopped by {stopped}"
+        print(f"[{time.monotonic() - start:5.0f} s] stopped by {stopped}", flush=True)
+        write_report()
+    print((results / "results.md").read_text(), end="")
+    print(f"archive: {archive} ({archive.stat().st_size / 1024:.0f} KiB); checkpoints stay in {runs}")
+    if stopped:
+        return 130 if stopped == "SIGINT" else 143
+    ok = all(item.outcome == "done" or item.outcome.startswith(("skipped", "diverged")) for item in items)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ProofError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, Stopped):  # before the plan started: nothing to pack yet
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -59,10 +59,39 @@ def load_script(name: str) -> ModuleType:
 
 class _SigtermAt(Callback):
     """Sends this process SIGTERM after training step ``step``, or at the end of epoch ``epoch``
-    (counted from 1), as a cluster's preemption would."""
+    (counted from 1), as a cluster's preemption would; or, with ``during``, in the middle of
+    something else: ``validation`` (after the first validation batch of epoch ``epoch``),
+    ``sanity`` (after the first batch of the sanity check), ``test`` (after the first batch of
+    the final test), ``save`` (while the first checkpoint of epoch ``epoch`` is being saved)."""
 
-    def __init__(self, step: int | None = None, epoch: int | None = None) -> None:
-        self.step, self.epoch = step, epoch
+    def __init__(self, step: int | None = None, epoch: int | None = None, during: str | None = None) -> None:
+        if during not in (None, "validation", "sanity", "test", "save"):
+            raise ValueError(f"unknown during={during!r}")
+        self.step, self.during = step, during
+        # The epoch-end signal is for a plain sigterm_at(epoch=n) only.
+        self.epoch, self.at_epoch = (None, epoch) if during else (epoch, None)
+        self.sent = False
+
+    def _send_once(self) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0:
+            return
+        if self.during == "sanity" and trainer.sanity_checking:
+            self._send_once()
+        if self.during == "validation" and not trainer.sanity_checking and trainer.current_epoch + 1 == self.at_epoch:
+            self._send_once()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.during == "test" and batch_idx == 0:
+            self._send_once()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.during == "save" and trainer.current_epoch + 1 == self.at_epoch:
+            self._send_once()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
@@ -76,15 +105,16 @@ class _SigtermAt(Callback):
 @pytest.fixture
 def sigterm_at(monkeypatch):
     """``sigterm_at(step=n)`` or ``sigterm_at(epoch=n)``: the next train.py run in this process is
-    preempted there; ``sigterm_at()`` runs the next one undisturbed."""
+    preempted there; ``sigterm_at()`` runs the next one undisturbed. ``sigterm_at(epoch=n,
+    during="validation")`` and the other ``during`` values of ``_SigtermAt`` stop it elsewhere."""
     from run import build as run_build
 
     real = run_build.build_callbacks
 
-    def arm(step: int | None = None, epoch: int | None = None) -> None:
+    def arm(step: int | None = None, epoch: int | None = None, during: str | None = None) -> None:
         def build_callbacks(*args, **kwargs):
             callbacks = real(*args, **kwargs)
-            callbacks.all.append(_SigtermAt(step, epoch))
+            callbacks.all.append(_SigtermAt(step, epoch, during))
             return callbacks
 
         monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)

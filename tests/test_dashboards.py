@@ -29,6 +29,7 @@ from datamodules import CLASSES, CIFAR10DataModule
 from datamodules.cifar10 import eval_transform
 from callbacks.dashboards import ConfidentMistakes, ConfusionMatrix, to_rgb
 from callbacks.progress import ThrottledProgressBar
+from callbacks.reliability import FiniteLossGuard
 
 # 50 of the 120 tiny training images held out, so that every class has validation images.
 QUICK = ["--accelerator", "cpu", "--workers", "0", "--batch-size", "20", "--val-size", "50", "--eval-batch-size", "50",
@@ -250,13 +251,14 @@ class _SlowRegression(L.LightningModule):
 
 @pytest.mark.slow
 def test_progress_bar_shows_throughput_and_epochs_from_one_without_v_num(tmp_path: Path) -> None:
-    bar = ThrottledProgressBar(metrics_interval=0.1)
+    guard = FiniteLossGuard()  # whose reads of the loss the bar's throughput is measured between
+    bar = ThrottledProgressBar(metrics_interval=0.1, loss_guard=guard)
     shown: list[dict] = []
     read = bar.get_metrics
     bar.get_metrics = lambda *args: shown.append(read(*args)) or shown[-1]  # what the bar displays
     data = DataLoader(TensorDataset(torch.randn(80, 4), torch.randn(80, 1)), batch_size=4)  # 20 steps
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=TensorBoardLogger(tmp_path), enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[bar])
+                        enable_model_summary=False, callbacks=[bar, guard], log_every_n_steps=2)
     trainer.fit(_SlowRegression(seconds=0.02), train_dataloaders=data)
     assert shown and all("v_num" not in metrics for metrics in shown)
     rates = [float(metrics["img/s"].replace(",", "")) for metrics in shown if "img/s" in metrics]
