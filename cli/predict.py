@@ -69,7 +69,7 @@ def prediction_record(path: Path, probabilities: list[float], classes: list[int]
 
 
 def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # a title cut over two lines cuts the path in it
     table.add_column("file", overflow="fold")
     table.add_column("class")
     table.add_column("probability", justify="right")

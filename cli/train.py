@@ -28,6 +28,7 @@ from cli.flags import (
 )
 from base.options import MODEL_NAMES, OPTIMIZERS, REQUEUE_SIGNALS, SCHEDULERS, STRATEGIES, TTA_MODES
 from run.config import RunConfig
+from run.history import RunFinished
 from run.resolve import resolve_run_config
 
 
@@ -107,6 +108,12 @@ def build_train_parser(prog: str | None = None, description: str | None = None) 
     )
     group.add_argument("--seed", type=non_negative_int, help="seeds weights, split, shuffling, augmentation")
     group.add_argument("--resume", metavar="PATH|last", help="continue a run: its folder, a checkpoint in it, or last (the newest run, or --run-name's)")
+    group.add_argument(
+        "--rewind",
+        action="store_true",
+        help="with --resume of a checkpoint older than the run's latest (best.ckpt, epochNNN.ckpt): go back to it and "
+        "train on from there; the later checkpoints are moved into RUN/rewound/ (without it such a resume is refused)",
+    )
     group.add_argument("--weights", metavar="PATH", help="start from these weights (course state dict or .ckpt)")
     group.add_argument("--checkpoint-every", type=positive_int, help="keep a checkpoint every N epochs")
     group.add_argument("--results-json", metavar="PATH", help="also write the run's test results and timings as JSON")
@@ -142,7 +149,11 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = parse_run_config(argv)
+    try:
+        config = parse_run_config(argv)
+    except RunFinished as finished:
+        print(finished)
+        return 0
     from run.training import find_lr_only, summary_lines, train
 
     if config.find_lr:

@@ -184,9 +184,11 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str) -
 
     expected = model.state_dict()
     # A state dict of PyTorch before 0.4.1 has no BatchNorm batch counters; PyTorch itself loads
-    # it (with the counter at 0), so it loads here too, whatever version its metadata claims.
+    # it (with the counter at 0), so it loads here too, whatever version its metadata claims. Only
+    # beside the layer's running statistics: a layer missing altogether is a real mismatch.
     for key, value in expected.items():
-        if key.rsplit(".", 1)[-1] == _BATCH_COUNTER and key not in sd:
+        module, _, name = key.rpartition(".")
+        if name == _BATCH_COUNTER and key not in sd and f"{module}.running_mean" in sd:
             sd[key] = torch.zeros_like(value)
     problems = _mismatches(expected, sd)
     if problems:

@@ -90,6 +90,7 @@ class RunConfig:
     run_name: str | None = _option(None)
     seed: int = _option(0, fixed=_TRAINING)
     resume: Path | None = _option(None, path=True, per_invocation=True)
+    rewind: bool = _option(False, per_invocation=True)  # --resume from an earlier checkpoint than the run's latest
     weights: Path | None = _option(None, path=True, per_invocation=True)
     checkpoint_every: int = _option(20)
     results_json: Path | None = _option(None, path=True, per_invocation=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from base.errors import UserError
 from base.options import IMAGE_SUFFIXES
+from datamodules.layout import list_files
 
 
 # torch.save writes a zip archive since PyTorch 1.6 and a bare pickle (protocol 2+: 0x80) before.
@@ -53,19 +54,19 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
     A file that is named explicitly is always used, whatever its suffix (Pillow recognises the
     format from the content). A folder contributes every file with an image suffix below it, in
-    sorted order, skipping hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.thumbnails``).
-    A path named twice is classified once. A missing path or a folder without images is an error,
-    since both are almost always a typo.
+    sorted order, sub-folders and symbolic links to folders included (``datamodules.layout.list_files``),
+    skipping hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.thumbnails``). A broken link
+    with an image suffix is kept, so that predict.py names it as unreadable instead of leaving it
+    out without a word. A path named twice is classified once. A missing path, a folder without
+    images or one that cannot be listed is an error, since these are almost always a mistake.
     """
     found: list[Path] = []
     for given in map(Path, inputs):
         if given.is_dir():
             images = sorted(
                 path
-                for path in given.rglob("*")
-                if path.suffix.lower() in IMAGE_SUFFIXES
-                and path.is_file()
-                and not any(part.startswith(".") for part in path.relative_to(given).parts)
+                for path in list_files(given)
+                if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
             )
             if not images:
                 raise UserError(

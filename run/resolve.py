@@ -26,6 +26,7 @@ from run.config import (
 )
 from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, find_resume
 from run.hardware import Machine, certainly_without_gpu
+from run.history import check_resume
 from run.paths import check_checkpoint_file, check_output_file, check_writable
 
 
@@ -39,6 +40,11 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     asked = merge(config_file, typed)
     if asked["resume"] is not None:
         _refuse_with_resume(asked)
+    elif asked["rewind"]:
+        raise UserError(
+            "--rewind goes with --resume CHECKPOINT (an earlier checkpoint of a run, such as its best.ckpt); "
+            "add --resume, or leave out --rewind"
+        )
     model = asked["model"] if "model" in typed or "model" in config_file else None
     output_dir = absolute_path(asked["output_dir"])
     resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
@@ -86,6 +92,8 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
             f"--epochs {config.epochs}: {run_dir} has already trained {trained} epochs; give more to train "
             f"further, or test it: python test.py --ckpt {shlex.quote(str(run_dir / 'checkpoints' / 'best.ckpt'))}"
         )
+    # A resume from an earlier checkpoint goes back in time; one of a finished run has nothing to do.
+    check_resume(resume, config.epochs, config.scheduler, config.rewind)
     if "precision" not in typed and "precision" not in config_file and config.precision == saved["precision"]:
         # Kept from the run, not asked for now: the run's reason for it still holds.
         config = dataclasses.replace(config, precision_reason=saved["precision_reason"] or config.precision_reason)

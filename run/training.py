@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from run.folder import (
     joins_run,
     withdraw_announcement,
 )
+from run.history import record_final_test, rewind
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
@@ -194,6 +196,8 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
         if trainer.is_global_zero:
             verb = f"resuming {run_dir} from {config.resume.name}" if config.resume else f"new run {run_dir}"
             print(f"{verb}: {describe(config)}", flush=True)
+        if trainer.is_global_zero and config.rewind and config.resume is not None:
+            rewind(run_dir, config.resume)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         fit_started = time.perf_counter()
         try:
@@ -226,11 +230,16 @@ def _test_and_record(
         last=callbacks.latest.best_model_path or None,
         data=describe_source(config.data_dir),
     )
-    epochs_trained, test_started = trainer.current_epoch, time.perf_counter()
+    epochs_trained, last_step, test_started = trainer.current_epoch, trainer.global_step, time.perf_counter()
     kept = f"the run is saved ({outcome.best or outcome.last}); test it with: python test.py --ckpt {shlex.quote(str(outcome.best))}"
     try:
         with ctrl_c_raises(f"stopped by Ctrl-C during the final test; {kept}"):
             results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(f"stopped by a termination signal during the final test: the training is complete and saved; "
+                  f"the test runs again with: python train.py --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+        raise
     except UserError as exc:
         # The training is done and its checkpoints are on disk: report, never throw them away.
         outcome.test_error = str(exc)
@@ -249,6 +258,10 @@ def _test_and_record(
             "hp/test_images": outcome.test_metrics.get("images/test"),
         }
         log_final_hparams(trainer.logger, config.to_dict(), final, step=trainer.global_step)
+        if outcome.test_metrics and not config.fast_dev_run:
+            # After the dashboards hold the test: a resume of this run, finished, says so (run.history).
+            record_final_test(run_dir, last_step, epochs_trained, outcome.best, outcome.best_epoch,
+                              outcome.test_metrics)
     if config.results_json:
         finished = time.perf_counter()
         report = run_results(

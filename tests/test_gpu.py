@@ -91,3 +91,143 @@ def test_grad_cam_on_the_gpu():
     model = build_model("resnet50").cuda()
     maps = grad_cam(model, torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([1, 2], device="cuda"))
     assert maps.is_cuda and maps.shape == (2, 32, 32)
+
+
+# --- the fast recipes, resnet50, host syncs and a speed floor (all on the GPU) -------------------
+
+FAST = ["--config", "configs/vgg16_fast.yaml", "--time-to-accuracy", "0.5", "--workers", "0", "--val-size", "50",
+        "--eval-batch-size", "500", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def gpu_data(tmp_path_factory):
+    """A python-archive CIFAR-10 of 600 training images: at batch 512 after 50 held out, one full batch
+    and a short last one of 38."""
+    from fakedata import make_python_archive
+
+    return make_python_archive(tmp_path_factory.mktemp("gpu-data"), 600, 100)
+
+
+@pytest.mark.parametrize("compiled", [pytest.param([], id="eager"), pytest.param(["--compile"], id="compiled")])
+def test_fast_recipe_on_the_gpu_with_a_short_last_batch(cli, gpu_data, tmp_path, compiled):
+    """configs/vgg16_fast.yaml (batch 512, EMA, flip TTA, one-cycle) with time to accuracy, eager and compiled:
+    trains, tests, and its results record the averaged model and the time-to-accuracy epochs."""
+    report = tmp_path / "results.json"
+    result = cli("train", *FAST, *GPU, *compiled, "--data-dir", str(gpu_data), "--output-dir", str(tmp_path),
+                 "--results-json", str(report))
+    assert result.code == 0, result.err
+    results = json.loads(report.read_text())
+    assert results["epochs_trained"] == 2 and len(results["time_to_accuracy"]["epochs"]) == 2
+    assert results["test_accuracy"] is not None and results["tta"] == "flip" and results["ema_decay"] == 0.998
+    best = torch.load(tmp_path / "vgg16" / "version_0" / "checkpoints" / "best.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert "current_model_state" in best and best["hyper_parameters"]["tta"] == "flip"
+
+
+def test_resnet50_trains_on_the_gpu(cli, gpu_data, tmp_path):
+    result = cli("train", "--config", "configs/resnet50_fast.yaml", *GPU, "--epochs", "1", "--workers", "0",
+                 "--val-size", "50", "--data-dir", str(gpu_data), "--output-dir", str(tmp_path))
+    assert result.code == 0, result.err
+    assert (tmp_path / "resnet50" / "version_0" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_ema_average_lives_on_the_gpu(gpu_data, monkeypatch, cli, tmp_path):
+    """After the strategy moved the module to the GPU, the EMA's average is there too (not on the CPU)."""
+    from lightning.pytorch.callbacks import Callback
+
+    from callbacks.recipes import WeightEMA
+    from run import build as run_build
+
+    seen = {}
+
+    class _Where(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ema = next(c for c in trainer.callbacks if isinstance(c, WeightEMA))
+            seen["average"] = {p.device.type for p in ema._average_model.parameters()}
+            seen["module"] = {p.device.type for p in pl_module.parameters()}
+
+    real = run_build.build_callbacks
+    monkeypatch.setattr(run_build, "build_callbacks",
+                        lambda *a, **k: (c := real(*a, **k)).all.append(_Where()) or c)
+    result = cli("train", *FAST, *GPU, "--epochs", "1", "--data-dir", str(gpu_data), "--output-dir", str(tmp_path))
+    assert result.code == 0, result.err
+    assert seen == {"average": {"cuda"}, "module": {"cuda"}}
+
+
+def test_fast_recipe_training_steps_never_sync_with_the_host(cli, gpu_data, tmp_path, monkeypatch):
+    """CUDA's sync detector set to "error" from the third training step on: no step (EMA update, loss
+    guard, metrics, batches) waits for the GPU. Logging steps are out of this window (--log-every-n-steps 50)."""
+    from lightning.pytorch.callbacks import Callback
+
+    from run import build as run_build
+
+    checked = []
+
+    class _SyncsAreErrors(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx >= 2:
+                torch.cuda.set_sync_debug_mode("error")
+                checked.append(batch_idx)
+
+    class _Back(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx + 1 >= trainer.num_training_batches:
+                torch.cuda.set_sync_debug_mode("default")
+
+        def on_exception(self, trainer, pl_module, exception):
+            torch.cuda.set_sync_debug_mode("default")
+
+    real = run_build.build_callbacks
+
+    def build_callbacks(*args, **kwargs):
+        callbacks = real(*args, **kwargs)
+        callbacks.all.insert(0, _SyncsAreErrors())
+        callbacks.all.append(_Back())
+        return callbacks
+
+    monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+    try:
+        result = cli("train", *FAST, *GPU, "--epochs", "1", "--batch-size", "32", "--log-every-n-steps", "50",
+                     "--data-dir", str(gpu_data), "--output-dir", str(tmp_path))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.code == 0, result.err
+    assert len(checked) >= 10  # 550 images at batch 32: 18 steps, 16 of them checked
+
+
+def test_training_speed_floor_over_50_steps():
+    """vgg16 at batch 512 in bf16 with channels_last, the device data path and Lightning: at least
+    20,000 training images/s over 50 steps after 10 warm-up steps (the target is 100,000)."""
+    import time
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from datamodules.device_batches import TrainBatches
+    from lit_modules import ImageClassifier
+    from models import prepare_backbone
+
+    class _Clock(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 10:
+                torch.cuda.synchronize()
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.start
+
+    images = torch.randint(0, 256, (60 * 512, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (60 * 512,))
+    batches = TrainBatches(images, labels, 512, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3, device="cuda",
+                           channels_last=True)
+    module = ImageClassifier("vgg16", optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="none")
+    prepare_backbone(module.backbone, channels_last=True, compile=False)
+    clock = _Clock()
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=60, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[clock], benchmark=True, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=batches)
+    rate = 50 * 512 / clock.seconds
+    print(f"vgg16 bf16 channels_last: {rate:,.0f} training images/s over 50 steps")
+    assert rate >= 20_000, f"{rate:,.0f} img/s"

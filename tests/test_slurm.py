@@ -32,8 +32,8 @@ JOB_ID = "4242"
 SLURM_VARIABLES = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NTASKS_PER_NODE",
                    "SLURM_NNODES", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")
 # (tasks per node, nodes) and the flags that say the same to train.py
-LAYOUTS = {"two tasks on one node": ((2, 1), ["--devices", "2"]),
-           "one task on each of two nodes": ((1, 2), ["--devices", "1", "--num-nodes", "2"])}
+LAYOUTS = {"one_node_two_tasks": ((2, 1), ["--devices", "2"]),
+           "two_nodes_one_task_each": ((1, 2), ["--devices", "1", "--num-nodes", "2"])}
 
 
 def slurm_env(rank: int = 0, per_node: int = 1, nodes: int = 1, restart: int = 0) -> dict[str, str]:
@@ -105,6 +105,26 @@ def wait_all(processes: list[subprocess.Popen], logs: Path, timeout: float = 600
                 process.kill()
 
 
+def signal_when_paused(command: list[str], layout: tuple[int, int], logs: Path, cwd: Path, scontrol: SimpleNamespace,
+                       probe: Path, pause_at: int, signalled: tuple[int, ...]) -> list[int]:
+    """Run the tasks with tests/slurm_probe.py's pause after step ``pause_at``; once all wait there, send
+    SIGUSR1 to the tasks ``signalled``, let them go on, and return the exit codes."""
+    tasks = start_tasks(command, layout, logs, cwd, scontrol.path,
+                        extra={"SLURM_PROBE_DIR": str(probe), "SLURM_PROBE_PAUSE_AT": str(pause_at)})
+    try:
+        deadline = time.monotonic() + 400
+        while not all((probe / f"paused-rank{r}").exists() for r in range(len(tasks))):
+            assert time.monotonic() < deadline and all(t.poll() is None for t in tasks), errors(logs)
+            time.sleep(0.2)
+        for rank in signalled:
+            tasks[rank].send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        (probe / "go").touch()
+    finally:
+        codes = wait_all(tasks, logs, timeout=300)
+    return codes
+
+
 def errors(logs: Path) -> str:
     return "\n".join(f"--- {path.name}\n{path.read_text()[-1500:]}" for path in sorted(logs.glob("task*.err")))
 
@@ -173,19 +193,7 @@ def test_requeue_signal_saves_requeues_once_and_the_same_command_finishes(tiny_d
 
     # First start: both tasks wait after step 2 (the end of epoch 1), are signalled there, and stop after step 3.
     logs = tmp_path / "logs1"
-    tasks = start_tasks(command, (2, 1), logs, work, scontrol.path,
-                        extra={"SLURM_PROBE_DIR": str(probe), "SLURM_PROBE_PAUSE_AT": "2"})
-    try:
-        deadline = time.monotonic() + 400
-        while not all((probe / f"paused-rank{r}").exists() for r in (0, 1)):
-            assert time.monotonic() < deadline and all(t.poll() is None for t in tasks), errors(logs)
-            time.sleep(0.2)
-        for task in tasks:
-            task.send_signal(signal.SIGUSR1)
-        time.sleep(1.0)
-        (probe / "go").touch()
-    finally:
-        codes = wait_all(tasks, logs)
+    codes = signal_when_paused(command, (2, 1), logs, work, scontrol, probe, pause_at=2, signalled=(0, 1))
     assert codes == [143, 143], errors(logs)
     task0 = (logs / "task0.err").read_text()
     assert f"stopped by SIGUSR1 in epoch 2, after step 3: saved {last}" in task0, task0[-2000:]
@@ -212,6 +220,23 @@ def test_requeue_signal_saves_requeues_once_and_the_same_command_finishes(tiny_d
     assert scontrol.calls() == [f"requeue {JOB_ID}"]
     assert [p.name for p in (output / "vgg16").iterdir()] == [run.name]
     assert hpc_files(tmp_path) == [] and sorted(p.name for p in output.iterdir()) == ["vgg16"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_task_stops_every_task_after_the_same_batch(tiny_data, tmp_path, scontrol):
+    """Only task 1 gets SIGUSR1: the tasks agree to stop after one same batch, all save, task 0 requeues.
+
+    Left to Lightning, task 1 alone would stop, and task 0 wait for it in the next collective."""
+    work, output, probe, logs = tmp_path / "work", tmp_path / "runs", tmp_path / "probe", tmp_path / "logs"
+    work.mkdir(), probe.mkdir()
+    command = [sys.executable, str(ROOT / "tests" / "slurm_probe.py"), *QUICK, "--model", "vgg16", "--train-limit", "80",
+               "--data-dir", str(tiny_data), "--epochs", "2", "--output-dir", str(output), "--devices", "1",
+               "--num-nodes", "2", "--requeue-signal", "SIGUSR1"]
+    codes = signal_when_paused(command, (1, 2), logs, work, scontrol, probe, pause_at=1, signalled=(1,))
+    assert codes == [143, 143], errors(logs)
+    last = output / "vgg16" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"stopped by SIGUSR1 after epoch 1, after step 2: saved {last}" in (logs / "task0.err").read_text()
+    assert load(last)["global_step"] == 2 and scontrol.calls() == [f"requeue {JOB_ID}"]
 
 
 # --- one task: hpc_ckpt files, the default requeue signal ------------------------------------------
