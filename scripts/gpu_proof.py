@@ -69,7 +69,8 @@ class Sizes:
     """What the proof runs, on the GPU or (``--dry-run``) tiny on the CPU."""
 
     accelerator: str
-    bench: tuple[str, ...]  # benchmarks/throughput.py flags
+    bench_models: tuple[str, ...]  # timed by benchmarks/throughput.py
+    bench: tuple[str, ...]  # its flags
     repeats: int
     train_flags: tuple[str, ...]  # every train.py run
     seeds: dict[str, tuple[int, ...]]  # per model
@@ -90,6 +91,7 @@ class Sizes:
 
 GPU = Sizes(
     accelerator="gpu",
+    bench_models=("vgg16", "resnet50"),
     bench=("--steps", "50", "--warmup", "15"),
     repeats=2,
     train_flags=("--time-to-accuracy", TARGET, "--accelerator", "gpu"),
@@ -102,6 +104,8 @@ GPU = Sizes(
 )
 DRY = Sizes(
     accelerator="cpu",
+    # One model is enough to rehearse the command; each process costs CI ~10 s of imports.
+    bench_models=("vgg16",),
     bench=("--steps", "2", "--warmup", "1", "--batch-size", "20", "--workers", "0"),
     repeats=1,
     train_flags=("--epochs", "1", "--train-limit", "40", "--val-size", "20", "--batch-size", "20",
@@ -192,7 +196,7 @@ def build_items(parts: Sequence[str], sizes: Sizes, paths: dict[str, Path], seed
             cap_s=TESTS_SHARE * budget_s))
     if "throughput" in parts:
         variants = ["seed_loop", "lightning", "bare"] if seed_loop else ["lightning", "bare"]
-        command = [py, "-m", "benchmarks.throughput", "--models", "vgg16", "resnet50", "--variants", *variants,
+        command = [py, "-m", "benchmarks.throughput", "--models", *sizes.bench_models, "--variants", *variants,
                    *sizes.bench, "--repeats", str(sizes.repeats), "--data", str(data),
                    "--accelerator", sizes.accelerator, "--out", str(results / "throughput.json")]
         if seed_loop:
@@ -224,7 +228,7 @@ def estimate(item: Item, costs: Costs, sizes: Sizes) -> tuple[float, str]:
     if item.part == "cuda-tests":
         return sizes.tests_s, "a guess: not measured yet"
     if item.part == "throughput":
-        children = 2 * (3 if "seed_loop" in item.command else 2) * sizes.repeats
+        children = len(sizes.bench_models) * (3 if "seed_loop" in item.command else 2) * sizes.repeats
         if costs.throughput_child_s is not None:
             return (MEASURED_MARGIN * children * costs.throughput_child_s,
                     f"{children} processes at {costs.throughput_child_s:.0f} s measured")
@@ -243,7 +247,9 @@ def estimate(item: Item, costs: Costs, sizes: Sizes) -> tuple[float, str]:
     if others and measured:
         other = max(others, key=lambda r: r["seconds"])
         other_compute = other["epochs"] * (sizes.train_images + sizes.eval_images / EVAL_SPEEDUP) / costs.images_per_s[other["model"]]
-        overhead = max(other["seconds"] - other_compute, 0.0) * sizes.epochs / max(other["epochs"], 1)
+        # At least the guessed start-up: the benchmark's batch of 100 may be slower per image than a
+        # run's, which would make the measured run look as if it had spent nothing else.
+        overhead = max((other["seconds"] - other_compute) * sizes.epochs / max(other["epochs"], 1), sizes.run_start_s)
         source = f"the rest as {other['config']}'s measured run"
     else:
         overhead = sizes.run_start_s + sizes.epochs * sizes.epoch_fixed_s
