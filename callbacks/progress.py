@@ -23,7 +23,8 @@ class RunClock(L.Callback):
 
     The pace is the median time of the finished epochs (training, validation and checkpoints),
     or, within the first epoch, the time per training batch so far times the epoch's batches.
-    After ``probe_batches`` batches of the first epoch, a run projected to last more than
+    After ``probe_batches`` batches of the first epoch, or at its last batch when it has fewer
+    (a short epoch, or the end of one a resume came into), a run projected to last more than
     ``heads_up_hours`` on the CPU prints one line saying so and what shortens it.
     """
 
@@ -33,6 +34,7 @@ class RunClock(L.Callback):
         self.epoch_seconds: list[float] = []
         self._epoch_started = time.monotonic()
         self._batches = 0
+        self._batches_left = 0  # of the epoch in progress, after the latest batch
         self._in_epoch = False
         self._warned = False
 
@@ -46,7 +48,11 @@ class RunClock(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batches += 1
-        if self._batches == self.probe_batches and not self._warned and trainer.is_global_zero:
+        total = trainer.num_training_batches
+        self._batches_left = max(0, total - batch_idx - 1) if total not in (0, float("inf")) else 0
+        # The probe's batches, or all this epoch has when that is fewer (else no heads-up would come).
+        probed = self._batches >= self.probe_batches or (total != float("inf") and batch_idx + 1 >= total)
+        if probed and not self._warned and trainer.is_global_zero:
             self._warned = True
             left = self.eta_seconds(trainer)
             if trainer.strategy.root_device.type == "cpu" and left is not None and left > 3600 * self.heads_up_hours:
@@ -54,8 +60,11 @@ class RunClock(L.Callback):
                 if not str(trainer.precision).startswith("bf16"):
                     faster.append("--precision bf16-mixed on CPUs with native bfloat16")
                 faster.append("a shorter recipe (--epochs, configs/*_fast.yaml)")
+                epochs = f"the run's {trainer.max_epochs} epochs"
+                if trainer.current_epoch:  # resumed: what is left of them
+                    epochs = f"the {trainer.max_epochs - trainer.current_epoch} epochs left of the run's {trainer.max_epochs}"
                 print(
-                    f"heads-up: at this pace the run's {trainer.max_epochs} epochs take about {left / 3600:.0f} h on "
+                    f"heads-up: at this pace {epochs} take about {left / 3600:.0f} h on "
                     f"this CPU; {', '.join(faster[:-1])} or {faster[-1]} shorten it; Ctrl-C saves the run, "
                     "--resume continues it",
                     flush=True,
@@ -72,13 +81,17 @@ class RunClock(L.Callback):
         in_epoch = time.monotonic() - self._epoch_started
         if self.epoch_seconds:
             per_epoch = statistics.median(self.epoch_seconds)
+            rest_of_this = max(0.0, per_epoch - in_epoch)
         elif self._batches and trainer.num_training_batches not in (0, float("inf")):
-            per_epoch = in_epoch / self._batches * trainer.num_training_batches
+            per_batch = in_epoch / self._batches
+            per_epoch = per_batch * trainer.num_training_batches
+            # The batches this epoch still has: not the whole epoch's less those timed, since a
+            # resume may have come into the middle of it.
+            rest_of_this = per_batch * self._batches_left
         else:
             return None
         epochs_after_this = trainer.max_epochs - trainer.current_epoch - 1
-        rest_of_this = max(0.0, per_epoch - in_epoch) if self._in_epoch else 0.0
-        return rest_of_this + per_epoch * epochs_after_this
+        return (rest_of_this if self._in_epoch else 0.0) + per_epoch * epochs_after_this
 
 
 class ThrottledProgressBar(RichProgressBar):

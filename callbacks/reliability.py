@@ -305,7 +305,7 @@ class PreemptionCheckpoint(Callback):
         # Signal handlers can only be installed from the main thread (Lightning skips them too).
         if threading.current_thread() is not threading.main_thread():
             return
-        self._agree, self._marked = False, 0
+        self._agree, self._marked = trainer.world_size > 1, 0
         if self._agree:
             # SIGTERM too is only marked (see the class docstring); Lightning's handler goes back afterwards.
             self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._forward_as_sigterm)

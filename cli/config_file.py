@@ -12,7 +12,7 @@ from typing import Any
 from base.errors import UserError
 from base.yamlfile import read_mapping
 from cli.flags import did_you_mean
-from run.config import DERIVED, read_config
+from run.config import DERIVED, NOT_RECIPE, read_config
 
 
 def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -36,8 +36,8 @@ def config_to_argv(
     actions = _actions_by_dest(parser)
     written, lines = written or {}, lines or {}
     # A run's saved config.yaml (it holds the facts the resolution adds) starts a new run with its
-    # options: the run's own name and the checkpoint it resumed from identify it, not its recipe.
-    skipped = set(DERIVED) | ({"run_name", "resume"} if any(key in config for key in DERIVED) else set())
+    # options: its name, what it resumed from and its outputs belong to that run (run.config.NOT_RECIPE).
+    skipped = set(DERIVED) | (set(NOT_RECIPE) if any(key in config for key in DERIVED) else set())
     argv: list[str] = []
     seen: dict[str, Any] = {}
     for key, value in config.items():

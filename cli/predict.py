@@ -22,11 +22,14 @@ from rich.table import Table
 
 from base.errors import UserError
 from base.files import printable
-from base.options import ACCELERATORS, TTA_MODES
-from cli.flags import Parser, positive_int, wide_console
+from base.options import ACCELERATORS, IMAGE_SUFFIXES, TTA_MODES
+from cli.flags import Parser, closest, positive_int, wide_console
+from run.paths import left_out_files
 from run.preflight import check_predict
 
 PROG = "predict.py"
+# How many left-out file names the warning shows.
+_SHOWN = 5
 
 
 def build_parser() -> Parser:
@@ -86,6 +89,13 @@ def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     paths = check_predict(args)
+    left_out = left_out_files(args.inputs)
+    if left_out:
+        # Every file of a folder is classified or named: a photo.heic is not silently passed over.
+        shown = ", ".join(printable(path) for path in left_out[:_SHOWN]) + (", ..." if len(left_out) > _SHOWN else "")
+        print(f"{PROG}: warning: left out {len(left_out)} file(s) of the folders not named like images "
+              f"({', '.join(IMAGE_SUFFIXES)}): {shown}; name a file on the command line to classify it anyway",
+              file=sys.stderr)
     # torch loads only now: --help and a mistaken flag answer at once.
     from run.checkpoints import build_backbone
     from run.checkpoints import load_any_checkpoint
@@ -107,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     names = class_names(contents)
     if args.explain_class is not None and args.explain_class not in names:
-        raise UserError(f"--explain-class {args.explain_class!r}: not a class of {args.ckpt}; choose one of {', '.join(names)}")
+        hint = closest(args.explain_class, names, dashes=False)
+        raise UserError(
+            f"--explain-class {args.explain_class!r}: not a class of {printable(args.ckpt)}"
+            + (f" (did you mean {hint}?)" if hint else "") + f"; choose one of {', '.join(names)}"
+        )
     model = build_backbone(contents).to(device)
     # Scored as the run validated and tested it: a --tta flip checkpoint averages each image's
     # logits with its mirror's, unless --tta says otherwise. Grad-CAM explains the plain image.

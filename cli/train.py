@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cli.config_file import parse_config_file
 from cli.flags import (
@@ -29,6 +30,7 @@ from cli.flags import (
 from base.options import MODEL_NAMES, OPTIMIZERS, REQUEUE_SIGNALS, SCHEDULERS, STRATEGIES, TTA_MODES
 from run.config import RunConfig
 from run.history import RunFinished
+from run.paths import check_input_name
 from run.resolve import resolve_run_config
 
 
@@ -143,6 +145,8 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
     """Flags win over ``--config``, which wins over a resumed run's saved options, then the defaults."""
     parser = build_train_parser(prog, description)
     typed = vars(parser.parse_args(list(argv)))
+    if "config" in typed:
+        check_input_name(Path(typed["config"]), "--config")
     config_file = parse_config_file(parser, typed["config"]) if "config" in typed else {}
     return resolve_run_config(config_file, typed)
 

@@ -20,7 +20,7 @@ import os
 import tarfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 from base.errors import UserError
@@ -246,7 +246,9 @@ def is_hidden(name: str) -> bool:
 
 
 def is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES and not is_hidden(name)
+    # os.path.splitext, not PurePosixPath(name).suffix (the same answer): it runs for every file
+    # of a tree at every start, where building 60,000 paths costs a measurable part of a second.
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not is_hidden(name)
 
 
 def looks_like_tar(path: Path) -> bool:

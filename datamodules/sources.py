@@ -423,9 +423,10 @@ def _list_folder(root: Path, split: Split) -> _Listing:
     listing = _Listing([], sorted(printable(c.relative_to(root)) for c in children if not c.is_dir()))
     for label, name in enumerate(CLASSES):
         class_dir = split_dir / name
+        inside = len(str(class_dir)) + 1  # the path within the class folder, cut from the string: fast
         for file in list_files(class_dir):
             if is_image_name(file.name):
-                listing.images.append((label, file.relative_to(class_dir).as_posix(), file))
+                listing.images.append((label, str(file)[inside:].replace(os.sep, "/"), file))
             else:
                 listing.left_out.append(printable(file.relative_to(root)))
     return listing

@@ -32,6 +32,7 @@ MODULE_PREFIX = "backbone."
 # BatchNorm's counter of batches seen, added in PyTorch 0.4.1; only BatchNorm with momentum=None
 # reads it (none here), and PyTorch loads state dicts of older versions without it as 0.
 _BATCH_COUNTER = "num_batches_tracked"
+_AVERAGED_COUNTER = "n_averaged"
 LEGACY_PREFIX = "layer5."
 _PREVIEW = 3
 
@@ -92,7 +93,16 @@ def _without_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def course_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The keys of the network itself: wrapper prefixes (``module.``, ``_orig_mod.``) and our
-    LightningModule's ``backbone.`` removed (see :func:`normalize_keys`)."""
+    LightningModule's ``backbone.`` removed (see :func:`normalize_keys`), and the update counter
+    ``n_averaged`` of ``torch.optim.swa_utils.AveragedModel`` (EMA/SWA weights, saved as
+    ``n_averaged`` beside ``module.*``) dropped."""
+    if _AVERAGED_COUNTER in state_dict and all(
+        key.startswith("module.") for key in state_dict if key != _AVERAGED_COUNTER
+    ):
+        metadata = getattr(state_dict, "_metadata", None)
+        state_dict = OrderedDict((k, v) for k, v in state_dict.items() if k != _AVERAGED_COUNTER)
+        if metadata is not None:
+            state_dict._metadata = metadata  # type: ignore[attr-defined]
     return _without_module_prefix(normalize_keys(state_dict))
 
 

@@ -30,6 +30,7 @@ from base.yamlfile import read_mapping
 from base.options import COURSE_EPOCHS, COURSE_RECIPE, DATA
 from datamodules.layout import check_data_dir
 from run.hardware import Hardware, Machine, check_hardware_request, resolve_hardware, use_channels_last
+from run.paths import RUN_FOLDER_INSIDE, check_name_lengths
 
 # Why an option may not change when a run is resumed; everything not listed here may.
 _TRAINING = "it decides what the run trains on"
@@ -127,6 +128,11 @@ FIELDS = {option.name: option for option in dataclasses.fields(RunConfig)}
 # Facts the resolution adds, not options: a run's config.yaml holds them, a --config file may too
 # (that run's saved config, to run it again), where they are ignored.
 DERIVED = ("precision_reason",)
+# What a run's saved config.yaml holds about that run and its commands rather than its recipe: given
+# as --config it starts a new run with the recipe, not with these (the run's name, what it resumed
+# or rewound from, the file its options came from, and where it wrote its results, which a new run
+# must not write over).
+NOT_RECIPE = ("run_name", "resume", "rewind", "config", "results_json")
 LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
 SGD_ONLY = ("momentum", "nesterov")
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in FIELDS.items()}
@@ -191,6 +197,10 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
     if values["run_name"] is not None:
         _check_run_name(values["run_name"])
     check_hardware_request(values["accelerator"], values["devices"], values["precision"])
+    # Folders that may still have to be created: names the file system takes (not an OSError later).
+    check_name_lengths(values["data_dir"], "--data-dir")
+    if values["cache_dir"] is not None:
+        check_name_lengths(values["cache_dir"], "--cache-dir", inside=RUN_FOLDER_INSIDE)
     # Names and headers only; a missing or empty folder is where the data will be downloaded.
     check_data_dir(values["data_dir"], download=True)
     return values

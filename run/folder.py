@@ -198,10 +198,13 @@ def hold_run(run_dir: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(
+        message = (
             f"run {run_dir} is being trained by another process right now; wait for it to end or stop it "
             "(Ctrl-C, or kill its PID), then continue the run with --resume"
-        ) from None
+        )
+        # Task 0 of a SLURM job alone checks: its other tasks would wait for a folder that never comes.
+        announce_run_dir(run_dir.parent.parent, error=message)
+        raise UserError(message) from None
     try:
         yield
     finally:
@@ -237,6 +240,7 @@ def require_run_dir(checkpoint: str | Path) -> Path:
 # A file of an earlier start has another name, so it is never read; task 0 removes its own when it
 # ends, and those of the job's earlier starts when it writes one.
 ANNOUNCEMENT_PREFIX = ".slurm-job-"
+_announced: set[Path] = set()  # by this process: an error must not replace a folder announced already
 
 
 def _announcement(output_dir: Path, task: SlurmTask) -> Path:
@@ -251,14 +255,24 @@ def announce_run_dir(
     (continuing ``resume``, or new), or that it stopped with ``error`` before opening one.
 
     Returns the file written (for :func:`withdraw_announcement`), or None in any other process,
-    where there is nobody to tell. The write is atomic: a reader sees the whole file or none.
+    where there is nobody to tell. The write is atomic: a reader sees the whole file or none. An
+    error is not announced once a folder was (the others have joined it), nor where it cannot be
+    written (an OSError is raised only for a folder).
     """
     task = slurm_task()
     if task is None or task.ntasks < 2 or task.global_rank != 0:
         return None
     path = _announcement(output_dir, task)
+    if error is not None and path in _announced:
+        return None
     content = {"run_dir": str(run_dir) if run_dir else None, "resume": str(resume) if resume else None, "error": error}
-    atomic_write_text(path, json.dumps(content) + "\n")
+    try:
+        atomic_write_text(path, json.dumps(content) + "\n")
+    except OSError:
+        if error is None:
+            raise
+        return None  # the error is this process's own to report; the others will time out
+    _announced.add(path)
     # Left by earlier starts of this job that were killed before removing theirs.
     job = path.name.removeprefix(ANNOUNCEMENT_PREFIX).split(".")[0]
     for earlier in output_dir.glob(f"{ANNOUNCEMENT_PREFIX}{glob.escape(job)}.*.json"):

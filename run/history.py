@@ -23,7 +23,8 @@ from typing import Any
 
 from base.errors import UserError
 from base.files import atomic_write_text
-from run.folder import LAST_NAME
+from run.folder import CONFIG_NAME, LAST_NAME, RESUMED_CONFIG_NAME
+from run.paths import check_runs_data
 
 FINAL_TEST_NAME = "final_test.json"
 REWOUND_NAME = "rewound"
@@ -178,3 +179,14 @@ def rewind(run_dir: Path, resume: Path) -> None:
     kept = set_aside(plan)
     print(f"rewinding {run_dir} to {resume.name} ({_after(plan.start)}): the later "
           f"{', '.join(point.path.name for point in plan.later)} are kept in {kept}", flush=True)
+
+
+def check_resumed_data(run_dir: Path, data_dir: Path) -> None:
+    """Refuse to resume ``run_dir`` on ``data_dir`` when that is where the run's config says its data
+    was and it is no longer there (moved, deleted): before anything is downloaded or created there."""
+    from run.config import absolute_path, read_config
+
+    latest = run_dir / RESUMED_CONFIG_NAME if (run_dir / RESUMED_CONFIG_NAME).is_file() else run_dir / CONFIG_NAME
+    saved = read_config(latest).get("data_dir")
+    if saved and absolute_path(saved) == data_dir:
+        check_runs_data(data_dir, latest)

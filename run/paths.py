@@ -5,13 +5,15 @@ mistyped path is refused in a fraction of a second instead of after seconds of i
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from base.errors import UserError
+from base.files import TEMP_SUFFIX, temp_prefix
 from base.options import IMAGE_SUFFIXES
-from datamodules.layout import list_files
+from datamodules.layout import detect, list_files
 
 
 # torch.save writes a zip archive since PyTorch 1.6 and a bare pickle (protocol 2+: 0x80) before.
@@ -25,6 +27,7 @@ def check_checkpoint_file(path: str | os.PathLike[str], safetensors: bool = Fals
     Only the first bytes are read; whether the contents are usable is for the loader to say.
     """
     path = Path(path)
+    check_input_name(path, "checkpoint")
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}; check the path (train.py prints where it saved them)")
     if path.is_dir():
@@ -83,15 +86,106 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return list(unique.values())
 
 
+def left_out_files(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files in the folders of ``inputs`` that :func:`find_images` leaves out because their names
+    are not those of images (``notes.txt``, ``photo.heic``), hidden ones aside, so that they can be named."""
+    return [
+        path
+        for given in map(Path, inputs)
+        if given.is_dir()
+        for path in list_files(given)
+        if path.suffix.lower() not in IMAGE_SUFFIXES and not path.name.startswith(".")
+    ]
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a path with a name too long to exist (pathlib raises for it)."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
+
+
 def existing_ancestor(path: Path) -> Path:
     """``path`` itself if it exists, else its nearest existing parent folder."""
-    while not path.exists() and path != path.parent:
+    while not _exists(path) and path != path.parent:
         path = path.parent
     return path
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    """Refuse ``folder`` (given as ``flag``) when it cannot be created or written in."""
+# What base.files.atomic_write adds to a file's name for its temporary file: ".NAME.XXXXXXXX.tmp".
+ATOMIC_NAME_EXTRA = len(temp_prefix(Path(""))) + 8 + len(TEMP_SUFFIX)
+# The longest path train.py writes inside a run folder, beyond the folder's own path (a periodic
+# checkpoint's temporary file, "/checkpoints/.epoch123.ckpt.XXXXXXXX.tmp", with room to spare).
+RUN_FOLDER_INSIDE = 64
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default  # no such query here (Windows): the common limits
+
+
+def too_long(path: Path, last_extra: int = 0, inside: int = 0) -> str | None:
+    """Why ``path`` cannot be created on its file system, or None: a name in it longer than the
+    file system takes (NAME_MAX bytes, 255 on Linux and macOS), counting ``last_extra`` bytes more
+    for its last name (a temporary file's), or the whole path, with ``inside`` bytes of paths
+    below it, longer than PATH_MAX. Names are counted in bytes, as the file system counts them."""
+    existing = existing_ancestor(path)
+    name_max = _limit(existing, "PC_NAME_MAX", 255)
+    new = path.parts[len(existing.parts):]
+    for number, name in enumerate(new, start=1):
+        size = len(os.fsencode(name)) + (last_extra if number == len(new) else 0)
+        if size > name_max:
+            shown = name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}"
+            extra = f" with the {last_extra} bytes its temporary file adds" if number == len(new) and last_extra else ""
+            return f"the name {shown!r} is {size} bytes long{extra}, and a name on this file system has at most {name_max}"
+    path_max = _limit(existing, "PC_PATH_MAX", 4096)
+    size = len(os.fsencode(path)) + inside + last_extra
+    if size >= path_max:
+        return f"the path is {size} bytes long with what is written inside it, and this file system takes {path_max - 1} at most"
+    return None
+
+
+def check_name_lengths(path: Path, flag: str, last_extra: int = 0, inside: int = 0) -> None:
+    """Refuse ``path`` (given as ``flag``) when it cannot be created for its length (:func:`too_long`):
+    one line now, rather than an OSError once the work is done."""
+    problem = too_long(path, last_extra, inside)
+    if problem:
+        raise UserError(f"{flag}: {problem}; choose a shorter one")
+
+
+def check_input_name(path: Path, flag: str) -> None:
+    """Refuse an input path with a name longer than the file system takes: no such file can exist
+    (and pathlib raises instead of answering that it does not)."""
+    problem = too_long(path)
+    if problem and "the name" in problem:
+        raise UserError(f"{flag} {path}: no such file or folder: {problem}")
+
+
+def check_runs_data(data_dir: str | os.PathLike[str], config: Path) -> None:
+    """Refuse a run's saved ``data_dir`` (from its ``config``) that no longer holds data: moved or
+    deleted since. Without this the data would be downloaded there, into folders made anew (or a
+    network error blamed, offline); only a ``--data-dir`` typed again says where it is now."""
+    path = Path(data_dir)
+    try:
+        missing = not _exists(path) or (path.is_dir() and detect(path) is None)
+    except UserError:
+        missing = True  # a folder that holds something else now
+    if missing:
+        raise UserError(
+            f"the run's data is no longer at {path} (where its {config} says it was); pass --data-dir with where it "
+            "is now (a folder that does not exist is where CIFAR-10 is downloaded)"
+        )
+
+
+def check_writable(folder: Path, flag: str, inside: int = 0) -> None:
+    """Refuse ``folder`` (given as ``flag``) when it cannot be created or written in, or its names
+    are too long (``inside``: the bytes of the longest path to be written below it)."""
+    check_name_lengths(folder, flag, inside=inside)
     existing = existing_ancestor(folder)
     if not existing.is_dir():
         raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
@@ -100,7 +194,9 @@ def check_writable(folder: Path, flag: str) -> None:
 
 
 def check_output_file(path: Path, flag: str) -> None:
-    """Refuse an output file path that is a folder or lies where nothing can be written."""
+    """Refuse an output file path that is a folder, lies where nothing can be written, or whose
+    name is too long for its temporary file (it is written atomically, ``base.files``)."""
+    check_name_lengths(path, flag, last_extra=ATOMIC_NAME_EXTRA)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; name a file, e.g. {path / 'results.json'}")
     check_writable(path.parent, flag)

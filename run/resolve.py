@@ -7,7 +7,9 @@ in the flags is refused before torch loads.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +29,14 @@ from run.config import (
 from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, find_resume
 from run.hardware import Machine, certainly_without_gpu
 from run.history import check_resume
-from run.paths import check_checkpoint_file, check_output_file, check_writable
+from run.paths import (
+    RUN_FOLDER_INSIDE,
+    check_checkpoint_file,
+    check_input_name,
+    check_name_lengths,
+    check_output_file,
+    check_writable,
+)
 
 
 def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> RunConfig:
@@ -47,6 +56,8 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
         )
     model = asked["model"] if "model" in typed or "model" in config_file else None
     output_dir = absolute_path(asked["output_dir"])
+    if asked["resume"] not in (None, "last"):
+        check_input_name(absolute_path(asked["resume"]), "--resume")
     resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
     if resume is None:
         values = {**asked, "resume": None}
@@ -118,11 +129,37 @@ def _check_outputs(values: Mapping[str, Any], model_known: bool = True) -> None:
     """Refuse output paths where nothing can be written, and a named run's folder that another run
     has (the free space is checked once the network is built; with ``--weights`` the network, hence
     the run's folder, is known only once torch reads the checkpoint: ``model_known``)."""
-    check_writable(values["output_dir"], "--output-dir")
-    if values["run_name"] is not None and values["resume"] is None and model_known:
-        check_new_run_name(values["output_dir"] / values["model"] / values["run_name"])
+    # Below it: MODEL/RUN_NAME (checked next for a named run), then the run's own files.
+    check_writable(values["output_dir"], "--output-dir", inside=RUN_FOLDER_INSIDE + 32)
+    if values["run_name"] is not None and values["resume"] is None:
+        # Before the folder is looked into: pathlib raises for a name too long, where it could answer.
+        check_name_lengths(values["output_dir"] / values["model"] / values["run_name"], "--run-name",
+                           inside=RUN_FOLDER_INSIDE)
+        if model_known:
+            check_new_run_name(values["output_dir"] / values["model"] / values["run_name"])
     if values["results_json"] is not None:
         check_output_file(values["results_json"], "--results-json")
+        _check_results_json_is_free(values)
+
+
+def _check_results_json_is_free(values: Mapping[str, Any]) -> None:
+    """Refuse a ``--results-json`` file that holds another run's results (a new run never writes
+    over another run's outputs); a resume may rewrite its own run's."""
+    path = values["results_json"]
+    if not path.exists():
+        return
+    try:
+        best = json.loads(path.read_text(encoding="utf-8")).get("best_checkpoint")
+        owner = Path(best).parent.parent if best else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        owner = None
+    if values["resume"] is not None and owner is not None and owner == values["resume"].parent.parent:
+        return
+    whose = f"the results of the run {owner}" if owner else "not this run's results"
+    raise UserError(
+        f"--results-json {path} already exists ({whose}); a run does not write over another's results: "
+        "name another file, or remove that one first"
+    )
 
 
 def _refuse_changes(run_dir: Any, resume: Any, problems: list[str]) -> None:

@@ -21,12 +21,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import Interrupted, UserError, ctrl_c_raises
+from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, slurm_task
 from callbacks.reliability import PreemptionCheckpoint, SameData, check_same_data, data_fingerprint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
 from run.checkpoints import load_checkpoint, read_checkpoint_file
 from run.config import RunConfig, write_config
-from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, slurm_task
 from run.folder import (
     CONFIG_NAME,
     RESUMED_CONFIG_NAME,
@@ -39,7 +39,7 @@ from run.folder import (
     joins_run,
     withdraw_announcement,
 )
-from run.history import record_final_test, rewind
+from run.history import check_resumed_data, record_final_test, rewind
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
@@ -154,10 +154,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     except UserError as exc:
         # The job's other SLURM tasks may be waiting for task 0 to name the run folder: they stop
         # with this error rather than at their timeout. (Nothing to do in any other process.)
-        try:
-            announce_run_dir(config.output_dir, error=str(exc))
-        except OSError:
-            pass
+        announce_run_dir(config.output_dir, error=str(exc))
         raise
 
 
@@ -168,6 +165,8 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
         finding = find_lr(config)
         print(finding.describe(), flush=True)
         config = dataclasses.replace(config, lr=finding.suggestion)  # what the run records is what it uses
+    if config.resume is not None:
+        check_resumed_data(config.resume.parent.parent, config.data_dir)  # not downloaded anew where it was
     # Everything that can be checked before training is, and before the run folder exists: the
     # data (downloaded if need be; both splits read, so a missing test split is found now, not
     # after hours of training), the weights to start from, the output paths and free disk.
@@ -258,10 +257,6 @@ def _test_and_record(
             "hp/test_images": outcome.test_metrics.get("images/test"),
         }
         log_final_hparams(trainer.logger, config.to_dict(), final, step=trainer.global_step)
-        if outcome.test_metrics and not config.fast_dev_run:
-            # After the dashboards hold the test: a resume of this run, finished, says so (run.history).
-            record_final_test(run_dir, last_step, epochs_trained, outcome.best, outcome.best_epoch,
-                              outcome.test_metrics)
     if config.results_json:
         finished = time.perf_counter()
         report = run_results(
@@ -281,6 +276,10 @@ def _test_and_record(
             argv=list(argv or []),
         )
         write_results_json(config.results_json, report)
+    if outcome.best and outcome.test_metrics and not config.fast_dev_run:
+        # Last, once the dashboards and the results hold the test: a resume of this run, finished,
+        # says so instead of testing it again (run.history).
+        record_final_test(run_dir, last_step, epochs_trained, outcome.best, outcome.best_epoch, outcome.test_metrics)
     return outcome
 
 

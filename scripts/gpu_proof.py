@@ -31,7 +31,8 @@ needs only the standard library itself. In order:
 rate made to diverge on purpose), which is how CI checks this script.
 
 Exit codes: 0 when every part finished, diverged as recorded or was skipped; 1 when one failed
-or was cut off at the deadline; 2 for bad input or a failed preflight; 143 when stopped by SIGTERM.
+or was cut off at the deadline; 2 for bad input or a failed preflight; 143 (SIGTERM) or 130 (Ctrl-C)
+when stopped, after packing what finished.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,7 +257,8 @@ def estimate(item: Item, costs: Costs, sizes: Sizes) -> tuple[float, str]:
         overhead = sizes.run_start_s + sizes.epochs * sizes.epoch_fixed_s
         source = f"{sizes.run_start_s:.0f} s start + {sizes.epoch_fixed_s:g} s/epoch guessed"
     speed = f"{images_per_s:,.0f} img/s {'measured' if measured else 'assumed (no throughput measured)'}"
-    return FORMULA_MARGIN * (compute + overhead), f"{sizes.epochs} epochs at {speed}, {source}"
+    epochs = f"{sizes.epochs} epoch" + ("s" if sizes.epochs != 1 else "")
+    return FORMULA_MARGIN * (compute + overhead), f"{epochs} at {speed}, {source}"
 
 
 def classify(item: Item, returncode: int | None, cut_off: bool, output: str, train_log: str) -> str:
@@ -340,7 +343,13 @@ def child_env(dry_run: bool, runs: Path) -> dict[str, str]:
 
 
 def _group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    """Live (not zombie) processes of process group ``pgid``, from /proc (Linux; elsewhere: [pgid] while signallable)."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -609,13 +618,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     archive, seed_loop, costs = check_inputs(args)
     deadline = start + args.budget_s - RESERVE_S
     sizes = DRY if args.dry_run else GPU
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="gpu-proof-"))
+    # Absolute: the children run from the checkout, whatever folder this was started in.
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="gpu-proof-"))).resolve()
     results, runs = work / "results", work / "runs"
     results.mkdir(parents=True, exist_ok=True)
     (results / "logs").mkdir(exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
     env = child_env(args.dry_run, runs)
-    info = preflight(env, args.dry_run, args.require_bare)
+    try:
+        info = preflight(env, args.dry_run, args.require_bare)
+    except ProofError:
+        if args.work_dir is None:  # ours, still empty: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     (results / "preflight.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"[{time.monotonic() - start:5.0f} s] preflight: Python {info['python']}, torch {info['versions']['torch']}, "
           f"lightning {info['versions']['lightning']}, captum {info['captum'] or 'absent'}, "

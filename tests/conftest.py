@@ -46,6 +46,39 @@ def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
 
 
+# The real CIFAR-10 archive, for the few tests that read it (as scripts/real_data_check.sh finds it).
+REAL_ARCHIVE_ENV = "CIFAR10_DATA"
+REAL_ARCHIVE_BESIDE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cifar10-data",
+        metavar="PATH",
+        help=f"the real CIFAR-10 archive (cifar10-jpeg.tar.gz) for the tests that read it (default: ${REAL_ARCHIVE_ENV}, "
+        f"else {REAL_ARCHIVE_BESIDE} beside the checkout; those tests are skipped when there is none)",
+    )
+
+
+def find_real_archive(option: str | None, environ: dict[str, str]) -> tuple[Path, bool]:
+    """(where the real archive is looked for, whether it was given): ``--cifar10-data``, else
+    ``$CIFAR10_DATA``, else the copy beside the checkout (a clone elsewhere has none there)."""
+    given = option or environ.get(REAL_ARCHIVE_ENV)
+    return (Path(given).expanduser(), True) if given else (REAL_ARCHIVE_BESIDE, False)
+
+
+@pytest.fixture
+def real_archive(request: pytest.FixtureRequest) -> Path:
+    """The real CIFAR-10 archive (:func:`find_real_archive`): skips the test when none was given and
+    none is beside the checkout, fails it when the one given is not there."""
+    path, given = find_real_archive(request.config.getoption("cifar10_data"), dict(os.environ))
+    if not path.is_file():
+        if given:
+            pytest.fail(f"the real CIFAR-10 archive given ({path}) is not a file")
+        pytest.skip(f"no real CIFAR-10 archive: pass --cifar10-data PATH or set {REAL_ARCHIVE_ENV} (none at {path})")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An image-folder CIFAR-10 of 120 training and 50 test images."""

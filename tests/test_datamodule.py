@@ -31,7 +31,6 @@ from datamodules import sources
 from datamodules.cifar10 import TEST_ORDER_SEED, eval_transform, holdout_split, train_transform
 
 N_TRAIN, N_TEST = 4, 3  # images per class
-REAL_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 @pytest.fixture(autouse=True)
@@ -443,8 +442,8 @@ def test_eval_transform_is_deterministic() -> None:
 # --- the real copy -------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL_ARCHIVE.is_file(), reason=f"{REAL_ARCHIVE} not present")
-def test_real_archive_test_split(cache: Path) -> None:
-    images, labels = load_split(REAL_ARCHIVE, "test", cache_dir=cache)
+def test_real_archive_test_split(cache: Path, real_archive: Path) -> None:
+    """The real archive (--cifar10-data PATH, $CIFAR10_DATA or beside the checkout; conftest.real_archive)."""
+    images, labels = load_split(real_archive, "test", cache_dir=cache)
     assert images.shape == (10000, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.bincount().tolist() == [1000] * 10

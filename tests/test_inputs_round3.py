@@ -12,7 +12,6 @@ import tarfile
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import QUICK_VGG, ROOT
@@ -169,6 +168,13 @@ def test_predict_looks_through_linked_sub_folders_and_names_broken_links(cli, tm
     assert sorted(Path(record["file"]).name for record in map(json.loads, result.out.splitlines())) == ["a.png", "b.png"]
     warnings = result.err.strip().splitlines()
     assert len(warnings) == 1 and "gone.jpg" in warnings[0], warnings
+    # A file not named like an image (an iPhone's .heic) is named too, and one named explicitly is tried.
+    (pictures / "holiday" / "c.heic").write_bytes(b"not decodable here")
+    (pictures / "gone.jpg").unlink()
+    result = cli("predict", "--ckpt", str(ckpt), str(pictures), "--json", "--accelerator", "cpu")
+    assert result.code == 0 and len(result.out.splitlines()) == 2, result.err
+    warnings = result.err.strip().splitlines()
+    assert len(warnings) == 1 and "left out 1 file(s)" in warnings[0] and "c.heic" in warnings[0], warnings
 
 
 # --- 3. YAML that means what it says ------------------------------------------------------------
@@ -326,8 +332,7 @@ def test_export_of_a_flip_checkpoint_answers_what_its_run_measured(cli, flip_che
     else:
         contents = read_safetensors(output)
         assert contents.hparams["tta"] == "flip"
-        from run.inference import predict_probabilities, with_tta
-        from run.inference import checkpoint_tta
+        from run.inference import checkpoint_tta, predict_probabilities, with_tta
 
         got = predict_probabilities(with_tta(build_backbone(contents), checkpoint_tta(contents)), batch).log()
         expected = expected.log_softmax(dim=1)
@@ -381,6 +386,16 @@ def test_mistyped_flags_get_a_did_you_mean(cli, script, args, hint):
     assert_one_line_error(cli(script, *args), hint)
 
 
+def test_a_mistyped_class_name_gets_a_did_you_mean(cli, tmp_path):
+    """predict.py --explain-class catt: the classes are listed, the likely one first."""
+    _save_png(tmp_path / "a.png", (1, 2, 3))
+    ckpt = tmp_path / "vgg16.pt"
+    torch.save(build_model("vgg16").state_dict(), ckpt)
+    result = cli("predict", "--ckpt", str(ckpt), str(tmp_path / "a.png"), "--explain", str(tmp_path / "out"),
+                 "--explain-class", "catt", "--accelerator", "cpu")
+    assert_one_line_error(result, "not a class", "(did you mean cat?)")
+
+
 # --- 9. course checkpoints that PyTorch itself loads -------------------------------------------
 
 
@@ -407,15 +422,21 @@ def test_state_dicts_of_older_pytorch_load(cli, tmp_path, model_name):
             assert torch.equal(backbone.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("wrap", ["bare", "model_state_dict"])
+@pytest.mark.parametrize("wrap", ["bare", "model_state_dict", "averaged"])
 def test_a_state_dict_of_our_own_module_loads(tmp_path, wrap):
-    """torch.save(ImageClassifier(...).state_dict()): keys under backbone., bare or in a tutorial dict."""
+    """torch.save(ImageClassifier(...).state_dict()): keys under backbone., bare or in a tutorial dict;
+    and an AveragedModel's (EMA/SWA) state dict of the network, which PyTorch loads into one."""
+    from torch.optim.swa_utils import AveragedModel
+
     from lit_modules import ImageClassifier
 
     module = ImageClassifier("resnet50")
     state = module.state_dict()
+    if wrap == "averaged":
+        state = AveragedModel(module.backbone).state_dict()  # n_averaged, module.*
+        AveragedModel(build_model("resnet50")).load_state_dict(state)  # PyTorch itself
     path = tmp_path / "module.pt"
-    torch.save(state if wrap == "bare" else {"epoch": 3, "model_state_dict": state}, path)
+    torch.save({"epoch": 3, "model_state_dict": state} if wrap == "model_state_dict" else state, path)
     contents = load_any_checkpoint(path, expected_model="resnet50")
     assert (contents.model_name, contents.num_classes) == ("resnet50", 10)
     backbone = build_backbone(contents)

@@ -113,57 +113,101 @@ def test_checkpoint_io_refuses_non_finite_weights(tmp_path):
     assert torch.equal(load(target)["state_dict"]["w"], torch.ones(3))
 
 
-_SAVE_LOOP = """
-import itertools, sys, time
+_SAVE_AND_STOP = """
+import io, os, sys, time
 import torch
 sys.path.insert(0, {root!r})
+import base.files
+from callbacks.checkpoints import BackgroundCheckpointIO
 from callbacks.reliability import AtomicCheckpointIO
 
-io, target = AtomicCheckpointIO(), sys.argv[1]
-for step in itertools.count(1):
-    # 64 MiB, so that a save takes long enough to be killed in the middle of it.
-    checkpoint = {{"step": step, "state_dict": {{"w": torch.full((1 << 24,), float(step))}}}}
-    start = time.perf_counter()
-    print(f"begin {{step}}", flush=True)
-    io.save_checkpoint(checkpoint, target)
-    print(f"done {{step}} {{time.perf_counter() - start}}", flush=True)
+target, stage, background = sys.argv[1], sys.argv[2], sys.argv[3] == "background"
+writer = BackgroundCheckpointIO(AtomicCheckpointIO()) if background else AtomicCheckpointIO()
+
+
+def save(step):
+    writer.save_checkpoint({{"step": step, "state_dict": {{"w": torch.full((1 << 20,), float(step))}}}}, target)
+    if background:
+        writer.wait()
+
+
+def stop_here():
+    # The parent kills this process once it reads the line: the kill lands exactly here.
+    print(f"at {{stage}}", flush=True)
+    time.sleep(600)
+    os._exit(3)
+
+
+save(1)  # complete on disk
+real_save, real_replace, real_fsync_folder = torch.save, os.replace, base.files._fsync_folder
+
+
+def torch_save(obj, f, *args, **kwargs):
+    if stage == "created":
+        stop_here()  # the temporary file exists, empty
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    if stage == "half":
+        f.write(data[: len(data) // 2])
+        f.flush()
+        stop_here()
+    f.write(data)
+    f.flush()
+    if stage == "written":
+        stop_here()  # all of it written, neither fsynced nor renamed
+
+
+def replace(source, destination):
+    if stage == "renaming":
+        stop_here()  # fsynced, not renamed
+    real_replace(source, destination)
+
+
+def fsync_folder(folder):
+    if stage == "renamed":
+        stop_here()  # renamed, the folder's entry not yet fsynced
+    real_fsync_folder(folder)
+
+
+torch.save, os.replace, base.files._fsync_folder = torch_save, replace, fsync_folder
+save(2)
+print("at end", flush=True)
 """
+# Where the SIGKILL lands in the second save, and which checkpoint must be on disk after it.
+KILL_POINTS = [("created", 1), ("half", 1), ("written", 1), ("renaming", 1), ("renamed", 2)]
 
 
 @pytest.mark.slow
-def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
-    """SIGKILL of a real process in the middle of saving: the checkpoint still loads, temp files stay apart."""
-    script = tmp_path / "save_loop.py"
-    script.write_text(_SAVE_LOOP.format(root=str(ROOT)))
+@pytest.mark.parametrize("writer", ["atomic", "background"])
+def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path, writer):
+    """SIGKILL of a real process at each point of a save (file created, half written, written,
+    fsynced, renamed), directly or from the background writer: the checkpoint loads, whole, and the
+    temporary file stays apart. The kill is sent from inside the save, so it always lands there."""
+    script = tmp_path / "save_and_stop.py"
+    script.write_text(_SAVE_AND_STOP.format(root=str(ROOT)))
     folder = tmp_path / "checkpoints"
     target = folder / "last.ckpt"
-    killed_mid_save = 0
-    for attempt in range(12):
-        process = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True)
-        # The first save is complete on disk and says how long a save takes; kill the second one
-        # at a different point of its way each attempt.
-        assert process.stdout.readline().strip() == "begin 1"
-        duration = float(process.stdout.readline().split()[2])
-        assert process.stdout.readline().strip() == "begin 2"
-        # Spread over the save; a loaded machine makes save times vary, hence up to 12 tries.
-        time.sleep(duration * (0.1 + 0.8 * ((0.37 * attempt) % 1)))
-        process.kill()
-        process.wait(timeout=60)
-        process.stdout.close()
+    for stage, expected in KILL_POINTS:
+        process = subprocess.Popen([sys.executable, str(script), str(target), stage, writer], stdout=subprocess.PIPE,
+                                   text=True)
+        try:
+            reached = process.stdout.readline().strip()
+        finally:
+            process.kill()
+            process.wait(timeout=60)
+            process.stdout.close()
+        assert reached == f"at {stage}", reached
         leftovers = temp_files(folder)
-        killed_mid_save += bool(leftovers)
         checkpoint = load(target)
-        step = checkpoint["step"]
-        complete = torch.equal(checkpoint["state_dict"]["w"], torch.full((1 << 24,), float(step)))
-        record_files(f"last.ckpt after SIGKILL number {attempt + 1}", 1, int(not complete))
-        assert complete and step in (1, 2)
+        complete = checkpoint["step"] == expected and torch.equal(checkpoint["state_dict"]["w"],
+                                                                  torch.full((1 << 20,), float(expected)))
+        record_files(f"last.ckpt after SIGKILL {stage} ({writer} writer)", 1, int(not complete))
+        assert complete, (stage, checkpoint["step"])
         # What --resume last and a user's *.ckpt glob see: the real checkpoint only.
         assert list(folder.glob("*.ckpt")) == [target]
         assert all(p.name.startswith(".last.ckpt.") for p in leftovers)
-        # Three kills at least (a stable count for docs/robustness.md), more until one hit a save.
-        if attempt >= 2 and killed_mid_save:
-            break
-    assert killed_mid_save, "no kill landed during a save; the test proved nothing"
+        assert bool(leftovers) == (expected == 1), (stage, leftovers)
     AtomicCheckpointIO().save_checkpoint({"step": 0, "state_dict": {}}, target)
     assert temp_files(folder) == [], "the next save removes what killed saves left"
 

@@ -348,11 +348,18 @@ def test_tasks_other_than_0_join_the_folder_that_task_0_announced(tmp_path, in_s
     folder.withdraw_announcement(announced)
     assert list(output.glob(".slurm-*")) == []
 
+    # An error once the folder was announced would reach nobody: the others have joined.
     in_slurm(rank=0, per_node=2, restart=1)
-    folder.announce_run_dir(output, error="run X is being trained by another process right now")
-    in_slurm(rank=1, per_node=2, restart=1)
-    with pytest.raises(UserError, match=r"^task 0 of this SLURM job stopped: run X is being trained"):
+    assert folder.announce_run_dir(output, error="diverged") is None and not announced.exists()
+
+    # Task 0 refused the run: its other tasks stop with its reason, at once.
+    in_slurm(rank=0, per_node=2, restart=2)
+    with folder.hold_run(run), pytest.raises(UserError, match="being trained by another process") as refused:
+        folder.check_not_in_use(run)
+    in_slurm(rank=1, per_node=2, restart=2)
+    with pytest.raises(UserError, match=r"^task 0 of this SLURM job stopped: run .* is being trained") as relayed:
         folder.join_run_dir(output, None, timeout=5)
+    assert str(relayed.value).endswith(str(refused.value))
     # A single task has nobody to tell.
     in_slurm(rank=0)
     assert folder.announce_run_dir(output, run, None) is None
