@@ -671,8 +671,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.monotonic() - start:5.0f} s] {item.name}: {item.outcome} ({item.seconds:.0f} s)", flush=True)
         write_report()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
+    # Put back afterwards: main() also runs inside other programs (the tests), whose handlers stay theirs.
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     stopped = None
     try:
         run_plan(items, costs, sizes, deadline, execute, after_each)
@@ -687,6 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 item.outcome = f"not run: the proof was stopped by {stopped}"
         print(f"[{time.monotonic() - start:5.0f} s] stopped by {stopped}", flush=True)
         write_report()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print((results / "results.md").read_text(), end="")
     print(f"archive: {archive} ({archive.stat().st_size / 1024:.0f} KiB); checkpoints stay in {runs}")
     if stopped:
