@@ -189,7 +189,8 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         enable_version_counter=False,
     )
     # Its own callback rather than save_last=True: Lightning 2.6 refreshes save_last only in
-    # epochs where the monitored checkpoint was also saved, and resuming needs every epoch.
+    # epochs where the monitored checkpoint was also saved; this one saves by time (LAST_EVERY_S),
+    # whatever the monitored score did.
     latest = NamedCheckpoint(
         dirpath=checkpoint_dir, filename="last", save_top_k=1, enable_version_counter=False, min_interval_s=LAST_EVERY_S
     )
