@@ -17,6 +17,11 @@ SCHEDULERS = ("step", "cosine", "onecycle", "none")
 # Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
 TTA_MODES = ("none", "flip")
 DATA_PATHS = ("auto", "device", "loader")
+# What --data-dir holds: CIFAR-10 (python archive or image folders of its ten classes), CIFAR-100 in
+# torchvision's python format, or any image-folder tree or .tar.gz of N classes named by its folders.
+DATASETS = ("cifar10", "cifar100", "imagefolder")
+# Where a run's curves and pictures go; tensorboard is always available, mlflow is an optional extra.
+LOGGERS = ("tensorboard", "csv", "mlflow")
 # Lightning strategies this project runs and tests: auto (one process, or DDP over several devices)
 # and ddp. Others (ddp_spawn pickles the Trainer, FSDP and DeepSpeed shard checkpoints) are untested.
 STRATEGIES = ("auto", "ddp")
@@ -52,6 +57,7 @@ class CourseRecipe:
 class DataDefaults:
     """How the data is served unless asked otherwise: the course's batch of 100, 5,000 held out."""
 
+    dataset: str = "cifar10"
     data_dir: str = "data"
     batch_size: int = 100
     eval_batch_size: int = 500

@@ -17,7 +17,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from base.errors import Interrupted, UserError
-from base.options import ACCELERATORS, DATA_PATHS, DEVICES_HELP, PRECISION_HELP, PRECISIONS
+from base.options import ACCELERATORS, DATA_PATHS, DATASETS, LOGGERS, DEVICES_HELP, PRECISION_HELP, PRECISIONS
 from run.config import DEFAULTS
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
@@ -194,8 +194,18 @@ def batch_limit(text: str) -> int | float:
     return value
 
 
+def logger_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of loggers (``tensorboard,csv``), each one of base.options.LOGGERS."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in LOGGERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(LOGGERS)}, got {text!r}")
+    return names
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=DATASETS, help="cifar10, cifar100 (python format) or imagefolder (any N classes)")
     group.add_argument(
         "--data-dir",
         help="CIFAR-10 as a folder holding cifar-10-batches-py (downloaded there when missing and online), "

@@ -23,6 +23,7 @@ from cli.flags import (
     non_negative_int,
     open_fraction,
     learning_rate,
+    logger_list,
     positive_float,
     positive_int,
     unit_fraction,
@@ -127,6 +128,9 @@ def build_train_parser(prog: str | None = None, description: str | None = None) 
         "time at which its accuracy first reaches ACC (e.g. 0.93); model selection still uses validation only",
     )
     group.add_argument("--log-every-n-steps", type=positive_int, help="training curves' resolution")
+    group.add_argument(
+        "--logger", type=logger_list, metavar="NAMES", help="where curves and pictures go: tensorboard, csv, mlflow, comma-separated"
+    )
     group.add_argument(
         "--requeue-signal",
         choices=REQUEUE_SIGNALS,

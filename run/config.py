@@ -69,6 +69,7 @@ class RunConfig:
     ema_decay: float | None = _option(None, fixed=_TRAINING)
     tta: str = _option(COURSE_RECIPE.tta, fixed="the best checkpoint was chosen with it")
     # data
+    dataset: str = _option(DATA.dataset, fixed=_TRAINING)
     data_dir: Path = _option(DATA.data_dir, path=True)
     eval_batch_size: int = _option(DATA.eval_batch_size)
     data_path: str = _option(DATA.data_path)
@@ -97,6 +98,7 @@ class RunConfig:
     results_json: Path | None = _option(None, path=True, per_invocation=True)
     time_to_accuracy: float | None = _option(None, per_invocation=True)
     log_every_n_steps: int = _option(50)
+    logger: tuple[str, ...] = _option(("tensorboard",))
     requeue_signal: str | None = _option(None)
     find_lr: bool = _option(False, per_invocation=True)  # only the learning-rate range test
     # quick runs
