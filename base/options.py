@@ -1,17 +1,11 @@
-"""The names, choices and defaults of the options every layer shares, in one place.
+"""The fixed choices of options and the file suffixes every layer shares, in one place.
 
-Importable without torch or Lightning, so that the command-line tools answer ``--help`` and
-refuse a mistyped flag before loading them. The modules that use a value take it from here:
-``ImageClassifier``'s keyword defaults are :data:`COURSE_RECIPE`, ``CIFAR10DataModule``'s are
-:data:`DATA`, and ``run.config.RunConfig`` gathers both with the run's own.
+Importable without torch or Lightning. The options themselves, with their defaults and help, are
+declared in ``base.schema``; the networks' names and course run lengths in ``models.catalog``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-MODEL_NAMES = ("vgg16", "vgg16_bn", "resnet50")
-# The course trained VGG16 for 250 epochs and ResNet50 for 285; that is the default run length.
-COURSE_EPOCHS = {"vgg16": 250, "vgg16_bn": 250, "resnet50": 285}
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
 # Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
@@ -35,39 +29,6 @@ EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensor
 # Signals that --requeue-signal may name; SLURM's ``--signal=USR1@90`` style warnings.
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
-
-@dataclass(frozen=True)
-class CourseRecipe:
-    """The course's training recipe: Adam 1e-3, StepLR every 20 epochs by 1/3, plain cross-entropy."""
-
-    model_name: str = "vgg16"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    scheduler: str = "step"
-    step_size: int = 20
-    gamma: float = 1 / 3
-    label_smoothing: float = 0.0
-    tta: str = "none"
-
-
-@dataclass(frozen=True)
-class DataDefaults:
-    """How the data is served unless asked otherwise: the course's batch of 100, 5,000 held out."""
-
-    dataset: str = "cifar10"
-    data_dir: str = "data"
-    batch_size: int = 100
-    eval_batch_size: int = 500
-    val_size: int = 5000
-    num_workers: int = 2
-    data_path: str = "auto"
-
-
-COURSE_RECIPE = CourseRecipe()
-DATA = DataDefaults()
 
 # Image files that a folder is searched for (training data in image folders, predict.py's inputs).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

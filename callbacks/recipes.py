@@ -164,7 +164,7 @@ class TimeToAccuracy(Callback):
         late = [names[i] for i, cb in enumerate(trainer.callbacks) if isinstance(cb, WeightAveraging) and i < mine]
         if late:
             raise ValueError(f"TimeToAccuracy must come before {late[0]} in the Trainer's callbacks: {names}")
-        self._metric = MulticlassAccuracy(pl_module.hparams.num_classes, average="micro").to(trainer.strategy.root_device)
+        self._metric = MulticlassAccuracy(pl_module.dataset.num_classes, average="micro").to(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epochs, self.reached = [], None

@@ -518,7 +518,8 @@ class FiniteLossGuard(Callback):
 
     @staticmethod
     def _stop(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
-        lr = pl_module.hparams.get("lr") if isinstance(pl_module.hparams, Mapping) else None
+        optim = getattr(pl_module, "optim", None)  # ImageClassifier's optimiser options
+        lr = optim.lr if optim is not None and isinstance(optim.lr, float) else None
         advice = f"lower the learning rate (e.g. --lr {lr / 10:g}, now {lr:g})" if lr else "lower the learning rate"
         # Checked at least before every validation and epoch end, so the bad step lies in this epoch.
         raise UserError(

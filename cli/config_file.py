@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from base.errors import UserError
+from base.schema import flatten_sections
 from base.yamlfile import read_mapping
 from cli.flags import did_you_mean
 from run.config import DERIVED, NOT_RECIPE, read_config
@@ -35,6 +36,7 @@ def config_to_argv(
     """
     actions = _actions_by_dest(parser)
     written, lines = written or {}, lines or {}
+    config, lines = flatten_sections(config, lines, source)
     # A run's saved config.yaml (it holds the facts the resolution adds) starts a new run with its
     # options: its name, what it resumed from and its outputs belong to that run (run.config.NOT_RECIPE).
     skipped = set(DERIVED) | (set(NOT_RECIPE) if any(key in config for key in DERIVED) else set())
@@ -65,6 +67,8 @@ def config_to_argv(
             argv += [flag] if value else []
         elif isinstance(value, (int, float)) and written.get(key) is not None:
             argv += [flag, str(written[key])]
+        elif isinstance(value, list) and all(isinstance(item, (str, int)) for item in value):
+            argv += [flag, ",".join(map(str, value))]  # logger: [tensorboard, csv], devices: [0, 1]
         else:
             argv += [flag, str(value)]
     return argv
@@ -75,16 +79,17 @@ def parse_config_file(parser: argparse.ArgumentParser, path: str | Path) -> dict
     if not Path(path).is_file():
         read_config(path)  # refuses it with the message every config reader gives
     entries = read_mapping(path)
-    config = {entry.key: entry.value for entry in entries}
+    config, lines = flatten_sections({entry.key: entry.value for entry in entries},
+                                      {entry.key: entry.line for entry in entries}, str(path))
     written = {entry.key: entry.written for entry in entries}
-    argv = config_to_argv(config, parser, str(path), written, {entry.key: entry.line for entry in entries})
+    argv = config_to_argv(config, parser, str(path), written, lines)
     actions = _actions_by_dest(parser)
     parser.error_source = str(path)  # type: ignore[attr-defined]
-    # A value the flag refuses is reported at its line of the file.
+    # A value the flag refuses is reported at its line of the file (a sectioned key at its section's).
     parser.error_lines = {  # type: ignore[attr-defined]
-        actions[dest].option_strings[0]: entry.line
-        for entry in entries
-        if (dest := str(entry.key).replace("-", "_")) in actions
+        actions[dest].option_strings[0]: line
+        for key, line in lines.items()
+        if (dest := str(key).replace("-", "_")) in actions
     }
     try:
         return vars(parser.parse_args(argv))

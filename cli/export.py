@@ -16,8 +16,7 @@ from pathlib import Path
 
 from base.files import atomic_write, printable
 from base.options import EXPORT_FORMATS as FORMATS
-from base.options import TTA_MODES
-from cli.flags import Parser
+from cli.flags import Parser, add_options
 from run.preflight import check_export
 
 
@@ -36,12 +35,13 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--output", type=Path, help="where to write (default: beside the checkpoint)")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
-    parser.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        help="test-time augmentation the export scores with; flip: onnx and torchscript graphs output the mean "
-        "logits of each image and its mirror, safetensors records it in its metadata (default: what the "
-        "checkpoint's training run validated and tested with; none for course state dicts)",
+    add_options(
+        parser,
+        ("tta",),
+        help={"tta": "test-time augmentation the export scores with; flip: onnx and torchscript graphs output the mean "
+              "logits of each image and its mirror, safetensors records it in its metadata (default: what the "
+              "checkpoint's training run validated and tested with; none for course state dicts)"},
+        defaults={"tta": None},
     )
     return parser
 

@@ -10,15 +10,26 @@ import argparse
 import difflib
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from base.errors import Interrupted, UserError
-from base.options import ACCELERATORS, DATA_PATHS, DATASETS, LOGGERS, DEVICES_HELP, PRECISION_HELP, PRECISIONS
-from run.config import DEFAULTS
+from base.options import DATASETS
+from base.values import (  # noqa: F401  (the flag types, for the entry points)
+    batch_limit,
+    learning_rate,
+    logger_list,
+    non_negative_float,
+    non_negative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    unit_fraction,
+)
+from base.schema import DEFAULTS, GROUP_OF, TITLES, argparse_kwargs, flag_of, option_of, shown
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
 # "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
@@ -26,7 +37,7 @@ PREEMPTED_EXIT_CODE = 143
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
-    """Shows a flag's default from ``RunConfig`` unless it is None or the help already says it."""
+    """Shows a flag's default from ``base.schema`` unless it is None or the help already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -34,8 +45,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         default = DEFAULTS.get(action.dest) if action.default is argparse.SUPPRESS else action.default
         if default in (None, False) or "default" in text or not action.option_strings:
             return text
-        shown = f"{default:g}" if isinstance(default, float) else default
-        return f"{text} (default: {shown})"
+        return f"{text} (default: {shown(default)})"
 
 
 class Parser(argparse.ArgumentParser):
@@ -134,104 +144,50 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     return f" (did you mean {hint}?)" if hint else ""
 
 
-def _number(text: str, kind: type, accept: Callable[[float], bool], expected: str, must: str) -> int | float:
-    """``text`` as ``kind`` (int or float) if ``accept`` holds for it; an argparse error naming the flag otherwise."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not accept(value):  # NaN fails every comparison, so it is refused too
-        raise argparse.ArgumentTypeError(f"{must}, got {text.strip()}")
-    return value
+def catalog_choices(catalog: str) -> Sequence[str]:
+    """The names a schema option's ``catalog`` offers: the networks of ``models.catalog`` (read
+    without torch, and live: a registered network is a choice too) or the data sets."""
+    if catalog == "models":
+        from models.catalog import MODEL_NAMES
+
+        return MODEL_NAMES
+    return DATASETS
 
 
-def positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 1, "a positive integer", "must be a positive integer")
+def add_options(
+    parser: argparse.ArgumentParser,
+    names: Iterable[str],
+    help: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | bool = False,
+) -> None:
+    """Add the flags of the schema options ``names`` (``base.schema``), under the title of each
+    one's group; ``help`` replaces an option's help text for this command (test.py's ``--tta``).
+
+    By default the flags have no defaults: a flag not typed is absent from the namespace
+    (``--help`` shows the schema's default), so that later sources of options (a config file, a
+    resumed run) know what was typed. ``defaults=True`` gives each flag the schema's default, a
+    mapping gives some another (None for predict.py's ``--tta``: the checkpoint's).
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in names:
+        section = GROUP_OF[name]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(TITLES[section])
+        kwargs = argparse_kwargs(name)
+        if option_of(name).catalog:
+            kwargs["choices"] = catalog_choices(option_of(name).catalog)
+        if help and name in help:
+            kwargs["help"] = help[name]
+        if defaults is False:
+            default = argparse.SUPPRESS
+        else:
+            default = defaults[name] if isinstance(defaults, Mapping) and name in defaults else DEFAULTS[name]
+        groups[section].add_argument(flag_of(name), default=default, **kwargs)
 
 
-def non_negative_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
-
-
-def positive_float(text: str) -> float:
-    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number", "must be a positive (finite) number")
-
-
-def non_negative_float(text: str) -> float:
-    """A number >= 0 (a weight decay)."""
-    return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0", "must be >= 0")
-
-
-def unit_fraction(text: str) -> float:
-    """A number from 0 (included) to 1 (excluded): a momentum, a label smoothing."""
-    return _number(text, float, lambda v: 0 <= v < 1, "a number from 0 to below 1", "must be at least 0 and below 1")
-
-
-def learning_rate(text: str) -> float | str:
-    """A positive number, or ``find``: the learning-rate range test's suggestion."""
-    return "find" if text.strip().lower() == "find" else positive_float(text)
-
-
-def open_fraction(text: str) -> float:
-    """A number strictly between 0 and 1 (an EMA decay, a target accuracy)."""
-    return _number(text, float, lambda v: 0 < v < 1, "a number between 0 and 1", "must be between 0 and 1 (exclusive)")
-
-
-def batch_limit(text: str) -> int | float:
-    """Lightning's limit_*_batches: an int counts batches, a float in (0, 1] is a fraction."""
-    try:
-        value: int | float = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a batch count or a fraction, got {text!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got {text}")
-        return value
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 batch, got {value}")
-    return value
-
-
-def logger_list(text: str) -> tuple[str, ...]:
-    """A comma-separated list of loggers (``tensorboard,csv``), each one of base.options.LOGGERS."""
-    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    unknown = [name for name in names if name not in LOGGERS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(LOGGERS)}, got {text!r}")
-    return names
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=DATASETS, help="cifar10, cifar100 (python format) or imagefolder (any N classes)")
-    group.add_argument(
-        "--data-dir",
-        help="CIFAR-10 as a folder holding cifar-10-batches-py (downloaded there when missing and online), "
-        "an image-folder tree (train/<class>/*, test/<class>/*) or a .tar.gz of one",
-    )
-    group.add_argument("--eval-batch-size", type=positive_int, help="batch size of validation and test")
-    group.add_argument(
-        "--data-path",
-        choices=DATA_PATHS,
-        help="device: whole batches augmented on the training device (datamodules/device_batches.py); "
-        "loader: a DataLoader augmenting image by image on the CPU; auto: device on CUDA and CPU",
-    )
-    group.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (--data-path loader)")
-    group.add_argument("--cache-dir", help="where decoded images are cached (default: ~/.cache)")
-
-
-def add_hardware_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hardware")
-    group.add_argument("--accelerator", choices=ACCELERATORS, help="auto picks a GPU when there is one")
-    group.add_argument("--devices", help=DEVICES_HELP)
-    group.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
-    group.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        help="channels_last memory format for the model and its batches (default: on with CUDA)",
-    )
+# The options of the data and the hardware that test.py takes besides its own.
+EVAL_DATA = ("dataset", "data_dir", "eval_batch_size", "data_path", "workers", "cache_dir")
+HARDWARE = ("accelerator", "devices", "precision", "channels_last")
 
 
 def wide_console() -> Console:

@@ -22,8 +22,9 @@ from rich.table import Table
 
 from base.errors import UserError
 from base.files import printable
-from base.options import ACCELERATORS, IMAGE_SUFFIXES, TTA_MODES
-from cli.flags import Parser, closest, positive_int, wide_console
+from base.options import IMAGE_SUFFIXES
+from cli.flags import Parser, add_options, closest, positive_int, wide_console
+from models.catalog import entry
 from run.paths import left_out_files
 from run.preflight import check_predict
 
@@ -43,7 +44,6 @@ def build_parser() -> Parser:
         "--json", action="store_true", help="print one JSON object per image (JSON Lines) instead of a table"
     )
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images decoded and classified at once")
-    parser.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto picks a GPU when there is one")
     parser.add_argument(
         "--explain",
         metavar="OUT_DIR",
@@ -52,11 +52,12 @@ def build_parser() -> Parser:
         "(where the network found the evidence for the predicted class), at the picture's size",
     )
     parser.add_argument("--explain-class", metavar="NAME", help="with --explain: explain this class instead of the prediction")
-    parser.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        help="test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
-        "checkpoint's training run validated and tested with, as test.py does; none for course state dicts)",
+    add_options(
+        parser,
+        ("tta", "accelerator"),
+        help={"tta": "test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
+              "checkpoint's training run validated and tested with, as test.py does; none for course state dicts)"},
+        defaults={"tta": None},
     )
     return parser
 
@@ -97,11 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({', '.join(IMAGE_SUFFIXES)}): {shown}; name a file on the command line to classify it anyway",
               file=sys.stderr)
     # torch loads only now: --help and a mistaken flag answer at once.
-    from run.checkpoints import build_backbone
+    from models.explain import cam_layer
+    from run.checkpoints import build_backbone, checkpoint_dataset
     from run.checkpoints import load_any_checkpoint
     from run.inference import (
         checkpoint_tta,
-        class_names,
         explain_images,
         inference_device,
         load_images,
@@ -111,11 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = inference_device(args.accelerator)
     contents = load_any_checkpoint(args.ckpt)
+    cam_path = entry(contents.model_name).cam_layer
+    if args.explain and cam_path is None:
+        raise UserError(
+            f"--explain: {contents.model_name} has no Grad-CAM layer (its models/catalog.py entry names no "
+            "cam_layer); run without --explain"
+        )
     if args.top_k > contents.num_classes:
         raise UserError(
             f"--top-k {args.top_k}: {args.ckpt} has {contents.num_classes} classes; choose 1 to {contents.num_classes}"
         )
-    names = class_names(contents)
+    # The classes and the normalisation of the data set the checkpoint was trained on.
+    dataset = checkpoint_dataset(contents)
+    names = list(dataset.classes)
     if args.explain_class is not None and args.explain_class not in names:
         hint = closest(args.explain_class, names, dashes=False)
         raise UserError(
@@ -127,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # logits with its mirror's, unless --tta says otherwise. Grad-CAM explains the plain image.
     tta = args.tta or checkpoint_tta(contents)
     scorer = with_tta(model, tta)
+    explained_layer = cam_layer(model, contents.model_name) if args.explain else None
 
     skipped: list[Exception] = []
 
@@ -136,12 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     records: list[dict[str, Any]] = []
     for start in range(0, len(paths), args.batch_size):
-        images, kept = load_images(paths[start : start + args.batch_size], on_unreadable=skip)
+        images, kept = load_images(paths[start : start + args.batch_size], on_unreadable=skip, dataset=dataset)
         if not kept:
             continue
         top = predict_probabilities(scorer, images, args.batch_size).topk(args.top_k, dim=1)
         explained = (
-            explain_images(model, images, top.indices[:, 0], kept, args.explain, args.explain_class, names)
+            explain_images(model, explained_layer, images, top.indices[:, 0], kept, args.explain, args.explain_class,
+                           names)
             if args.explain
             else [None] * len(kept)
         )
@@ -161,6 +172,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if skipped:
             print(f"{len(records)} image(s) classified, {len(skipped)} skipped (unreadable)")
     if args.explain and not args.json:
-        layer = "the last activation of features" if contents.model_name.startswith("vgg") else "layer4"
-        print(f"Grad-CAM pictures ({layer}) written to {printable(args.explain)}")
+        print(f"Grad-CAM pictures (layer {cam_path}) written to {printable(args.explain)}")
     return 1 if skipped else 0

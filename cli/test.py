@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from typing import Any
 from rich.table import Table
 
 from base.files import atomic_write_text
-from base.options import MODEL_NAMES, TTA_MODES
-from cli.flags import Parser, add_data_args, add_hardware_args, batch_limit, wide_console
+from cli.flags import EVAL_DATA, HARDWARE, Parser, add_options, wide_console
+from run.loggers import dashboards_hint
 from run.preflight import check_test
 
 
@@ -30,28 +29,24 @@ def build_parser() -> Parser:
         default=None,
         help="a .ckpt written by train.py, a course state dict (torch.save), or a .safetensors written by export.py",
     )
-    parser.add_argument(
-        "--model", choices=MODEL_NAMES, default=None, help="expected network (default: read from the checkpoint)"
-    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument(
         "--log-to-run",
         action="store_true",
-        help="also add the test metrics, confusion matrix and misclassified images to the TensorBoard "
-        "dashboards of the train.py run that --ckpt belongs to (runs/<model>/version_N/checkpoints/)",
+        help="also add the test metrics, confusion matrix and misclassified images to the dashboards of the "
+        "train.py run that --ckpt belongs to (runs/<model>/version_N/checkpoints/), through the loggers its "
+        "config.yaml records (tensorboard, csv, mlflow; tensorboard for runs that record none)",
     )
-    parser.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        default=None,
-        help="test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
-        "checkpoint's training run validated and tested with, as train.py reported it; none for course state dicts)",
+    add_options(
+        parser,
+        ("model", "tta", "limit_test_batches", *EVAL_DATA, *HARDWARE),
+        help={
+            "model": "expected network (default: read from the checkpoint)",
+            "tta": "test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
+            "checkpoint's training run validated and tested with, as train.py reported it; none for course state dicts)",
+            "limit_test_batches": "quick check: test on only this many batches (int) or fraction",
+        },
     )
-    parser.add_argument(
-        "--limit-test-batches", type=batch_limit, help="quick check: test on only this many batches (int) or fraction"
-    )
-    add_data_args(parser)
-    add_hardware_args(parser)
     return parser
 
 
@@ -88,5 +83,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(Path(args["json"]), json.dumps(results, indent=2) + "\n")
         print(f"results written to {args['json']}")
     if results["logged_to_run"]:
-        print(f"added to the run's dashboards: tensorboard --logdir {shlex.quote(results['logged_to_run'])}")
+        print(f"added to the run's dashboards: {dashboards_hint(Path(results['logged_to_run']), results['run_loggers'])}")
     return 0

@@ -1,7 +1,9 @@
-"""CIFAR-10 as a LightningDataModule: held-out validation split, per-image augmentation, loaders.
+"""A data set (CIFAR-10 by default, any ``--dataset``) as a LightningDataModule: held-out
+validation split, per-image augmentation, loaders.
 
 Reading the data from disk lives in ``sources``; this module only decides which images go where
-and how they are transformed on their way into the model.
+and how they are transformed on their way into the model, normalised with the data set's own
+statistics (``dataset_info``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
-from base.options import DATA
+from base.schema import DataOptions
 from datamodules.device_batches import (
     DATA_PATHS,
     EpochProgress,
@@ -27,30 +30,45 @@ from datamodules.device_batches import (
     TrainBatches,
     resolve_data_path,
 )
-from datamodules.layout import CLASSES, Split, check_data_dir
-from datamodules.sources import ensure_downloaded, load_split
+from datamodules.datasets import dataset as catalog_entry
+from datamodules.layout import Split, check_data_dir, shown_names
+from datamodules.sources import SplitData, ensure_downloaded, measure_stats, read_split
 
 TEST_ORDER_SEED = 0
-# Per-channel statistics of the CIFAR-10 training set, as the course normalised with them.
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2023, 0.1994, 0.2010)
+# The defaults of base.schema's data group, the one place they are declared.
+DATA = DataOptions()
+# Per-channel statistics of the CIFAR-10 training set, as the course normalised with them
+# (base.datasets.CIFAR10), by their names before the data sets had their own.
+MEAN = CIFAR10.mean
+STD = CIFAR10.std
+# The least std a measured channel gets: a channel of one constant value (a grey-scale set's) has
+# none, and dividing by 0 would make every input inf.
+_LEAST_STD = 1 / 255
 
 
-def train_transform() -> v2.Compose:
-    """The course's training augmentation, on one uint8 3,32,32 tensor -> normalised float32."""
+def train_transform(mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> v2.Compose:
+    """The course's training augmentation, on one uint8 3,32,32 tensor -> float32 normalised with
+    ``mean`` and ``std`` (default: CIFAR-10's)."""
     return v2.Compose(
         [
             v2.RandomCrop(32, padding=4),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
+            v2.Normalize(mean, std),
         ]
     )
 
 
-def eval_transform() -> v2.Compose:
-    """Normalisation only, for validation and test images."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+def eval_transform(mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> v2.Compose:
+    """Normalisation only, for validation and test images (default: CIFAR-10's statistics)."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def measured_info(name: str, classes: tuple[str, ...], images: torch.Tensor) -> DatasetInfo:
+    """The :class:`DatasetInfo` of a data set without fixed statistics: ``classes``, and the mean and
+    std of its training ``images`` (uint8 N,3,H,W) per channel (``sources.measure_stats``)."""
+    mean, std = measure_stats(images)
+    return DatasetInfo(name, classes, mean, tuple(max(value, _LEAST_STD) for value in std))
 
 
 class TransformedTensorDataset(Dataset):
@@ -139,15 +157,20 @@ def holdout_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     return order[val_size:], order[:val_size]
 
 
-class CIFAR10DataModule(L.LightningDataModule):
-    """CIFAR-10 train / validation / test loaders for a Trainer.
+class ImageDataModule(L.LightningDataModule):
+    """Train / validation / test loaders of one data set (``dataset``, a ``--dataset`` name) for a Trainer.
 
     The validation images are held out from the training split, so the test split is only
     touched by testing. ``train_limit`` keeps only that many training images, for quick runs.
-    """
 
-    classes: tuple[str, ...] = CLASSES
-    num_classes: int = len(CLASSES)
+    :attr:`dataset_info` is what the data set is: its class names in label order and the mean and
+    std every image is normalised with, on both data paths. CIFAR-10 and CIFAR-100 have fixed
+    ones (``base.datasets``); an image-folder tree's classes are its folders and its statistics
+    are measured on its training split (read at first use, before ``setup`` if asked first).
+    ``dataset_info``, when given, is the data set a checkpoint was trained on (test.py): the
+    data's classes must be exactly its (else a one-line UserError) and its statistics normalise,
+    and the training split is not read for them.
+    """
 
     def __init__(
         self,
@@ -155,7 +178,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         batch_size: int = DATA.batch_size,
         eval_batch_size: int = DATA.eval_batch_size,
         val_size: int = DATA.val_size,
-        num_workers: int = DATA.num_workers,
+        num_workers: int = DATA.workers,
         seed: int = 0,
         train_limit: int | None = None,
         cache_dir: Path | None = None,
@@ -164,8 +187,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         data_path: str = DATA.data_path,
         channels_last: bool = False,
         device: str | torch.device | None = None,
+        dataset: str = DATA.dataset,
+        dataset_info: DatasetInfo | None = None,
     ) -> None:
         super().__init__()
+        self.entry = catalog_entry(dataset)
+        self.dataset = dataset
         _require(data_path in DATA_PATHS, f"data_path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
         _require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
         _require(eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {eval_batch_size}")
@@ -195,27 +222,54 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.train_set: TransformedTensorDataset | None = None
         self.val_set: TransformedTensorDataset | None = None
         self.test_set: TransformedTensorDataset | None = None
+        self.expected = dataset_info
+        if dataset_info is not None and self.entry.info is not None:
+            self._check_classes(self.entry.info.classes, "the data")
+        # Fixed when the data set has fixed classes and statistics or a checkpoint gives them;
+        # else measured on the training split, at first use.
+        self._info: DatasetInfo | None = dataset_info or self.entry.info
+        self._train: SplitData | None = None
+
+    @property
+    def dataset_info(self) -> DatasetInfo:
+        """The data set's class names and statistics (see the class docstring); reads the training
+        split of an image-folder tree the first time, which raises the UserErrors of reading it."""
+        if self._info is None:
+            train = self._train_split()
+            self._info = measured_info(self.dataset, train.classes, train.images)
+        return self._info
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.dataset_info.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset_info.num_classes
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node, so a download never races between processes.
-        check_data_dir(self.data_dir, self.download)
+        check_data_dir(self.data_dir, self.download, self.dataset)
         if self.download:
-            ensure_downloaded(self.data_dir)
+            ensure_downloaded(self.data_dir, self.dataset)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_set is None:
             self._setup_train_val()
         if stage in ("test", None) and self.test_set is None:
-            images, labels = self._load("test")
+            test = self._load("test")
+            images, labels = test.images, test.labels
             # Sources list the test images class by class; a fixed shuffle makes any first batches
             # (--limit-test-batches, --fast-dev-run) a fair sample of all classes, the same for
             # every run, while a full test sees every image as before.
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
             images, labels = images[order], labels[order]
-            self.test_set = TransformedTensorDataset(images, labels, eval_transform())
+            info = self.dataset_info
+            self.test_set = TransformedTensorDataset(images, labels, eval_transform(info.mean, info.std))
 
     def _setup_train_val(self) -> None:
-        images, labels = self._load("train")
+        train = self._train_split()
+        images, labels = train.images, train.labels
         _require(
             self.val_size < len(images),
             f"val_size {self.val_size} leaves no training images: the training split at "
@@ -224,13 +278,41 @@ class CIFAR10DataModule(L.LightningDataModule):
         train_idx, val_idx = holdout_split(len(images), self.val_size, self.seed)
         if self.train_limit is not None:
             train_idx = train_idx[: self.train_limit]
+        info = self.dataset_info
         self.train_set = TransformedTensorDataset(
-            images[train_idx], labels[train_idx], train_transform()
+            images[train_idx], labels[train_idx], train_transform(info.mean, info.std)
         )
-        self.val_set = TransformedTensorDataset(images[val_idx], labels[val_idx], eval_transform())
+        self.val_set = TransformedTensorDataset(images[val_idx], labels[val_idx], eval_transform(info.mean, info.std))
+        self._train = None  # the sets hold what they need; the whole split's arrays can go
 
-    def _load(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_split(self.data_dir, split, cache_dir=self.cache_dir, download=self.download)
+    def _train_split(self) -> SplitData:
+        if self._train is None:
+            self._train = self._load("train")
+        return self._train
+
+    def _load(self, split: Split) -> SplitData:
+        data = read_split(self.data_dir, split, cache_dir=self.cache_dir, download=self.download, dataset=self.dataset)
+        self._check_classes(data.classes, f"the {split} split at {self.data_dir}")
+        return data
+
+    def _check_classes(self, classes: tuple[str, ...], what: str) -> None:
+        """Refuse data whose classes are not those of the checkpoint's data set (``dataset_info``)."""
+        if self.expected is None or tuple(classes) == self.expected.classes:
+            return
+        ours, theirs = set(classes), set(self.expected.classes)
+        if ours == theirs:
+            why = "the same names in another order"
+        else:
+            parts = [f"{len(classes)} classes"]
+            if missing := sorted(theirs - ours):
+                parts.append(f"without {shown_names(missing)}")
+            if extra := sorted(ours - theirs):
+                parts.append(f"with {shown_names(extra)}, which the checkpoint lacks")
+            why = ", ".join(parts)
+        raise UserError(
+            f"{what} does not have the classes the checkpoint was trained on ({self.expected.num_classes} classes of "
+            f"{self.expected.name}): it has {why}; pass --data-dir pointing at that data set's test split"
+        )
 
     def train_dataloader(self) -> DataLoader | TrainBatches:
         train_set = self._ready(self.train_set, "fit")
@@ -241,8 +323,8 @@ class CIFAR10DataModule(L.LightningDataModule):
                 train_set.labels,
                 self.batch_size,
                 seed=self.seed,
-                mean=MEAN,
-                std=STD,
+                mean=self.dataset_info.mean,
+                std=self.dataset_info.std,
                 device=device,
                 rank=rank,
                 world_size=world_size,
@@ -293,8 +375,8 @@ class CIFAR10DataModule(L.LightningDataModule):
                 dataset.images,
                 dataset.labels,
                 self.eval_batch_size,
-                mean=MEAN,
-                std=STD,
+                mean=self.dataset_info.mean,
+                std=self.dataset_info.std,
                 device=device,
                 rank=rank,
                 world_size=world_size,
@@ -328,3 +410,7 @@ class CIFAR10DataModule(L.LightningDataModule):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
+
+
+# The name it had when it read CIFAR-10 only; every data set's module now.
+CIFAR10DataModule = ImageDataModule

@@ -1,10 +1,10 @@
-"""Where CIFAR-10 is in ``data_dir``: which of the supported layouts it holds, found from names
+"""Where a data set is in ``data_dir``: which of the supported layouts it holds, found from names
 and file headers only.
 
 Supported layouts:
 
-* the official python archive: a folder holding ``cifar-10-batches-py/`` (what torchvision's
-  download leaves behind), or that folder itself;
+* torchvision's python archive of CIFAR-10 or CIFAR-100: a folder holding ``cifar-10-batches-py/``
+  or ``cifar-100-python/`` (what torchvision's download leaves behind), or that folder itself;
 * an image-folder tree ``train/<class>/*`` and ``test/<class>/*``, at ``data_dir`` or in the one
   sub-folder of ``data_dir`` that holds such a tree;
 * a ``.tar.gz`` / ``.tgz`` / ``.tar`` of such a tree (optionally under one top-level folder), or a
@@ -23,32 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from base.datasets import CIFAR10
 from base.errors import UserError
 from base.files import printable
 from base.options import IMAGE_SUFFIXES
+from datamodules.datasets import CIFAR10_PYTHON, PYTHON_ARCHIVES, Dataset, PythonArchive, dataset_of
+from datamodules.datasets import dataset as catalog_entry
 
-CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+# CIFAR-10's classes in label order (base.datasets.CIFAR10), kept here for the modules that import them.
+CLASSES: tuple[str, ...] = CIFAR10.classes
 
 Split = Literal["train", "test"]
 SourceKind = Literal["python", "folder", "archive"]
 
-PYTHON_FOLDER = "cifar-10-batches-py"
-PYTHON_BATCHES: dict[str, tuple[str, ...]] = {
-    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
-    "test": ("test_batch",),
-}
-ALL_BATCHES = PYTHON_BATCHES["train"] + PYTHON_BATCHES["test"]
+# CIFAR-10's python archive (datamodules.datasets.CIFAR10_PYTHON), by the names used before the catalog.
+PYTHON_FOLDER = CIFAR10_PYTHON.folder
+PYTHON_BATCHES: dict[str, tuple[str, ...]] = CIFAR10_PYTHON.batches
+ALL_BATCHES = CIFAR10_PYTHON.files
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLITS = ("train", "test")
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
@@ -57,54 +48,95 @@ LAYOUTS = (
     "an image-folder tree (train/<class>/*, test/<class>/*), a .tar.gz of one, "
     "or a folder holding cifar-10-batches-py"
 )
+# What each --dataset reads, for the messages that say where to point --data-dir.
+_LAYOUTS_OF = {
+    "cifar10": LAYOUTS,
+    "cifar100": "a folder holding cifar-100-python (torchvision's python format: train, test and meta)",
+    "imagefolder": "an image-folder tree (train/<class>/*, test/<class>/*, at least 2 classes) or a .tar.gz of one",
+}
+# How many class names a message lists before "...".
+_SHOWN_NAMES = 8
 
 
 @dataclass(frozen=True)
 class Source:
     kind: SourceKind
-    # python: the cifar-10-batches-py folder; folder: the folder holding train/ and test/;
-    # archive: the archive file.
+    # python: the cifar-10-batches-py (or cifar-100-python) folder; folder: the folder holding
+    # train/ and test/; archive: the archive file.
     path: Path
+    # python: which python archive format the folder holds.
+    python: PythonArchive | None = None
 
 
-def describe_source(data_dir: str | Path) -> str:
+def _entry(dataset: str | None) -> Dataset | None:
+    return None if dataset is None else catalog_entry(dataset)
+
+
+def _title(dataset: str | None) -> str:
+    # Without a dataset named (any layout is looked for) the messages keep CIFAR-10's name, the default's.
+    return "CIFAR-10" if dataset is None else catalog_entry(dataset).title
+
+
+def layouts(dataset: str | None) -> str:
+    """The layouts ``--dataset dataset`` reads, as a message names them."""
+    return _LAYOUTS_OF[dataset] if dataset is not None else LAYOUTS
+
+
+def describe_source(data_dir: str | Path, dataset: str | None = None) -> str:
     """A short human description of what ``data_dir`` holds, for logs."""
-    source = detect(Path(data_dir))
+    source = detect(Path(data_dir), dataset)
     if source is None:
         return f"no data yet at {data_dir}"
-    label = {
-        "python": "CIFAR-10 python archive",
-        "folder": "image-folder tree",
-        "archive": "image-folder archive",
-    }[source.kind]
+    if source.kind == "python":
+        assert source.python is not None
+        title = "CIFAR-100" if source.python.folder != PYTHON_FOLDER else "CIFAR-10"
+        return f"{title} python archive {source.path}"
+    label = {"folder": "image-folder tree", "archive": "image-folder archive"}[source.kind]
     return f"{label} {source.path}"
 
 
-def check_data_dir(data_dir: str | Path, download: bool) -> None:
-    """Fail fast with a UserError when ``data_dir`` cannot provide CIFAR-10.
+def check_data_dir(data_dir: str | Path, download: bool, dataset: str | None = None) -> None:
+    """Fail fast with a UserError when ``data_dir`` cannot provide the data set ``dataset`` (a
+    ``--dataset`` name; None: any of them).
 
     Only looks at folder names and file headers, so it is cheap enough to run before building
-    models. A missing or empty folder is fine when ``download`` is set: it will be fetched.
+    models. A missing or empty folder is fine when ``download`` is set and the data set can be
+    downloaded (CIFAR-10, CIFAR-100): it will be fetched. An image-folder tree's class folders
+    are checked too (both splits the same classes, see :func:`folder_classes`); an archive's are
+    checked when it is read.
     """
     path = Path(data_dir)
-    source = detect(path)
+    source = detect(path, dataset)
+    entry = _entry(dataset)
     if source is None:
-        if not download:
-            raise missing_data_error(path)
+        if not download or (entry is not None and entry.python is None):
+            raise missing_data_error(path, dataset)
         return
     if source.kind == "archive" and not looks_like_tar(source.path):
         raise corrupt_archive_error(source.path, "not a tar archive")
     if source.kind == "python":
-        for name in ALL_BATCHES:
+        assert source.python is not None
+        for name in (*source.python.files, source.python.meta) if source.python is not CIFAR10_PYTHON else ALL_BATCHES:
             if not (source.path / name).is_file():
-                raise missing_batch_error(source.path / name)
+                raise missing_batch_error(source.path / name, source.python)
+    if source.kind == "folder" and entry is not None and entry.info is None:
+        folder_classes(source.path, dataset)
 
 
 # --- detection -------------------------------------------------------------------------------
 
 
-def detect(path: Path) -> Source | None:
-    """The source ``path`` holds, or None when it is missing or an empty folder (downloadable)."""
+def detect(path: Path, dataset: str | None = None) -> Source | None:
+    """The source ``path`` holds for ``--dataset dataset`` (None: any data set), or None when it is
+    missing or an empty folder (downloadable).
+
+    A folder holding only the python archive of another data set (``data/`` with CIFAR-10 in it,
+    for ``--dataset cifar100``) is where this one is downloaded too, as torchvision would. A source
+    of the wrong kind for ``dataset`` (a tree for cifar100, a python archive for imagefolder, the
+    other CIFAR's archive itself) is refused in one line saying which ``--dataset`` reads it.
+    """
+    entry = _entry(dataset)
+    title = _title(dataset)
     if not path.exists():
         if is_archive_name(path) or path.suffix:
             # A missing file name (cifar10.tar.gzz, cifar10.zip) is a typo or a moved file, never a
@@ -112,23 +144,28 @@ def detect(path: Path) -> Source | None:
             what = "archive" if is_archive_name(path) else "file"
             raise UserError(
                 f"{what} not found: {path}; check the path given to --data-dir (a folder that does not exist yet "
-                "is where CIFAR-10 is downloaded, a file name must exist)"
+                f"is where {title} is downloaded, a file name must exist)"
             )
         return None
     if path.is_file():
         if is_archive_name(path):
-            return Source("archive", path.resolve())
-        raise UserError(f"{path} is not a CIFAR-10 source: pass --data-dir pointing at {LAYOUTS}")
+            return _checked(Source("archive", path.resolve()), entry)
+        raise UserError(f"{path} is not a {title} source: pass --data-dir pointing at {layouts(dataset)}")
 
     children = [c for c in path.iterdir() if not is_hidden(c.name)]
     if not children:
         return None
-    if path.name == PYTHON_FOLDER or any((path / name).is_file() for name in ALL_BATCHES):
-        return Source("python", path.resolve())
-    if (path / PYTHON_FOLDER).is_dir():
-        return Source("python", (path / PYTHON_FOLDER).resolve())
+    own = _python_format(path)
+    if own is not None:
+        return _checked(Source("python", path.resolve(), own), entry)
+    wanted = PYTHON_ARCHIVES if entry is None else (entry.python,) if entry.python else PYTHON_ARCHIVES
+    for python in wanted:
+        if (path / python.folder).is_dir():
+            return _checked(Source("python", (path / python.folder).resolve(), python), entry)
+    if entry is not None and entry.python is not None and all(_other_python(c, entry.python) for c in children):
+        return None  # only other data sets' archives here: this one is downloaded beside them
     if is_tree(path):
-        return Source("folder", path.resolve())
+        return _checked(Source("folder", path.resolve()), entry)
     if any(c.name in CLASS_INDEX for c in children):
         raise UserError(
             f"{path} holds class folders directly, one level too deep: pass --data-dir pointing "
@@ -136,7 +173,7 @@ def detect(path: Path) -> Source | None:
         )
     trees = [c for c in children if c.is_dir() and is_tree(c)]
     if len(trees) == 1:
-        return Source("folder", trees[0].resolve())
+        return _checked(Source("folder", trees[0].resolve()), entry)
     if len(trees) > 1:
         names = ", ".join(sorted(t.name for t in trees))
         raise UserError(
@@ -144,7 +181,7 @@ def detect(path: Path) -> Source | None:
         )
     archives = [c for c in children if c.is_file() and is_archive_name(c)]
     if len(archives) == 1:
-        return Source("archive", archives[0].resolve())
+        return _checked(Source("archive", archives[0].resolve()), entry)
     if len(archives) > 1:
         names = ", ".join(sorted(a.name for a in archives))
         raise UserError(f"{path} holds several archives ({names}): pass --data-dir pointing at one")
@@ -156,9 +193,48 @@ def detect(path: Path) -> Source | None:
     nested = find_nested_source(path)
     if nested is not None:
         raise UserError(
-            f"no CIFAR-10 data directly in {path}, but {nested} holds some: pass --data-dir {nested}"
+            f"no {title} data directly in {path}, but {nested} holds some: pass --data-dir {nested}"
         )
-    raise UserError(f"no CIFAR-10 data found in {path}: pass --data-dir pointing at {LAYOUTS}")
+    raise UserError(f"no {title} data found in {path}: pass --data-dir pointing at {layouts(dataset)}")
+
+
+def _python_format(path: Path) -> PythonArchive | None:
+    """The python archive format ``path`` itself is, by its name or by the batch files in it."""
+    for python in PYTHON_ARCHIVES:
+        if path.name == python.folder:
+            return python
+    if any((path / name).is_file() for name in ALL_BATCHES):
+        return CIFAR10_PYTHON
+    other = [python for python in PYTHON_ARCHIVES if python is not CIFAR10_PYTHON]
+    # CIFAR-100's files are called train, test and meta: files, where a tree has train/ and test/ folders.
+    return next((python for python in other if (path / python.meta).is_file() and (path / "train").is_file()), None)
+
+
+def _other_python(child: Path, wanted: PythonArchive) -> bool:
+    """Whether ``child`` is another data set's python archive folder, or the tarball it came from."""
+    return any(child.name in (python.folder, python.tarball) for python in PYTHON_ARCHIVES if python is not wanted)
+
+
+def _checked(source: Source, entry: Dataset | None) -> Source:
+    """``source``, when ``entry`` (a ``--dataset``; None: any) reads its kind; else one line saying which does."""
+    if entry is None:
+        return source
+    if source.kind == "python":
+        assert source.python is not None
+        if source.python is entry.python:
+            return source
+        holder = dataset_of(source.python)
+        raise UserError(
+            f"{source.path} is {holder.title}'s python archive, which --dataset {entry.name} does not read: "
+            f"pass --dataset {holder.name}, or --data-dir pointing at {layouts(entry.name)}"
+        )
+    if not entry.reads_folders:
+        what = "an image-folder tree" if source.kind == "folder" else "an image-folder archive"
+        raise UserError(
+            f"{source.path} is {what}; --dataset {entry.name} reads {layouts(entry.name)}: pass --dataset imagefolder "
+            "to read the tree (classes from its folders)"
+        )
+    return source
 
 
 def find_nested_source(path: Path, max_depth: int = 3, max_folders: int = 200) -> Path | None:
@@ -259,9 +335,12 @@ def looks_like_tar(path: Path) -> bool:
         return False
 
 
-def missing_data_error(path: Path) -> UserError:
+def missing_data_error(path: Path, dataset: str | None = None) -> UserError:
+    entry = _entry(dataset)
+    if entry is not None and entry.python is None:  # nothing to download an image-folder tree from
+        return UserError(f"no {entry.title} data at {path}: pass --data-dir pointing at {layouts(dataset)}")
     return UserError(
-        f"no CIFAR-10 data at {path}: pass --data-dir pointing at {LAYOUTS}, or enable downloading"
+        f"no {_title(dataset)} data at {path}: pass --data-dir pointing at {layouts(dataset)}, or enable downloading"
     )
 
 
@@ -274,5 +353,75 @@ def corrupt_archive_error(path: Path, why: object) -> UserError:
 BATCH_FIX = "re-extract cifar-10-python.tar.gz there, or delete the folder to download it again"
 
 
-def missing_batch_error(path: Path) -> UserError:
-    return UserError(f"missing CIFAR-10 batch file {path}: {BATCH_FIX}")
+def batch_fix(python: PythonArchive = CIFAR10_PYTHON) -> str:
+    """How to repair a damaged python archive folder of format ``python``."""
+    return f"re-extract {python.tarball} there, or delete the folder to download it again"
+
+
+def missing_batch_error(path: Path, python: PythonArchive = CIFAR10_PYTHON) -> UserError:
+    title = dataset_of(python).title
+    return UserError(f"missing {title} batch file {path}: {batch_fix(python)}")
+
+
+# --- the classes of an image-folder tree -----------------------------------------------------
+
+
+def shown_names(names: list[str] | tuple[str, ...]) -> str:
+    """``names`` joined for a message: the first few, then how many in all."""
+    shown = ", ".join(printable(name) for name in names[:_SHOWN_NAMES])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN_NAMES else "")
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """The names of the class folders of one split folder, sorted: its sub-folders (links to folders
+    included), hidden ones aside. A UserError for a missing split folder or a broken link, which
+    could be a class folder."""
+    if not split_dir.is_dir():
+        raise UserError(
+            f"missing folder {split_dir}: an image-folder tree needs train/<class> and test/<class>"
+        )
+    children = [c for c in split_dir.iterdir() if not is_hidden(c.name)]
+    broken = sorted(c.name for c in children if c.is_symlink() and not c.exists())
+    if broken:
+        raise UserError(f"{shown_names(broken)} in {split_dir}: broken symbolic link(s); fix or replace them")
+    return sorted(c.name for c in children if c.is_dir())
+
+
+def resolve_classes(train: set[str] | list[str], test: set[str] | list[str], where: str) -> tuple[str, ...]:
+    """The class names, in label order, of an image-folder tree whose splits (at ``where``, a folder
+    or archive) hold the class folders ``train`` and ``test``.
+
+    Sorted, as torchvision's ``ImageFolder`` orders them, except that exactly CIFAR-10's ten names
+    keep CIFAR-10's order, so such a tree has CIFAR-10's labels. A UserError, in one line, for fewer
+    than 2 classes or splits whose classes differ (naming the missing and the extra ones).
+    """
+    train_set, test_set = set(train), set(test)
+    if len(train_set) < 2:
+        found = f"only {shown_names(sorted(train_set))}" if train_set else "none"
+        raise UserError(
+            f"{where}: an image-folder tree needs at least 2 class folders in train/, found {found}: "
+            "add one folder of images per class"
+        )
+    if train_set != test_set:
+        problems = []
+        if missing := sorted(train_set - test_set):
+            problems.append(f"test/ lacks {shown_names(missing)}")
+        if extra := sorted(test_set - train_set):
+            problems.append(f"test/ has {shown_names(extra)}, which train/ lacks")
+        raise UserError(
+            f"{where}: the splits have different classes ({'; '.join(problems)}): give train/ and test/ the same class folders"
+        )
+    if train_set == set(CLASSES):
+        return CLASSES
+    return tuple(sorted(train_set))
+
+
+def folder_classes(root: Path, dataset: str | None) -> tuple[str, ...]:
+    """The class names, in label order, of the tree ``root`` (``root/train``, ``root/test``) read as
+    ``--dataset dataset``: a data set with fixed classes (CIFAR-10) has its own, which its loading
+    checks split by split; any other has its folders' (:func:`resolve_classes`)."""
+    entry = _entry(dataset)
+    fixed = CIFAR10 if entry is None else entry.info
+    if fixed is not None:
+        return fixed.classes
+    return resolve_classes(class_folders(root / "train"), class_folders(root / "test"), str(root))

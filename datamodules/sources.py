@@ -1,4 +1,6 @@
-"""Read CIFAR-10 from disk, whichever of the supported layouts (``layout``) ``data_dir`` holds.
+"""Read a data set from disk, whichever of the supported layouts (``layout``) ``data_dir`` holds:
+CIFAR-10 or CIFAR-100 in torchvision's python format, or an image-folder tree or archive of any
+N classes (``--dataset``, see ``datamodules.datasets``).
 
 Archive members are read straight from the archive.
 
@@ -26,36 +28,51 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.datasets import CIFAR10
+from torchvision import datasets as tv_datasets
 from torchvision.datasets import utils as tv_utils
 
 from base.errors import UserError
 from base.files import atomic_write, printable
 from base.options import IMAGE_SUFFIXES
+from datamodules.datasets import CIFAR10_PYTHON, PYTHON_ARCHIVES, PythonArchive, dataset_of
+from datamodules.datasets import dataset as catalog_entry
 from datamodules.layout import (
-    BATCH_FIX,
     CLASS_INDEX,
     CLASSES,
-    LAYOUTS,
-    PYTHON_BATCHES,
-    PYTHON_FOLDER,
     SPLITS,
     Source,
     Split,
+    batch_fix,
     corrupt_archive_error,
     detect,
+    folder_classes,
     is_hidden,
     is_image_name,
+    layouts,
     list_files,
     missing_batch_error,
     missing_data_error,
+    resolve_classes,
+    shown_names,
 )
 
 log = logging.getLogger(__name__)
 
 # Bump when decoding or what a cache is made from changes, so caches of older code are not reused.
 # 2: images in sub-folders and behind links; the key covers every image by its change time too.
-_CACHE_VERSION = 2
+# 3: the key covers the --dataset and the class names (labels are indices into them), which the
+#    cache holds too.
+_CACHE_VERSION = 3
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split as read: ``images`` uint8 (N, 3, 32, 32) contiguous, ``labels`` int64 (N,) indexing
+    ``classes``, the class names in label order."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
 
 
 def default_cache_dir() -> Path:
@@ -64,27 +81,31 @@ def default_cache_dir() -> Path:
     return Path(base) / "cifar10-lightning"
 
 
-def ensure_downloaded(data_dir: str | Path) -> None:
-    """Fetch the official python archive into ``data_dir`` if that folder is missing or empty."""
+def ensure_downloaded(data_dir: str | Path, dataset: str = "cifar10") -> None:
+    """Fetch the data set's python archive into ``data_dir`` if that folder holds none yet (is
+    missing, empty, or holds only other data sets' archives). An image-folder data set cannot be
+    downloaded: its absence is a UserError."""
     path = Path(data_dir)
-    if detect(path) is not None:
+    if detect(path, dataset) is not None:
         return
+    entry = catalog_entry(dataset)
+    if entry.python is None:
+        raise missing_data_error(path, dataset)
+    # What CIFAR10(root, download=True) (or CIFAR100) does, minus loading the arrays: fetch the
+    # official tarball, check its md5 and extract the python folder into data_dir.
+    official = getattr(tv_datasets, entry.python.torchvision)
     existed = path.exists()
     try:
-        # What CIFAR10(root, download=True) does, minus loading the arrays: fetch the official
-        # tarball, check its md5 and extract cifar-10-batches-py/ into data_dir.
-        tv_utils.download_and_extract_archive(
-            CIFAR10.url, str(path), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
-        )
+        tv_utils.download_and_extract_archive(official.url, str(path), filename=official.filename, md5=official.tgz_md5)
     except (OSError, RuntimeError, tarfile.TarError) as exc:
-        # The folder held no data before, so any tarball is our partial download; left behind it
+        # The folder held no such data before, so any tarball is our partial download; left behind it
         # would be taken for a local copy on the next run.
-        (path / CIFAR10.filename).unlink(missing_ok=True)
+        (path / official.filename).unlink(missing_ok=True)
         if not existed and path.is_dir() and not any(path.iterdir()):
             path.rmdir()  # nothing on disk is left changed by a failed attempt
         raise UserError(
-            f"no CIFAR-10 at {data_dir}, and downloading it there failed (no network?): pass --data-dir "
-            f"pointing at a local copy: {LAYOUTS}"
+            f"no {entry.title} at {data_dir}, and downloading it there failed (no network?): pass --data-dir "
+            f"pointing at a local copy: {layouts(dataset)}"
         ) from exc
 
 
@@ -93,29 +114,66 @@ def load_split(
     split: Split,
     cache_dir: str | Path | None = None,
     download: bool = False,
+    dataset: str = "cifar10",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load one split as (images uint8 N,3,32,32 contiguous, labels int64 N).
+    """Load one split as (images uint8 N,3,32,32 contiguous, labels int64 N): :func:`read_split`
+    without the class names."""
+    data = read_split(data_dir, split, cache_dir=cache_dir, download=download, dataset=dataset)
+    return data.images, data.labels
 
-    ``download`` fetches the official archive when ``data_dir`` is missing or empty. Image files
-    are decoded once and cached in ``cache_dir`` (default: ``default_cache_dir()``).
+
+def read_split(
+    data_dir: str | Path,
+    split: Split,
+    cache_dir: str | Path | None = None,
+    download: bool = False,
+    dataset: str = "cifar10",
+) -> SplitData:
+    """One split of the data set ``dataset`` (a ``--dataset`` name) at ``data_dir``, with its class names.
+
+    ``download`` fetches the official archive (CIFAR-10, CIFAR-100) when ``data_dir`` holds none.
+    Image files are decoded once and cached in ``cache_dir`` (default: ``default_cache_dir()``).
+    Raises UserError for data that is missing, damaged or not of that data set.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     path = Path(data_dir)
     if download:
-        ensure_downloaded(path)
-    source = detect(path)
+        ensure_downloaded(path, dataset)
+    source = detect(path, dataset)
     if source is None:
-        raise missing_data_error(path)
+        raise missing_data_error(path, dataset)
     if source.kind == "python":
-        images, labels = _read_python_split(source.path, split)
+        assert source.python is not None
+        images, labels, classes = _read_python_split(source.path, split, source.python)
     else:
         # --cache-dir arrives as a string (configs are written back as YAML, which takes no Path).
-        images, labels = _load_cached(source, split, Path(cache_dir) if cache_dir else default_cache_dir())
-    return (
-        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-        torch.from_numpy(labels),
-    )
+        images, labels, classes = _load_cached(
+            source, split, Path(cache_dir) if cache_dir else default_cache_dir(), dataset
+        )
+    return SplitData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), classes)
+
+
+def measure_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel (mean, std) of uint8 images (N, 3, H, W), over every pixel, scaled to [0, 1].
+
+    Counted from each channel's 256-bin histogram: exact, in int64, and no float copy of the
+    images (50,000 CIFAR images take well under a second). Raises ValueError for no images.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ValueError("no images to measure")
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for channel in range(3):
+        counts = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
+        total = counts.sum()
+        mean = float((counts * levels).sum() / total)
+        variance = float((counts * (levels - mean) ** 2).sum() / total)
+        means.append(mean)
+        stds.append(variance**0.5)
+    return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
 
 
 # --- official python archive -----------------------------------------------------------------
@@ -145,39 +203,69 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_python_split(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
-    # Read with pickle rather than torchvision.datasets.CIFAR10: torchvision checks the md5 of
-    # every batch file, so it rejects any copy that is not byte-identical to the official one.
+def _read_python_split(
+    folder: Path, split: Split, python: PythonArchive = CIFAR10_PYTHON
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(images uint8 N,32,32,3, labels int64 N, class names) of one split of a python archive folder.
+
+    The class names are the data set's (``base.datasets``); CIFAR-100's meta file must list the same
+    ones, since its labels index them. Read with pickle rather than torchvision.datasets: torchvision
+    checks the md5 of every batch file, so it rejects any copy that is not byte-identical to the
+    official one.
+    """
+    info = dataset_of(python).info
+    assert info is not None  # every python archive is of a data set with fixed classes
+    if python is not CIFAR10_PYTHON:
+        # CIFAR-10's batches.meta is not needed (its label order is fixed); CIFAR-100's is read to
+        # check that the labels mean what the class names say.
+        _check_meta_names(folder / python.meta, python, info.classes)
     images, labels = [], []
-    for name in PYTHON_BATCHES[split]:
-        batch_images, batch_labels = _read_python_batch(folder / name)
+    for name in python.batches[split]:
+        batch_images, batch_labels = _read_python_batch(folder / name, python, len(info.classes))
         images.append(batch_images)
         labels.append(batch_labels)
-    return np.concatenate(images), np.concatenate(labels)
+    return np.concatenate(images), np.concatenate(labels), info.classes
 
 
-def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_meta_names(path: Path, python: PythonArchive, classes: tuple[str, ...]) -> None:
     if not path.is_file():
-        raise missing_batch_error(path)
+        raise missing_batch_error(path, python)
+    try:
+        with path.open("rb") as f:
+            entry = _ArrayUnpickler(f, encoding="bytes").load()
+        names = tuple(name.decode() if isinstance(name, bytes) else str(name) for name in _field(entry, python.names_key))
+    except Exception as exc:  # as for the batches: every failure means a damaged file
+        raise _corrupt_batch_error(path, exc, python) from exc
+    if names != classes:
+        raise _corrupt_batch_error(
+            path, f"its {python.names_key} are not {dataset_of(python).title}'s {len(classes)} classes in their order", python
+        )
+
+
+def _read_python_batch(
+    path: Path, python: PythonArchive = CIFAR10_PYTHON, num_classes: int = len(CLASSES)
+) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise missing_batch_error(path, python)
     try:
         with path.open("rb") as f:
             entry = _ArrayUnpickler(f, encoding="bytes").load()
         data = np.asarray(_field(entry, "data"), dtype=np.uint8)
-        labels = np.asarray(_field(entry, "labels"), dtype=np.int64)
+        labels = np.asarray(_field(entry, python.label_key), dtype=np.int64)
     # A damaged pickle can fail in many ways (EOFError, UnpicklingError, KeyError, ValueError,
     # ...), all of which mean the same thing here.
     except Exception as exc:
-        raise _corrupt_batch_error(path, exc) from exc
+        raise _corrupt_batch_error(path, exc, python) from exc
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
-        raise _corrupt_batch_error(path, "unexpected array shapes")
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise _corrupt_batch_error(path, "labels outside 0..9")
+        raise _corrupt_batch_error(path, "unexpected array shapes", python)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise _corrupt_batch_error(path, f"labels outside 0..{num_classes - 1}", python)
     # Rows are channel-major (1024 red, 1024 green, 1024 blue); we keep images as N,H,W,C.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def _corrupt_batch_error(path: Path, why: object) -> UserError:
-    return UserError(f"corrupted CIFAR-10 batch file {path} ({why}): {BATCH_FIX}")
+def _corrupt_batch_error(path: Path, why: object, python: PythonArchive = CIFAR10_PYTHON) -> UserError:
+    return UserError(f"corrupted {dataset_of(python).title} batch file {path} ({why}): {batch_fix(python)}")
 
 
 def _field(entry: dict, key: str) -> object:
@@ -188,42 +276,59 @@ def _field(entry: dict, key: str) -> object:
 # --- image files: folder tree and tar archive -----------------------------------------------
 
 
-def _load_cached(source: Source, split: Split, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The split's images: from the cache when it was made from exactly these files, else decoded
-    and cached, removing this source's caches of files that have changed since.
+def _load_cached(
+    source: Source, split: Split, cache_dir: Path, dataset: str = "cifar10"
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The split's images, labels and class names: from the cache when it was made from exactly
+    these files for this ``dataset``, else decoded and cached, removing this source's caches of
+    files that have changed since.
 
     Files that are not used (not images by their names, or outside the class folders) are named
     in one warning line, from the cache too.
     """
-    listing = _list_folder(source.path, split) if source.kind == "folder" else None
-    stem = _cache_stem(source, split)
-    cache_file = cache_dir / f"{stem}-{_cache_key(source, split, listing)}.npz"
-    cached = _read_cache(cache_file)
+    # A tree's classes are its folder names, known before decoding, so they are part of the key;
+    # an archive's are known only once it is read, from the archive the key covers.
+    classes = folder_classes(source.path, dataset) if source.kind == "folder" else None
+    listing = _list_folder(source.path, split, classes, dataset) if classes is not None else None
+    stem = _cache_stem(source, split, dataset)
+    cache_file = cache_dir / f"{stem}-{_cache_key(source, split, listing, dataset, classes)}.npz"
+    cached = _read_cache(cache_file, classes)
     if cached is None:
         if listing is not None:
-            cached = _decode_folder(source.path, split, listing)
+            assert classes is not None
+            cached = (*_decode_folder(source.path, split, listing, classes), classes)
         else:
-            cached = _decode_archive(source.path, split)
+            cached = _decode_archive(source.path, split, dataset)
         _write_cache(cache_file, *cached)
         _remove_stale_caches(cache_dir, stem, cache_file)
-    images, labels, left_out = cached
+    images, labels, left_out, classes = cached
     _warn_left_out(left_out, f"{source.path}/{split}" if source.kind == "folder" else f"{source.path}:{split}/")
-    return images, labels
+    return images, labels, classes
 
 
-def _cache_stem(source: Source, split: Split) -> str:
-    """The start of the names of ``source``'s caches of ``split``: its name, and a hash of its path,
-    so that a new cache can replace the old ones of the same data and no other's."""
-    where = hashlib.sha256(f"{source.kind}|".encode() + os.fsencode(source.path)).hexdigest()[:8]
+def _cache_stem(source: Source, split: Split, dataset: str = "cifar10") -> str:
+    """The start of the names of ``source``'s caches of ``split`` read as ``dataset``: its name, and
+    a hash of its path and the data set, so that a new cache can replace the old ones of the same
+    data and no other's."""
+    where = hashlib.sha256(f"{source.kind}|{dataset}|".encode() + os.fsencode(source.path)).hexdigest()[:8]
     return f"{source.path.name}-{split}-{where}"
 
 
 _KEY_CHARS = 20
 
 
-def _cache_key(source: Source, split: Split, listing: _Listing | None) -> str:
-    """A hash of everything the cache is made from: each image file of a folder (``listing``) or
-    the archive file, by name, size, modification and change time and inode.
+def _cache_key(
+    source: Source,
+    split: Split,
+    listing: _Listing | None,
+    dataset: str = "cifar10",
+    classes: tuple[str, ...] | None = None,
+) -> str:
+    """A hash of everything the cache is made from: the ``dataset`` it is read as and its
+    ``classes`` (in label order, when known beforehand: a tree's), and each image file of a folder
+    (``listing``) or the archive file, by name, size, modification and change time and inode. So
+    the caches of one tree read as cifar10 and as imagefolder never mix, nor those of a tree
+    whose class folders changed.
 
     A folder's own times do not change when files deeper down do, so the key covers every image;
     the change time (ctime) changes on every write, even when a copy keeps the modification time
@@ -231,7 +336,10 @@ def _cache_key(source: Source, split: Split, listing: _Listing | None) -> str:
     place is read again. File names are hashed as the bytes they are on disk (os.fsencode): a
     name that is not valid UTF-8 (a Windows archive unzipped here) is a str that .encode() refuses.
     """
-    digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.kind}|{split}|".encode() + os.fsencode(source.path))
+    digest = hashlib.sha256(f"{_CACHE_VERSION}|{source.kind}|{split}|{dataset}|".encode() + os.fsencode(source.path))
+    if classes is not None:
+        # Each name with its length, so that no two lists of names hash alike.
+        digest.update(b"|classes|" + b"".join(f"{len(name)}:".encode() + os.fsencode(name) for name in classes))
     paths = [source.path] if listing is None else [path for _, _, path in listing.images]
     for path in paths:
         try:
@@ -274,14 +382,18 @@ def _warn_left_out(left_out: list[str], where: str) -> None:
 _SHOWN_LEFT_OUT = 5
 
 
-def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    """The cached arrays and left-out names, or None when there are none or they are unusable (then we rebuild)."""
+def _read_cache(
+    path: Path, expected_classes: tuple[str, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str], tuple[str, ...]] | None:
+    """The cached arrays, left-out names and class names, or None when there are none or they are
+    unusable (then we rebuild): ``expected_classes``, when given, must be the cache's."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as npz:
             images, labels = npz["x"], npz["y"]
             left_out = [str(name) for name in npz["left_out"]] if "left_out" in npz.files else []
+            classes = tuple(str(name) for name in npz["classes"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, exc)
         return None
@@ -291,18 +403,25 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
         or images.shape[1:] != (32, 32, 3)
         or labels.dtype != np.int64
         or labels.shape != (len(images),)
+        or len(classes) < 2
+        or (len(labels) and int(labels.max()) >= len(classes))
+        or (expected_classes is not None and classes != expected_classes)
     ):
         log.warning("ignoring malformed cache %s; rebuilding it", path)
         return None
-    return images, labels, left_out
+    return images, labels, left_out, classes
 
 
-def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, left_out: list[str]) -> None:
+def _write_cache(
+    path: Path, images: np.ndarray, labels: np.ndarray, left_out: list[str], classes: tuple[str, ...]
+) -> None:
     # Atomic: a run killed mid-write leaves at most a stray temp file, never a truncated cache.
     # Failing to cache only costs time next run, so it warns instead of stopping this one.
     names = np.array(left_out, dtype=str)
+    # str_ arrays hold any name (np.savez's .npy needs no pickle for them); an empty list would be float.
+    class_names = np.array(list(classes), dtype=str)
     try:
-        atomic_write(path, lambda f: np.savez(f, x=images, y=labels, left_out=names))
+        atomic_write(path, lambda f: np.savez(f, x=images, y=labels, left_out=names, classes=class_names))
     except OSError as exc:
         log.warning("cannot write cache %s (%s); decoding again next run", printable(path), exc)
 
@@ -374,16 +493,18 @@ def _decode_reason(exc: BaseException) -> str:
     return _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
 
 
-def _stack(decoded: list[tuple[int, str, np.ndarray]], where: str) -> tuple[np.ndarray, np.ndarray]:
+def _stack(
+    decoded: list[tuple[int, str, np.ndarray]], where: str, classes: tuple[str, ...] = CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
     """Order images by (class, path within the class folder) so every layout yields the same
-    order, then stack."""
+    order, then stack. Every one of ``classes`` needs images."""
     decoded.sort(key=lambda item: item[:2])
     labels = np.array([label for label, _, _ in decoded], dtype=np.int64)
     present = set(labels.tolist())
-    missing = [name for i, name in enumerate(CLASSES) if i not in present]
+    missing = [name for i, name in enumerate(classes) if i not in present]
     if missing:
         raise UserError(
-            f"no images for class(es) {', '.join(missing)} in {where}: every class needs images"
+            f"no images for class(es) {shown_names(missing)} in {where}: every class needs images"
         )
     return np.stack([image for _, _, image in decoded]), labels
 
@@ -397,10 +518,14 @@ class _Listing:
     left_out: list[str]
 
 
-def _list_folder(root: Path, split: Split) -> _Listing:
-    """Every image of ``root/split``: all files named like images below each class folder, in
-    sub-folders and behind symbolic links too (``layout.list_files``). Other files, and files
-    beside the class folders, are left out (and named by the caller)."""
+def _list_folder(
+    root: Path, split: Split, classes: tuple[str, ...] = CLASSES, dataset: str = "cifar10"
+) -> _Listing:
+    """Every image of ``root/split``, labelled by the index of its class folder in ``classes``: all
+    files named like images below each class folder, in sub-folders and behind symbolic links too
+    (``layout.list_files``). Other files, and files beside the class folders, are left out (and
+    named by the caller). CIFAR-10's split folders must hold exactly its ten class folders; any
+    other data set's were checked against ``classes`` already (``layout.folder_classes``)."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise UserError(
@@ -408,20 +533,22 @@ def _list_folder(root: Path, split: Split) -> _Listing:
             "test/<class>"
         )
     children = [c for c in split_dir.iterdir() if not is_hidden(c.name)]
-    unknown = sorted(c.name for c in children if c.is_dir() and c.name not in CLASS_INDEX)
-    if unknown:
-        raise UserError(
-            f"unexpected folder(s) {', '.join(unknown)} in {split_dir}: class folders must be "
-            f"named {', '.join(CLASSES)}"
-        )
-    broken = [name for name in CLASSES if (split_dir / name).is_symlink() and not (split_dir / name).exists()]
-    if broken:
-        raise UserError(f"class folder(s) {', '.join(broken)} in {split_dir} are broken symbolic links: fix or replace them")
-    missing = [name for name in CLASSES if not (split_dir / name).is_dir()]
-    if missing:
-        raise UserError(f"missing class folder(s) {', '.join(missing)} in {split_dir}: add them")
+    if catalog_entry(dataset).info is not None:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(c.name for c in children if c.is_dir() and c.name not in index)
+        if unknown:
+            raise UserError(
+                f"unexpected folder(s) {', '.join(unknown)} in {split_dir}: class folders must be "
+                f"named {', '.join(classes)} (--dataset imagefolder reads a tree of any classes)"
+            )
+        broken = [name for name in classes if (split_dir / name).is_symlink() and not (split_dir / name).exists()]
+        if broken:
+            raise UserError(f"class folder(s) {', '.join(broken)} in {split_dir} are broken symbolic links: fix or replace them")
+        missing = [name for name in classes if not (split_dir / name).is_dir()]
+        if missing:
+            raise UserError(f"missing class folder(s) {', '.join(missing)} in {split_dir}: add them")
     listing = _Listing([], sorted(printable(c.relative_to(root)) for c in children if not c.is_dir()))
-    for label, name in enumerate(CLASSES):
+    for label, name in enumerate(classes):
         class_dir = split_dir / name
         inside = len(str(class_dir)) + 1  # the path within the class folder, cut from the string: fast
         for file in list_files(class_dir):
@@ -432,7 +559,9 @@ def _list_folder(root: Path, split: Split) -> _Listing:
     return listing
 
 
-def _decode_folder(root: Path, split: Split, listing: _Listing) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _decode_folder(
+    root: Path, split: Split, listing: _Listing, classes: tuple[str, ...] = CLASSES
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     files = []
     for label, name, file in listing.images:
         try:
@@ -444,17 +573,23 @@ def _decode_folder(root: Path, split: Split, listing: _Listing) -> tuple[np.ndar
             raise UserError(
                 f"cannot read image {printable(file)} ({why}): fix it (or its permissions) or remove it"
             ) from exc
-    return (*_stack(_decode_all(files), str(root / split)), listing.left_out)
+    return (*_stack(_decode_all(files), str(root / split), classes), listing.left_out)
 
 
-def _decode_archive(archive: Path, split: Split) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _decode_archive(
+    archive: Path, split: Split, dataset: str = "cifar10"
+) -> tuple[np.ndarray, np.ndarray, list[str], tuple[str, ...]]:
     try:
-        files, left_out = _archive_images(archive, split)
+        named, left_out, found = _archive_images(archive, split, catalog_entry(dataset).info is not None)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise corrupt_archive_error(archive, exc) from exc
-    if not files:
+    if not named:
         raise corrupt_archive_error(archive, f"no images under {split}/<class>/")
-    return (*_stack(_decode_all(files), f"{archive}:{split}/"), left_out)
+    info = catalog_entry(dataset).info
+    classes = info.classes if info is not None else resolve_classes(found["train"], found["test"], str(archive))
+    index = {name: i for i, name in enumerate(classes)}
+    files = [(index[folder], name, shown, data) for folder, name, shown, data in named]
+    return (*_stack(_decode_all(files), f"{archive}:{split}/", classes), left_out, classes)
 
 
 def _decode_all(files: list[tuple[int, str, str, bytes]]) -> list[tuple[int, str, np.ndarray]]:
@@ -490,16 +625,23 @@ def _in_split(parts: list[str]) -> tuple[str | None, list[str]] | None:
 class _Link:
     """An archive member that is a hard or symbolic link, whose data another member holds."""
 
-    label: int
+    label: str  # its class folder's name
     name: str  # its path within its class folder
     shown: str  # the member's name, for messages
     target: str  # the member it points to, as normalised parts joined by "/"
     symbolic: bool  # a symbolic link may point to a folder: every image below it is used then
 
 
-def _archive_images(archive: Path, split: Split) -> tuple[list[tuple[int, str, str, bytes]], list[str]]:
-    """(label, path within the class folder, name for errors, bytes) of the split's images, and
-    the members left out (not images by name, or beside the class folders).
+def _archive_images(
+    archive: Path, split: Split, fixed_classes: bool = True
+) -> tuple[list[tuple[str, str, str, bytes]], list[str], dict[str, set[str]]]:
+    """(class folder, path within the class folder, name for errors, bytes) of the split's images,
+    the members left out (not images by name, or beside the class folders), and the class folders
+    of both splits (``{"train": {...}, "test": {...}}``: every folder below a split folder that is
+    a member or holds one), which the caller orders into labels.
+
+    ``fixed_classes``: the data set has CIFAR-10's classes, and an image in any other folder is
+    refused; otherwise every folder below the split folder is a class.
 
     Read front to back (stream mode, the fast path for gzip). Hard links (``tar`` stores every
     further name of a hard-linked file so) and symbolic links are images like the files they
@@ -507,16 +649,25 @@ def _archive_images(archive: Path, split: Split) -> tuple[list[tuple[int, str, s
     the other split, is read in a second pass. A link out of the archive, or to nothing, is refused.
     """
     top: list[str | None] = []
-    files: list[tuple[int, str, str, bytes]] = []
+    files: list[tuple[str, str, str, bytes]] = []
     left_out: list[str] = []
     kept: dict[str, bytes] = {}
     links: list[_Link] = []
+    found: dict[str, set[str]] = {name: set() for name in SPLITS}
+    python_folders = {python.folder for python in PYTHON_ARCHIVES}
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
             parts = _member_parts(member.name)
-            if not (member.isfile() or member.islnk() or member.issym()) or any(is_hidden(p) for p in parts):
+            if any(is_hidden(p) for p in parts):
                 continue
-            if PYTHON_FOLDER in parts:
+            if member.isdir():
+                placed = _in_split(parts)
+                if placed is not None and len(placed[1]) >= 2:  # split/<class>[/...]: an (empty?) class folder
+                    found[placed[1][0]].add(placed[1][1])
+                continue
+            if not (member.isfile() or member.islnk() or member.issym()):
+                continue
+            if python_folders.intersection(parts):
                 raise UserError(
                     f"{archive} is the official python archive, not an image-folder tree: "
                     f"extract it (tar xzf {archive}) and pass --data-dir pointing at the "
@@ -533,13 +684,15 @@ def _archive_images(archive: Path, split: Split) -> tuple[list[tuple[int, str, s
                     "pack a single image-folder tree"
                 )
             rest = placed[1]
+            if len(rest) > 2:
+                found[rest[0]].add(rest[1])
             if rest[0] != split:
                 continue
             shown = printable(member.name)
             if len(rest) == 2:  # beside the class folders
                 left_out.append(shown)
                 continue
-            if rest[1] not in CLASS_INDEX:
+            if fixed_classes and rest[1] not in CLASS_INDEX:
                 if is_image_name(rest[-1]):
                     raise UserError(
                         f"unexpected folder {split}/{printable(rest[1])} in {archive}: class folders must be "
@@ -547,7 +700,7 @@ def _archive_images(archive: Path, split: Split) -> tuple[list[tuple[int, str, s
                     )
                 left_out.append(shown)
                 continue
-            label, name = CLASS_INDEX[rest[1]], "/".join(rest[2:])
+            label, name = rest[1], "/".join(rest[2:])
             if not is_image_name(rest[-1]) and not member.issym():
                 left_out.append(shown)
                 continue
@@ -565,7 +718,7 @@ def _archive_images(archive: Path, split: Split) -> tuple[list[tuple[int, str, s
                 links.append(_Link(label, name, member.name, target, member.issym()))
     if links:
         _read_link_targets(archive, links, files, left_out)
-    return files, left_out
+    return files, left_out, found
 
 
 def _link_target(archive: Path, member: tarfile.TarInfo, parts: list[str]) -> str:
@@ -583,7 +736,7 @@ def _link_target(archive: Path, member: tarfile.TarInfo, parts: list[str]) -> st
 
 
 def _read_link_targets(
-    archive: Path, links: list[_Link], files: list[tuple[int, str, str, bytes]], left_out: list[str]
+    archive: Path, links: list[_Link], files: list[tuple[str, str, str, bytes]], left_out: list[str]
 ) -> None:
     """Read, in a second pass over ``archive``, the data of the ``links`` the first pass could not:
     the file each points to, or, for a symbolic link to a folder, every image below that folder."""

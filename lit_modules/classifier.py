@@ -1,7 +1,8 @@
 """The LightningModule: a course network, the course's loss/optimiser/schedule, metrics per stage."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,78 +12,64 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from base.options import COURSE_RECIPE as COURSE
+from base.datasets import CIFAR10, DatasetInfo
 from base.options import OPTIMIZERS, SCHEDULERS, TTA_MODES
+from base.schema import NetworkOptions, OptimOptions, group_values, hparams_of, plain
 from models import build_model
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class ImageClassifier(L.LightningModule):
-    """Trains a course network with cross-entropy; the keyword defaults are the course recipe.
+    """Trains a network with cross-entropy; the defaults of its option groups are the course recipe.
 
-    The network is ``models.build_model(model_name, num_classes, **model_options)``, or the
-    injected ``backbone`` (that same network already prepared: weights loaded, channels_last,
-    compiled). Its name and options are saved as plain hyper-parameters, so a checkpoint alone
-    rebuilds it: ``ImageClassifier.load_from_checkpoint(path, weights_only=True)`` works, and
-    ``run.checkpoints`` reads the same hyper-parameters back for the command-line tools.
+    ``network`` (``base.schema.NetworkOptions``: the model's name and options, label smoothing,
+    test-time augmentation) and ``optim`` (``OptimOptions``: optimiser and schedule) are groups of
+    the option schema, or their mappings (``network`` also just a model name); ``dataset`` (``base.datasets.DatasetInfo``, default
+    CIFAR-10) gives the class count and names. The network is ``models.build_model(network.model,
+    dataset.num_classes, ...)``, or the injected ``backbone`` (that same network already prepared:
+    weights loaded, channels_last, compiled). The three are saved as hyper-parameters, one mapping
+    each, so a checkpoint alone rebuilds the module: ``ImageClassifier.load_from_checkpoint(path,
+    weights_only=True)`` works, also on checkpoints written before the groups, whose flat
+    hyper-parameters (``model_name``, ``lr``, ...) Lightning passes as ``flat_hparams``.
 
-    Raises ValueError for an unknown optimizer, scheduler or tta, and ``base.errors.UserError``
-    for an unknown model name or option.
+    Raises ValueError for an unknown optimizer, scheduler or tta, TypeError for an unknown
+    keyword, and ``base.errors.UserError`` for an unknown model name or option.
     """
 
     def __init__(
         self,
-        model_name: str = COURSE.model_name,
+        network: NetworkOptions | Mapping[str, Any] | str | None = None,
+        optim: OptimOptions | Mapping[str, Any] | None = None,
+        dataset: DatasetInfo | Mapping[str, Any] | None = None,
         *,
         backbone: nn.Module | None = None,
-        num_classes: int = 10,
-        model_options: dict[str, Any] | None = None,
-        class_names: Sequence[str] | None = None,
-        optimizer: str = COURSE.optimizer,
-        lr: float = COURSE.lr,
-        momentum: float = COURSE.momentum,
-        nesterov: bool = COURSE.nesterov,
-        weight_decay: float = COURSE.weight_decay,
-        scheduler: str = COURSE.scheduler,
-        step_size: int = COURSE.step_size,
-        gamma: float = COURSE.gamma,
-        label_smoothing: float = COURSE.label_smoothing,
-        tta: str = COURSE.tta,
+        **flat_hparams: Any,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if tta not in TTA_MODES:
-            raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
-        class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        if flat_hparams:
+            network, optim, dataset = _upgrade(flat_hparams, dataset)
+        network = _as_group(NetworkOptions, {"model": network} if isinstance(network, str) else network)
+        optim = _as_group(OptimOptions, optim)
+        dataset = dataset if isinstance(dataset, DatasetInfo) else DatasetInfo.from_dict(dataset) if dataset else CIFAR10
+        if optim.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optim.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if optim.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {optim.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if network.tta not in TTA_MODES:
+            raise ValueError(f"unknown tta {network.tta!r}; choose one of {', '.join(TTA_MODES)}")
         self.save_hyperparameters(
-            {
-                "model_name": model_name,
-                "num_classes": num_classes,
-                "model_options": dict(model_options or {}),
-                "class_names": class_names,
-                "optimizer": optimizer,
-                "lr": lr,
-                "momentum": momentum,
-                "nesterov": nesterov,
-                "weight_decay": weight_decay,
-                "scheduler": scheduler,
-                "step_size": step_size,
-                "gamma": gamma,
-                "label_smoothing": label_smoothing,
-                "tta": tta,
-            }
+            {"network": _plain(network), "optim": _plain(optim), "dataset": dataset.to_dict()}
         )
-        self.backbone = backbone if backbone is not None else build_model(model_name, num_classes, **(model_options or {}))
+        self.network, self.optim, self.dataset = network, optim, dataset
+        num_classes = dataset.num_classes
+        self.backbone = backbone if backbone is not None else build_model(network.model, num_classes, **network_options(network))
         # One CIFAR-10 image: Lightning's model summary then shows real shapes and FLOPs per image.
         self.example_input_array = torch.zeros(1, 3, 32, 32)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=network.label_smoothing)
         # An attribute besides the hparam, so that test.py can evaluate with another mode than the
         # checkpoint's training run used.
-        self.tta = tta
+        self.tta = network.tta
         # Metric objects are per stage so that their states never mix (lightning-hydra-template).
         top_k = min(5, num_classes)
         # Accuracy is the share of images classified right (average="micro"), as the course and
@@ -171,7 +158,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         per_class = self.test_acc_per_class.compute()
-        for name, value in zip(self.hparams.class_names, per_class):
+        for name, value in zip(self.dataset.classes, per_class):
             # compute() already gathered every process's counts, so the values agree on all ranks
             # and averaging them changes nothing; sync_dist says so to Lightning, which otherwise
             # warns about unsynced epoch values under DDP.
@@ -183,7 +170,7 @@ class ImageClassifier(L.LightningModule):
         return self(images).softmax(dim=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        hp = self.optim
         params = list(self.backbone.parameters())
         # One fused kernel for the whole update instead of several per parameter: a few percent of
         # a CPU step, more on GPUs. PyTorch has fused kernels for CPU and CUDA tensors only.
@@ -216,6 +203,43 @@ class ImageClassifier(L.LightningModule):
                 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
             interval = "step"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}
+
+
+def network_options(network: NetworkOptions) -> dict[str, Any]:
+    """The keyword options of ``models.build_model`` that ``network`` sets (the course's network
+    takes none: an identity shortcut is the one option, of resnet50 only)."""
+    return {"identity_shortcut": True} if network.identity_shortcut else {}
+
+
+def _as_group(group: type, values: Any) -> Any:
+    if isinstance(values, group):
+        return values
+    values = dict(values or {})
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(group)})
+    if unknown:
+        raise TypeError(f"{group.__name__} has no option(s) {', '.join(unknown)}")
+    return group_values(group, values)
+
+
+def _plain(group: Any) -> dict[str, Any]:
+    return {name: plain(value) for name, value in dataclasses.asdict(group).items()}
+
+
+# The flat hyper-parameters of checkpoints written before the option groups.
+_FLAT = {"model_name", "model_options", "num_classes", "class_names", "label_smoothing", "tta", "optimizer", "lr",
+         "momentum", "nesterov", "weight_decay", "scheduler", "step_size", "gamma"}
+
+
+def _upgrade(flat: Mapping[str, Any], dataset: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``(network, optim, dataset)`` of a checkpoint's flat hyper-parameters (``base.schema.hparams_of``);
+    such a checkpoint was trained on CIFAR-10, with its ``class_names``."""
+    unknown = sorted(set(flat) - _FLAT)
+    if unknown or "model_name" not in flat:
+        raise TypeError(f"ImageClassifier got unexpected keyword(s) {', '.join(unknown or ['without model_name'])}")
+    groups = hparams_of(flat)
+    if dataset is None and flat.get("class_names"):
+        dataset = dataclasses.replace(CIFAR10, classes=tuple(flat["class_names"]))
+    return groups["network"], groups["optim"], dataset
 
 
 def _count(labels: torch.Tensor) -> torch.Tensor:

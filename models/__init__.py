@@ -1,63 +1,61 @@
-"""The course's CIFAR-10 networks, selectable by name, and their state-dict helpers."""
+"""The course's CIFAR-10 networks, selectable by name, and their state-dict helpers.
+
+Which networks there are, and everything about each, is :mod:`models.catalog`. The networks and the
+state-dict helpers load torch; they are imported on first use (PEP 562), so that the catalog's names
+(``MODEL_NAMES``) can check ``--model`` with the other flags before torch loads.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from models.catalog import CATALOG, COURSE_EPOCHS, MODEL_NAMES, ModelEntry, build_model, entry, recognise, register
 
-from base.errors import UserError
-from base.options import MODEL_NAMES
-from models.resnet import Bottleneck, ResNet50Layer4, resnet50
-from models.vgg import CFG_VGG16, VGG, vgg16, vgg16_bn
-from models.weights import infer_architecture, load_weights, normalize_keys
+if TYPE_CHECKING:
+    from torch import nn
 
-
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "vgg16": vgg16,
-    "vgg16_bn": vgg16_bn,
-    "resnet50": resnet50,
+# Imported on first access: name -> module.
+_LAZY = {
+    "CFG_VGG16": "models.vgg",
+    "VGG": "models.vgg",
+    "vgg16": "models.vgg",
+    "vgg16_bn": "models.vgg",
+    "Bottleneck": "models.resnet",
+    "ResNet50Layer4": "models.resnet",
+    "resnet50": "models.resnet",
+    "infer_architecture": "models.weights",
+    "load_weights": "models.weights",
+    "normalize_keys": "models.weights",
 }
 
-
-def build_model(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
-    """Build a model by name; ``options`` are further factory keywords (``identity_shortcut``).
-
-    Names, class counts and options usually come from a config file or command line, so bad
-    values raise UserError instead of a TypeError deep inside a constructor.
-    """
-    factory = _FACTORIES.get(name)
-    if factory is None:
-        raise UserError(f"unknown model '{name}': choose one of {', '.join(MODEL_NAMES)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise UserError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
-    accepted = set(inspect.signature(factory).parameters) - {"num_classes"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        offered = ", ".join(sorted(accepted)) or "none"
-        raise UserError(
-            f"model '{name}' has no option {', '.join(unknown)} (its options: {offered})"
-        )
-    return factory(num_classes=num_classes, **options)
-
-
 __all__ = [
+    "CATALOG",
     "CFG_VGG16",
+    "COURSE_EPOCHS",
     "MODEL_NAMES",
     "VGG",
     "Bottleneck",
+    "ModelEntry",
     "ResNet50Layer4",
     "build_model",
+    "entry",
     "infer_architecture",
     "load_weights",
     "normalize_keys",
+    "prepare_backbone",
+    "recognise",
+    "register",
     "resnet50",
     "vgg16",
     "vgg16_bn",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
 
 
 def prepare_backbone(backbone: nn.Module, *, channels_last: bool, compile: bool) -> nn.Module:
@@ -67,6 +65,8 @@ def prepare_backbone(backbone: nn.Module, *, channels_last: bool, compile: bool)
     it wraps nothing, so no ``_orig_mod.`` enters the state-dict keys and a checkpoint of a compiled
     run loads into an uncompiled model.
     """
+    import torch  # the caller has a model, so torch is loaded already
+
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     if compile:

@@ -2,9 +2,10 @@
 
 Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
 Localization", ICCV 2017: the activations of a late convolutional layer, weighted by the mean
-gradient of the class score over each channel, summed over channels, then ReLU. Each course
-network names its layer (``cam_layer()``: VGG16's last activation in ``features``, ResNet50's
-``layer4``); both are 2x2 on 32x32 inputs, so a map says which quarter of the picture, blended.
+gradient of the class score over each channel, summed over channels, then ReLU. Each network's
+catalog entry names its layer (``ModelEntry.cam_layer`` in models/catalog.py: VGG16's last
+activation in ``features``, ResNet50's ``layer4``); both are 2x2 on 32x32 inputs, so a map says
+which quarter of the picture, blended.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from base.errors import UserError
+from models.catalog import entry
 
 # captum is imported where a map is drawn, not with this module: training, testing and the
 # benchmarks run without it (a lent GPU machine may have only torch and Lightning).
@@ -28,16 +30,18 @@ def grad_cam_available() -> bool:
     return True
 
 
-def cam_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM explains for ``model``; a ValueError for networks that name none."""
-    layer = getattr(model, "cam_layer", None)
-    if layer is None:
-        raise ValueError(f"{type(model).__name__} names no layer for Grad-CAM (a cam_layer() method)")
-    return layer()
+def cam_layer(model: nn.Module, model_name: str) -> nn.Module:
+    """The submodule of ``model`` (a ``model_name`` network) that Grad-CAM explains, as its catalog
+    entry names it; UserError for a network whose entry names none (``cam_layer=None``)."""
+    path = entry(model_name).cam_layer
+    if path is None:
+        raise UserError(f"{model_name} has no Grad-CAM layer (its models/catalog.py entry names no cam_layer)")
+    return model.get_submodule(path)
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
-    """Grad-CAM maps (N, H, W) in [0, 1], at the images' own size, for ``classes`` (N,).
+def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Grad-CAM maps (N, H, W) in [0, 1], at the images' own size, for ``classes`` (N,), of the
+    activations of ``layer``, a submodule of ``model`` (:func:`cam_layer` finds a network's).
 
     ``images`` are the network's normalised input (N, 3, H, W); each map is scaled by its own
     maximum (an all-zero map stays zero). The model runs in evaluation mode, with gradients,
@@ -48,7 +52,6 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, laye
         from captum.attr import LayerGradCam
     except ImportError as exc:
         raise UserError(CAPTUM_MISSING) from exc
-    layer = layer if layer is not None else cam_layer(model)
     was_training = model.training
     model.eval()
     try:

@@ -109,10 +109,6 @@ class ResNet50Layer4(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
 
-    def cam_layer(self) -> nn.Module:
-        """The layer Grad-CAM explains: ``layer4``, the last bottleneck stage (2x2 on 32x32 inputs)."""
-        return self.layer4
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer1(x)
         x = self.layer2(x)

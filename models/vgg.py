@@ -64,14 +64,6 @@ class VGG(nn.Module):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
                 nn.init.zeros_(m.bias)
 
-    def cam_layer(self) -> nn.Module:
-        """The layer Grad-CAM explains: the last activation of ``features`` before its final max-pool.
-
-        On 32x32 inputs that is a 2x2 map of 512 channels; after the pool it would be 1x1, which
-        locates nothing.
-        """
-        return self.features[-2]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         # flatten rather than view: also works on channels_last (non-contiguous) activations.

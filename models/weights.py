@@ -13,7 +13,6 @@ developer, and logging prints it once per load without a file:line prefix.
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from base.errors import UserError
+from models.catalog import recognise
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ _BATCH_COUNTER = "num_batches_tracked"
 _AVERAGED_COUNTER = "n_averaged"
 LEGACY_PREFIX = "layer5."
 _PREVIEW = 3
-
-_NOT_COURSE = "does not hold a VGG16 or ResNet50 state dict of the course architectures"
-# Residual blocks of the course ResNet, e.g. "layer3.2." from "layer3.2.layer.0.0.weight",
-# and the blocks that carry a shortcut module.
-_BLOCK_KEY = re.compile(r"^(layer[2-4]\.\d+\.)layer\.")
-_SHORTCUT_KEY = re.compile(r"^(layer[2-4]\.\d+\.)(?:downsize|make_equal_channel)\.")
 
 
 def _strip_wrappers(key: str) -> str:
@@ -106,40 +100,20 @@ def course_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return _without_module_prefix(normalize_keys(state_dict))
 
 
-def _require_state_dict(obj: object, source: str) -> None:
+def require_state_dict(obj: object, source: str) -> None:
+    """UserError naming ``source`` unless ``obj`` is a mapping with text keys."""
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
         raise UserError(
             f"{source} is not a state dict (expected a mapping of parameter names to tensors)"
         )
 
 
-def _num_classes(weight: object, in_features: int, source: str) -> int:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != in_features:
-        raise UserError(f"{source} {_NOT_COURSE}")
-    return int(weight.shape[0])
-
-
 def infer_architecture(
     state_dict: Mapping[str, Any], source: str = "the file"
 ) -> tuple[str, dict[str, Any]]:
-    """Return ``(model name, build_model kwargs)`` for a state dict, judged from its keys alone.
-
-    ``kwargs`` always holds ``num_classes``; it holds ``identity_shortcut=True`` only for a ResNet
-    saved with that option. The weights themselves are validated later by :func:`load_weights`.
-    """
-    _require_state_dict(state_dict, source)
-    sd = course_keys(state_dict)
-    if "features.0.weight" in sd and "classifier.5.weight" in sd:
-        name = "vgg16_bn" if "features.1.running_mean" in sd else "vgg16"
-        return name, {"num_classes": _num_classes(sd["classifier.5.weight"], 512, source)}
-    if "layer1.0.weight" in sd and "fc.weight" in sd:
-        kwargs: dict[str, Any] = {"num_classes": _num_classes(sd["fc.weight"], 1024, source)}
-        blocks = {m.group(1) for m in map(_BLOCK_KEY.match, sd) if m}
-        with_shortcut = {m.group(1) for m in map(_SHORTCUT_KEY.match, sd) if m}
-        if blocks - with_shortcut:
-            kwargs["identity_shortcut"] = True
-        return "resnet50", kwargs
-    raise UserError(f"{source} {_NOT_COURSE}")
+    """Return ``(model name, build_model kwargs)`` for a state dict, judged from its keys alone:
+    :func:`models.catalog.recognise`, which reads each network's signature from its catalog entry."""
+    return recognise(state_dict, source)
 
 
 def _preview(keys: list[str]) -> str:
@@ -186,7 +160,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str) -
     and any NaN/inf in a floating tensor, raises UserError naming ``source``; the model is left
     untouched in that case.
     """
-    _require_state_dict(state_dict, source)
+    require_state_dict(state_dict, source)
     sd = course_keys(state_dict)
     ignored = [key for key in sd if key.startswith(LEGACY_PREFIX)]
     for key in ignored:

@@ -5,6 +5,7 @@ test.py and the benchmarks get the same pieces for the same options.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -18,7 +19,9 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
+from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
+from base.schema import NetworkOptions, OptimOptions
 from base.slurm import check_layout
 from callbacks.checkpoints import BackgroundCheckpointIO, NamedCheckpoint
 from callbacks.dashboards import Dashboards
@@ -30,6 +33,7 @@ from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.checkpoints import build_backbone, load_any_checkpoint
 from run.config import RunConfig
+from run.loggers import build_loggers
 
 
 def quiet_lightning() -> None:
@@ -56,11 +60,16 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def build_datamodule(config: RunConfig) -> CIFAR10DataModule:
-    """The DataModule of ``config``. With a fractional ``--limit-*-batches`` below 1 its splits are
-    loaded already (``prepare_data``, ``setup``), to refuse a fraction that leaves no batch
-    (:func:`check_batch_limits`); the Trainer's own ``setup`` then finds them loaded."""
+def build_datamodule(config: RunConfig, dataset_info: DatasetInfo | None = None) -> CIFAR10DataModule:
+    """The DataModule of ``config`` (its ``--dataset``). With a fractional ``--limit-*-batches`` below 1
+    its splits are loaded already (``prepare_data``, ``setup``), to refuse a fraction that leaves no
+    batch (:func:`check_batch_limits`); the Trainer's own ``setup`` then finds them loaded.
+
+    ``dataset_info``: the data set a checkpoint was trained on (test.py), whose classes the data
+    must have and whose statistics normalise it (``ImageDataModule``)."""
     datamodule = CIFAR10DataModule(
+        dataset=config.dataset,
+        dataset_info=dataset_info,
         data_dir=config.data_dir,
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size,
@@ -132,29 +141,15 @@ def least_fraction(batches: int) -> str:
     return text
 
 
-def build_module(config: RunConfig, class_names: tuple[str, ...] | list[str]) -> ImageClassifier:
-    """The LightningModule of ``config``; with ``--weights`` (and no resume) its network starts from them."""
+def build_module(config: RunConfig, dataset: DatasetInfo) -> ImageClassifier:
+    """The LightningModule of ``config`` for ``dataset``'s classes; with ``--weights`` (and no
+    resume) its network starts from them."""
     if config.weights is not None and config.resume is None:
-        backbone = build_backbone(load_any_checkpoint(config.weights, expected_model=config.model), len(class_names))
+        start = load_any_checkpoint(config.weights, expected_model=config.model)
+        backbone = build_backbone(start, dataset.num_classes)
     else:
         backbone = None
-    module = ImageClassifier(
-        config.model,
-        backbone=backbone,
-        num_classes=len(class_names),
-        model_options=config.model_options(),
-        class_names=list(class_names),
-        optimizer=config.optimizer,
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-        scheduler=config.scheduler,
-        step_size=config.step_size,
-        gamma=config.gamma,
-        label_smoothing=config.label_smoothing,
-        tta=config.tta,
-    )
+    module = ImageClassifier(config.group(NetworkOptions), config.group(OptimOptions), dataset, backbone=backbone)
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
     if config.compile:
         module.example_input_array = None  # the summary's forward would compile one more shape
@@ -235,7 +230,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
 def build_trainer(
     config: RunConfig,
     *,
-    logger: Logger | bool,
+    logger: Logger | list[Logger] | bool,
     callbacks: list[Callback],
     root_dir: Path | None = None,
     progress_bar: bool = True,
@@ -306,16 +301,33 @@ def build_data_and_module(config: RunConfig) -> tuple[CIFAR10DataModule, ImageCl
     (the data is read, or downloaded, already when a fractional ``--limit-*-batches`` needs its size)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
-    return datamodule, build_module(config, datamodule.classes)
+    # TODO(lead): datamodule.dataset_info once the datasets seam lands everywhere.
+    dataset = getattr(datamodule, "dataset_info", None) or dataclasses.replace(CIFAR10, classes=tuple(datamodule.classes))
+    return datamodule, build_module(config, dataset)
 
 
-def build(config: RunConfig, run_dir: Path, logger: Logger, parts: tuple[CIFAR10DataModule, ImageClassifier] | None = None) -> Assembly:
-    """Everything a training run needs, writing into ``run_dir`` through ``logger``.
+def build_run_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
+    """The run's loggers, one of Lightning's per name of ``config.logger`` (``--logger tensorboard,csv,mlflow``),
+    all writing inside ``run_dir`` (layout: ``run.loggers``). A resumed run continues its MLflow run.
+    Raises ``UserError`` for a logger whose library is not installed."""
+    return build_loggers(config.logger, run_dir, config.model)
+
+
+def build(
+    config: RunConfig,
+    run_dir: Path,
+    loggers: list[Logger] | None = None,
+    parts: tuple[CIFAR10DataModule, ImageClassifier] | None = None,
+) -> Assembly:
+    """Everything a training run needs, writing into ``run_dir`` through ``loggers`` (default: the
+    run's own, :func:`build_run_loggers`).
 
     ``parts`` are what :func:`build_data_and_module` returned, when the caller built them first.
     """
     datamodule, module = parts or build_data_and_module(config)
     callbacks = build_callbacks(config, run_dir, datamodule.classes)
     has_bar = any(isinstance(callback, ThrottledProgressBar) for callback in callbacks.all)
-    trainer = build_trainer(config, logger=logger, callbacks=callbacks.all, progress_bar=has_bar)
+    if loggers is None:
+        loggers = build_run_loggers(config, run_dir)
+    trainer = build_trainer(config, logger=loggers, callbacks=callbacks.all, progress_bar=has_bar)
     return Assembly(datamodule, module, trainer, callbacks)

@@ -1,12 +1,14 @@
 """Reading checkpoints safely: ours (Lightning) or a course state dict, never arbitrary pickles."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pickle
 import re
 import shlex
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
-from models import build_model, infer_architecture, load_weights, normalize_keys
+from base.schema import hparams_of
+from models.catalog import build_model, recognise
+from models.weights import load_weights, normalize_keys
 from run.paths import check_checkpoint_file
 
 # Attribute name of the backbone inside ImageClassifier, hence the key prefix in its state dict.
@@ -166,7 +171,7 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None, peek: b
     path = Path(path)
     obj = read_checkpoint_file(path, peek=peek)
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
-    if isinstance(hparams, dict) and "model_name" in hparams and _is_state_dict(obj.get("state_dict")):
+    if isinstance(hparams, dict) and ("network" in hparams or "model_name" in hparams) and _is_state_dict(obj.get("state_dict")):
         # A module wrapped by DDP ("module.") or torch.compile ("_orig_mod.") before Lightning saw
         # it puts those prefixes in front of "backbone."; ones inside it load_weights removes.
         state_dict = normalize_keys(obj["state_dict"])
@@ -174,17 +179,14 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None, peek: b
         contents = CheckpointContents(
             path=path,
             kind="lightning",
-            model_name=hparams["model_name"],
-            num_classes=int(hparams.get("num_classes", 10)),
-            model_options=dict(hparams.get("model_options") or {}),
             state_dict=_strip_prefix(backbone_keys, BACKBONE_PREFIX),
-            hparams=dict(hparams),
+            **_described_by(hparams),
             epoch=int(obj["epoch"]) if "epoch" in obj else None,
             global_step=int(obj["global_step"]) if "global_step" in obj else None,
         )
     elif (course := _course_state_dict(obj)) is not None:
         # Of a training loop's dict only the weights are used: a run started from them gets a fresh optimiser.
-        model_name, options = infer_architecture(course, source=str(path))
+        model_name, options = recognise(course, source=str(path))
         num_classes = options.pop("num_classes")
         contents = CheckpointContents(path, "state_dict", model_name, num_classes, options, course)
     else:
@@ -192,6 +194,22 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None, peek: b
     _require_data(contents.state_dict, path)
     check_expected_model(contents, expected_model)
     return contents
+
+
+def _described_by(saved: dict[str, Any]) -> dict[str, Any]:
+    """The network and hyper-parameters of an ``ImageClassifier`` checkpoint's ``hyper_parameters``,
+    grouped (``base.schema``) or flat as written before the groups: ``hparams`` is the options
+    flat (``tta``, ``lr``, ...) with ``class_names`` and, where saved, ``dataset``."""
+    groups = hparams_of(saved)
+    network = dict(groups["network"])
+    model_name = network.pop("model")
+    options = {"identity_shortcut": True} if network.pop("identity_shortcut", False) else {}
+    dataset = groups["dataset"]
+    class_names = list(dataset["classes"]) if dataset else saved.get("class_names")
+    num_classes = len(class_names) if class_names else int(saved.get("num_classes", 10))
+    flat = {**network, **groups["optim"], "class_names": class_names, "dataset": dataset}
+    return {"model_name": model_name, "num_classes": num_classes, "model_options": options,
+            "hparams": {key: value for key, value in flat.items() if value is not None}}
 
 
 def check_training_checkpoint(checkpoint: Path) -> int:
@@ -240,12 +258,14 @@ def read_safetensors(path: str | Path) -> CheckpointContents:
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
     if "model_name" not in metadata:
-        model_name, options = infer_architecture(state_dict, source=str(path))
+        model_name, options = recognise(state_dict, source=str(path))
         return CheckpointContents(path, "safetensors", model_name, options.pop("num_classes"), options, state_dict)
     try:
         hparams = {"class_names": json.loads(metadata["class_names"])} if "class_names" in metadata else {}
         if "tta" in metadata:  # what the exported checkpoint's run validated and tested with
             hparams["tta"] = metadata["tta"]
+        if "dataset" in metadata:  # the data set it was trained on (export.py writes DatasetInfo.to_dict)
+            hparams["dataset"] = json.loads(metadata["dataset"])
         return CheckpointContents(
             path=path,
             kind="safetensors",
@@ -257,6 +277,44 @@ def read_safetensors(path: str | Path) -> CheckpointContents:
         )
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path} has damaged metadata ({exc}); re-export it with export.py") from None
+
+
+def records_dataset(contents: CheckpointContents) -> bool:
+    """Whether ``contents`` records the data set it was trained on (checkpoints and exports of runs
+    since the data sets seam); older runs and course state dicts record at most class names."""
+    return isinstance(contents.hparams.get("dataset"), Mapping)
+
+
+def checkpoint_dataset(contents: CheckpointContents) -> DatasetInfo:
+    """The data set ``contents`` was trained on: its class names in label order and the statistics
+    its inputs are normalised with.
+
+    What the checkpoint records (``hparams["dataset"]``, ``DatasetInfo.to_dict``); for one that
+    records none (an older run, a course state dict, a foreign safetensors file) CIFAR-10's
+    statistics, with the class names it saved (``class_names``), else CIFAR-10's for 10 classes,
+    else ``class 0``, ``class 1``, ... A UserError, in one line, for a damaged record or one whose
+    class count is not the network's.
+    """
+    saved = contents.hparams.get("dataset")
+    if saved is not None:
+        try:
+            info = DatasetInfo.from_dict(saved)
+        except ValueError as exc:
+            raise UserError(f"{contents.path} records a damaged data set ({exc}); it cannot be used as saved") from None
+        if info.num_classes != contents.num_classes:
+            raise UserError(
+                f"{contents.path} records a data set of {info.num_classes} classes for a {contents.num_classes}-class "
+                "network; it is damaged"
+            )
+        return info
+    names = contents.hparams.get("class_names")
+    if isinstance(names, (list, tuple)) and len(names) == contents.num_classes and len(set(map(str, names))) == len(names):
+        classes = tuple(str(name) for name in names)
+    elif contents.num_classes == CIFAR10.num_classes:
+        classes = CIFAR10.classes
+    else:
+        classes = tuple(f"class {i}" for i in range(contents.num_classes))
+    return dataclasses.replace(CIFAR10, classes=classes)
 
 
 def load_any_checkpoint(path: str | Path, expected_model: str | None = None, peek: bool = False) -> CheckpointContents:

@@ -7,8 +7,8 @@ checkpoint when one is resumed or started from), ``epochs`` is a number, hardwar
 values are what Lightning will use here, and every path is expanded (``~``, ``$VARS``) and
 absolute. ``config.yaml`` in the run folder is :meth:`RunConfig.to_dict` of it.
 
-Defaults live in one place each: the course recipe's and the data's in ``base.options`` (which
-``ImageClassifier`` and ``CIFAR10DataModule`` use too), the run's here. This module loads neither
+Every option, its default and its resume rule are declared once, in ``base.schema``; the
+fields of :class:`RunConfig` are those of the schema's groups. This module loads neither
 torch nor Lightning until :func:`build_config` asks PyTorch about the hardware: :func:`settle`
 does every check that needs neither, so that a mistake in the flags is refused at once;
 ``run.resolve`` does the rest of the resolution.
@@ -18,118 +18,60 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from base.errors import UserError
 from base.files import atomic_write_text
 from base.yamlfile import read_mapping
-from base.options import COURSE_EPOCHS, COURSE_RECIPE, DATA
+from base.schema import DEFAULTS, FIELDS, GROUPS, flatten_sections, group_values, option_of, plain, shown
+from base.values import logger_list
 from datamodules.layout import check_data_dir
+from models.catalog import COURSE_EPOCHS, entry
 from run.hardware import Hardware, Machine, check_hardware_request, resolve_hardware, use_channels_last
 from run.paths import RUN_FOLDER_INSIDE, check_name_lengths
 
-# Why an option may not change when a run is resumed; everything not listed here may.
-_TRAINING = "it decides what the run trains on"
-_OPTIMISER = "the optimiser's restored state was built with it"
-_SCHEDULE = "it changes the length of the run's learning-rate schedule"
+G = TypeVar("G")
+# One field per option of the schema, in its groups' order, with its default and metadata.
+_RUN_CONFIG_FIELDS = dataclasses.make_dataclass(
+    "RunConfigFields",
+    [(name, f.type, dataclasses.field(default=f.default, metadata=f.metadata)) for name, f in FIELDS.items()],
+    frozen=True,
+)
 
 
-def _option(default: Any, fixed: str | None = None, path: bool = False, per_invocation: bool = False) -> Any:
-    """A field of :class:`RunConfig`.
 
-    ``fixed``: why the option cannot change on resume; ``path``: expanded and made absolute;
-    ``per_invocation``: belongs to one command, not to the run, so a resume does not inherit it.
-    """
-    metadata = {"fixed": fixed, "path": path, "per_invocation": per_invocation}
-    return field(default=default, metadata=metadata)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Every option of a training run, resolved. Build it with ``run.resolve.resolve_run_config``."""
-
-    # network and recipe
-    model: str = _option(COURSE_RECIPE.model_name, fixed=_TRAINING)
-    identity_shortcut: bool = _option(False, fixed=_TRAINING)
-    epochs: int | None = _option(None)  # None: COURSE_EPOCHS of the model
-    batch_size: int = _option(DATA.batch_size, fixed=_SCHEDULE)
-    optimizer: str = _option(COURSE_RECIPE.optimizer, fixed=_OPTIMISER)
-    lr: float | str = _option(COURSE_RECIPE.lr, fixed=_OPTIMISER)  # "find": the range test's suggestion
-    momentum: float = _option(COURSE_RECIPE.momentum, fixed=_OPTIMISER)
-    nesterov: bool = _option(COURSE_RECIPE.nesterov, fixed=_OPTIMISER)
-    weight_decay: float = _option(COURSE_RECIPE.weight_decay, fixed=_OPTIMISER)
-    scheduler: str = _option(COURSE_RECIPE.scheduler, fixed=_SCHEDULE)
-    step_size: int = _option(COURSE_RECIPE.step_size, fixed=_SCHEDULE)
-    gamma: float = _option(COURSE_RECIPE.gamma, fixed=_SCHEDULE)
-    label_smoothing: float = _option(COURSE_RECIPE.label_smoothing, fixed=_TRAINING)
-    ema_decay: float | None = _option(None, fixed=_TRAINING)
-    tta: str = _option(COURSE_RECIPE.tta, fixed="the best checkpoint was chosen with it")
-    # data
-    dataset: str = _option(DATA.dataset, fixed=_TRAINING)
-    data_dir: Path = _option(DATA.data_dir, path=True)
-    eval_batch_size: int = _option(DATA.eval_batch_size)
-    data_path: str = _option(DATA.data_path)
-    workers: int = _option(DATA.num_workers)
-    cache_dir: Path | None = _option(None, path=True)
-    val_size: int = _option(DATA.val_size, fixed=_TRAINING)
-    train_limit: int | None = _option(None, fixed=_TRAINING)
-    # hardware (resolved: never auto)
-    accelerator: str = _option("auto")
-    devices: Any = _option("auto", fixed=_SCHEDULE)
-    precision: str = _option("auto")
-    precision_reason: str | None = _option(None)  # resolved: why this precision (no flag: see DERIVED)
-    channels_last: bool | None = _option(None)
-    compile: bool = _option(False)
-    num_nodes: int = _option(1, fixed=_SCHEDULE)
-    strategy: str = _option("auto")
-    # the run
-    config: Path | None = _option(None, path=True, per_invocation=True)  # the YAML these options came from
-    output_dir: Path = _option("runs", path=True)
-    run_name: str | None = _option(None)
-    seed: int = _option(0, fixed=_TRAINING)
-    resume: Path | None = _option(None, path=True, per_invocation=True)
-    rewind: bool = _option(False, per_invocation=True)  # --resume from an earlier checkpoint than the run's latest
-    weights: Path | None = _option(None, path=True, per_invocation=True)
-    checkpoint_every: int = _option(20)
-    results_json: Path | None = _option(None, path=True, per_invocation=True)
-    time_to_accuracy: float | None = _option(None, per_invocation=True)
-    log_every_n_steps: int = _option(50)
-    logger: tuple[str, ...] = _option(("tensorboard",))
-    requeue_signal: str | None = _option(None)
-    find_lr: bool = _option(False, per_invocation=True)  # only the learning-rate range test
-    # quick runs
-    fast_dev_run: int = _option(0, per_invocation=True)
-    limit_train_batches: int | float | None = _option(None, fixed=_SCHEDULE)
-    limit_val_batches: int | float | None = _option(None, fixed="the best checkpoint is chosen by validating on it")
-    limit_test_batches: int | float | None = _option(None)
+class RunConfig(_RUN_CONFIG_FIELDS):  # type: ignore[misc, valid-type]
+    """Every option of a training run, resolved: one flat field per option of ``base.schema``'s
+    groups, frozen. Build it with ``run.resolve.resolve_run_config``."""
 
     @property
     def hardware(self) -> Hardware:
         """This run's accelerator, devices and precision."""
         return Hardware(self.accelerator, self.devices, self.precision, self.precision_reason or "asked for")
 
+    def group(self, group: type[G]) -> G:
+        """The options of one ``base.schema`` group (``NetworkOptions``, ``DataOptions``, ...)."""
+        return group_values(group, self)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON values: paths as strings, a device list as ``0,1``."""
-        values = dataclasses.asdict(self)
-        for name, value in values.items():
-            if isinstance(value, Path):
-                values[name] = str(value)
-            elif isinstance(value, tuple):
-                values[name] = ",".join(map(str, value))
+        """Plain YAML/JSON values, flat: paths as strings, a device list as ``0,1``, a logger list as a list."""
+        values = {name: plain(getattr(self, name)) for name in FIELDS}
+        if isinstance(self.devices, tuple):
+            values["devices"] = ",".join(map(str, self.devices))
         return values
 
-    def model_options(self) -> dict[str, Any]:
-        return {"identity_shortcut": True} if self.identity_shortcut else {}
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """:meth:`to_dict` grouped under the schema's section names, as ``--print-config`` shows it."""
+        flat = self.to_dict()
+        return {section: {f.name: flat[f.name] for f in dataclasses.fields(group)} for section, group in GROUPS.items()}
 
 
-FIELDS = {option.name: option for option in dataclasses.fields(RunConfig)}
 # Facts the resolution adds, not options: a run's config.yaml holds them, a --config file may too
 # (that run's saved config, to run it again), where they are ignored.
-DERIVED = ("precision_reason",)
+DERIVED = tuple(name for name in FIELDS if not option_of(name).flag)
 # What a run's saved config.yaml holds about that run and its commands rather than its recipe: given
 # as --config it starts a new run with the recipe, not with these (the run's name, what it resumed
 # or rewound from, the file its options came from, and where it wrote its results, which a new run
@@ -137,9 +79,8 @@ DERIVED = ("precision_reason",)
 NOT_RECIPE = ("run_name", "resume", "rewind", "config", "results_json")
 LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
 SGD_ONLY = ("momentum", "nesterov")
-DEFAULTS: dict[str, Any] = {name: option.default for name, option in FIELDS.items()}
-FIXED_ON_RESUME = {name: option.metadata["fixed"] for name, option in FIELDS.items() if option.metadata["fixed"]}
-PER_INVOCATION = {name for name, option in FIELDS.items() if option.metadata["per_invocation"]}
+FIXED_ON_RESUME = {name: option_of(name).fixed for name in FIELDS if option_of(name).fixed}
+PER_INVOCATION = {name for name in FIELDS if option_of(name).per_invocation}
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -152,7 +93,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
-    return {entry.key: entry.value for entry in read_mapping(path)}
+    entries = read_mapping(path)
+    return flatten_sections({entry.key: entry.value for entry in entries}, {entry.key: entry.line for entry in entries},
+                            str(path))[0]
 
 
 def write_config(values: Mapping[str, Any], path: Path) -> None:
@@ -183,17 +126,18 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
     from; a different ``model`` in ``values`` that the user asked for is an error.
     """
     values = dict(values)
-    for name, option in FIELDS.items():
-        if option.metadata["path"] and values.get(name) is not None:
+    for name in FIELDS:
+        if option_of(name).path and values.get(name) is not None:
             values[name] = absolute_path(values[name])
     if model is not None:
         values["model"] = model
         values["identity_shortcut"] = bool((model_options or {}).get("identity_shortcut", False))
     if values["identity_shortcut"] and values["model"] != "resnet50":
         raise UserError("--identity-shortcut applies to resnet50 only")
-    if values["model"] not in COURSE_EPOCHS:
-        raise UserError(f"unknown model {values['model']!r}: choose one of {', '.join(COURSE_EPOCHS)}")
+    entry(values["model"])  # an unknown name (a config file's) is refused with the choices
     values["epochs"] = values["epochs"] or COURSE_EPOCHS[values["model"]]
+    # A YAML list, a saved "tensorboard,csv" or the flag's tuple: one form.
+    values["logger"] = logger_list(values["logger"]) if isinstance(values["logger"], str) else tuple(values["logger"])
     for name in LIMITS:
         values[name] = _limit(values[name])
     if values["run_name"] is not None:
@@ -249,7 +193,7 @@ def changed_fixed_options(saved: Mapping[str, Any], wanted: Mapping[str, Any], m
         before, after = saved[name], wanted[name]
         if name in LIMITS:
             before = _limit(before)
-        if FIELDS[name].metadata["path"] and before is not None:
+        if option_of(name).path and before is not None:
             before = absolute_path(before)
         if name == "devices":
             if machine is None:
@@ -257,7 +201,7 @@ def changed_fixed_options(saved: Mapping[str, Any], wanted: Mapping[str, Any], m
             before = _device_count(before, wanted["accelerator"], machine)
             after = _device_count(after, wanted["accelerator"], machine)
         if before != after:
-            problems.append(f"--{name.replace('_', '-')} {_show(after)} (the run has {_show(before)}): {why}")
+            problems.append(f"--{name.replace('_', '-')} {shown(after)} (the run has {shown(before)}): {why}")
     if wanted["epochs"] != saved["epochs"] and saved["scheduler"] in ("onecycle", "cosine"):
         problems.append(
             f"--epochs {wanted['epochs']} (the run has {saved['epochs']}): its {saved['scheduler']} schedule was built "
@@ -271,14 +215,3 @@ def _device_count(devices: Any, accelerator: str, machine: Machine) -> Any:
         return resolve_hardware(accelerator, devices, "32-true", machine).device_count
     except UserError:
         return devices  # not runnable here: shown as saved, and differs from any count
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "not set"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-

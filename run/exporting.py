@@ -15,11 +15,10 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from run.checkpoints import CheckpointContents
+from run.checkpoints import CheckpointContents, checkpoint_dataset
 from base.errors import UserError
 from base.options import EXPORT_FORMATS
 from run.inference import IMAGE_SIZE, with_tta
-from datamodules import MEAN, STD
 
 FORMATS = EXPORT_FORMATS
 PRODUCER = "cifar10-lightning"
@@ -29,23 +28,30 @@ _EXAMPLE_BATCH = 2
 _INSTALL_HINT = 'install the export extras: pip install -e ".[export]"'
 
 
-def export_metadata(contents: CheckpointContents, class_names: list[str], tta: str = "none") -> dict[str, str]:
+def export_metadata(contents: CheckpointContents, class_names: list[str] | None = None, tta: str = "none") -> dict[str, str]:
     """String key/values (what ONNX and safetensors metadata can hold) describing the model.
 
-    ``tta``: the test-time augmentation the file scores with. The ONNX and TorchScript exporters
+    The classes and the normalisation are those of the data set the checkpoint was trained on
+    (``run.checkpoints.checkpoint_dataset``), also whole as ``dataset`` (JSON of
+    ``DatasetInfo.to_dict``), which test.py and predict.py read back from a safetensors file;
+    ``class_names``, when given, must be its class names. ``tta``: the test-time augmentation the file scores with. The ONNX and TorchScript exporters
     build it into the graph (:func:`deployed`); a safetensors file holds weights only, so its
     metadata says what whoever loads it must do (predict.py and test.py do it).
     """
     flip = tta == "flip"
+    info = checkpoint_dataset(contents)
+    if class_names is not None and list(class_names) != list(info.classes):
+        raise ValueError(f"class_names {class_names!r} are not the checkpoint's classes {list(info.classes)!r}")
     return {
         "producer": PRODUCER,
         "model_name": contents.model_name,
         "num_classes": str(contents.num_classes),
         "model_options": json.dumps(contents.model_options, sort_keys=True),
-        "class_names": json.dumps(class_names),
+        "class_names": json.dumps(list(info.classes)),
+        "dataset": json.dumps(info.to_dict()),
         "input": f"{INPUT_NAME}: float32 N,3,{IMAGE_SIZE},{IMAGE_SIZE}, RGB scaled to [0, 1] then (x - mean) / std",
-        "mean": json.dumps(list(MEAN)),
-        "std": json.dumps(list(STD)),
+        "mean": json.dumps(list(info.mean)),
+        "std": json.dumps(list(info.std)),
         "output": f"{OUTPUT_NAME}: float32 N,{contents.num_classes}, softmax gives the class probabilities"
         + (", the mean logits of each image and its mirror (flip test-time augmentation)" if flip else ""),
         "tta": tta,

@@ -1,4 +1,4 @@
-"""Turning everyday image files into CIFAR-10 model input, and model output into probabilities.
+"""Turning everyday image files into model input, and model output into probabilities.
 
 Shared by predict.py and the export tests, so that every path through which a picture reaches a
 network (checkpoint, ONNX, TorchScript, safetensors) sees exactly the same pixels.
@@ -13,7 +13,8 @@ Any picture becomes one 3x32x32 image the way the training data looks:
   would distort the shapes the network learned, while the crop only drops edges, where the
   subject rarely is (the same rule as the usual ImageNet evaluation);
 * the square is resized to 32x32 with antialiasing (without it, downscaling a photo by 100x
-  aliases into noise), then normalised exactly like the test split (``eval_transform``).
+  aliases into noise), then normalised exactly like the test split (``eval_transform``), with
+  the statistics of the data set the checkpoint was trained on (``run.checkpoints.checkpoint_dataset``).
 """
 from __future__ import annotations
 
@@ -26,19 +27,18 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
 from base.files import atomic_write, printable
 from base.options import TTA_MODES
-from datamodules import CLASSES
 from datamodules.cifar10 import eval_transform
 from datamodules.sources import to_rgb
 from models.explain import grad_cam
-from run.checkpoints import CheckpointContents
+from run.checkpoints import CheckpointContents, checkpoint_dataset
 from run.hardware import resolve_hardware
 
 IMAGE_SIZE = 32
 _resize = v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)
-_normalise = eval_transform()
 
 
 class UnreadableImageError(UserError):
@@ -64,15 +64,18 @@ def load_image(path: str | Path) -> torch.Tensor:
     return _resize(F.center_crop(pixels, [side, side]))
 
 
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N,3,32,32 images -> float32 normalised with the CIFAR-10 training statistics."""
-    return _normalise(images)
+def to_model_input(images: torch.Tensor, dataset: DatasetInfo = CIFAR10) -> torch.Tensor:
+    """uint8 N,3,32,32 images -> float32 normalised with ``dataset``'s statistics (default: CIFAR-10's)."""
+    return eval_transform(dataset.mean, dataset.std)(images)
 
 
 def load_images(
-    paths: Sequence[str | Path], on_unreadable: Callable[[UnreadableImageError], None] | None = None
+    paths: Sequence[str | Path],
+    on_unreadable: Callable[[UnreadableImageError], None] | None = None,
+    dataset: DatasetInfo = CIFAR10,
 ) -> tuple[torch.Tensor, list[Path]]:
-    """Model input (float32 N,3,32,32) for ``paths`` and the paths it holds, in the same order.
+    """Model input (float32 N,3,32,32, normalised with ``dataset``'s statistics) for ``paths`` and
+    the paths it holds, in the same order.
 
     An unreadable image raises, unless ``on_unreadable`` is given: then it is called with the
     error and the image is left out, which is why the paths that were loaded are returned too.
@@ -90,7 +93,7 @@ def load_images(
         kept.append(Path(path))
     if not loaded:
         return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE), kept
-    return to_model_input(torch.stack(loaded)), kept
+    return to_model_input(torch.stack(loaded), dataset), kept
 
 
 @torch.inference_mode()
@@ -139,13 +142,8 @@ def with_tta(model: nn.Module, tta: str) -> nn.Module:
 
 
 def class_names(contents: CheckpointContents) -> list[str]:
-    """The class names a checkpoint was trained with: saved by train.py, else CIFAR-10's order."""
-    saved = contents.hparams.get("class_names")
-    if isinstance(saved, (list, tuple)) and len(saved) == contents.num_classes:
-        return [str(name) for name in saved]
-    if contents.num_classes == len(CLASSES):
-        return list(CLASSES)
-    return [f"class {i}" for i in range(contents.num_classes)]
+    """The class names a checkpoint was trained with, in label order (``checkpoint_dataset``)."""
+    return list(checkpoint_dataset(contents).classes)
 
 
 def explanation_picture(path: str | Path, heat_map: torch.Tensor) -> Image.Image:
@@ -181,6 +179,7 @@ def inference_device(accelerator: str) -> torch.device:
 
 def explain_images(
     model: nn.Module,
+    layer: nn.Module,
     images: torch.Tensor,
     predicted: torch.Tensor,
     paths: Sequence[Path],
@@ -190,12 +189,13 @@ def explain_images(
 ) -> list[str]:
     """Write each image's Grad-CAM picture (:func:`explanation_picture`) into ``folder``.
 
-    ``images`` are the model inputs of ``paths`` (N, 3, 32, 32); each map is of the ``predicted``
+    ``layer`` is the submodule of ``model`` explained (``models.explain.cam_layer``). ``images``
+    are the model inputs of ``paths`` (N, 3, 32, 32); each map is of the ``predicted``
     class (N,), or of ``explain_class`` for all. Returns the files written, as printable text.
     """
     target = torch.full_like(predicted, list(names).index(explain_class)) if explain_class else predicted
     device = next(model.parameters()).device
-    maps = grad_cam(model, images.to(device), target.to(device)).cpu()
+    maps = grad_cam(model, images.to(device), target.to(device), layer).cpu()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for path, heat_map, label in zip(paths, maps, target.tolist()):

@@ -16,6 +16,7 @@ from base.options import EXPORT_FORMATS
 from run.config import absolute_path, merge, read_config, settle
 from run.folder import CONFIG_NAME, require_run_dir, run_dir_of
 from run.hardware import check_hardware_request
+from run.loggers import check_loggers, recorded_loggers
 from run.paths import (
     ATOMIC_NAME_EXTRA,
     check_checkpoint_file,
@@ -40,7 +41,10 @@ def check_test(args: Mapping[str, Any]) -> dict[str, Any]:
     """
     checkpoint = check_checkpoint_file(args["ckpt"], safetensors=True)
     if args.get("log_to_run"):
-        check_room_for_dashboards(require_run_dir(checkpoint))
+        logged = require_run_dir(checkpoint)
+        check_room_for_dashboards(logged)
+        # Through the loggers the run logs to: one of them not installed here is refused now.
+        check_loggers(recorded_loggers(logged), f"--log-to-run: the run {logged} logs to", "leave out --log-to-run")
     if args.get("json") is not None:
         check_output_file(Path(args["json"]), "--json")
     run = run_dir_of(checkpoint)

@@ -1,4 +1,4 @@
-"""A run's TensorBoard side: its logger, test.py's additions to it, and the final hparams."""
+"""A run's TensorBoard side: its logger, and test.py's additions to the run's loggers (``--log-to-run``)."""
 from __future__ import annotations
 
 import os
@@ -21,33 +21,44 @@ def run_logger(run_dir: Path) -> TensorBoardLogger:
     """The TensorBoard logger that writes into ``run_dir``, new or existing.
 
     No ``hp_metric`` placeholder: the HParams tab gets the run's real results at its end
-    (:func:`log_final_hparams`).
+    (:func:`run.loggers.log_final_hparams`).
     """
     return TensorBoardLogger(
         save_dir=run_dir.parent.parent, name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
     )
 
 
-def run_dashboards(run_dir: Path, contents: CheckpointContents, class_names: Sequence[str]) -> Dashboards:
-    """The callback that writes a checkpoint's test results into ``run_dir``, at the step it was saved at.
+def run_dashboards(
+    run_dir: Path, contents: CheckpointContents, class_names: Sequence[str], names: Sequence[str]
+) -> Dashboards:
+    """The callback that writes a checkpoint's test results into the run in ``run_dir``, at the step it
+    was saved at, through each of the run's loggers ``names`` (as its config records them:
+    ``run.loggers.recorded_loggers``).
 
     That step puts test.py's points on the run's curves where the tested weights came from.
+    TensorBoard's events file is added whole or not at all (:class:`StagedRunLogger`); the CSV
+    logger writes a new ``RUN/csv/version_N``; MLflow's points go to the run's own MLflow run.
     """
+    from run.loggers import build_loggers
+
     if contents.global_step is None:
         raise UserError(
             f"--log-to-run: {contents.path} is not a checkpoint written by train.py (no training step in it), "
             "so it has no place in the run's curves; leave out --log-to-run"
         )
-    return _RunDashboards(class_names, logger=StagedRunLogger(run_dir), step=contents.global_step)
+    others = build_loggers([name for name in names if name != "tensorboard"], run_dir, contents.model_name)
+    loggers = ([StagedRunLogger(run_dir)] if "tensorboard" in names else []) + others
+    return _RunDashboards(class_names, loggers=loggers, step=contents.global_step)
 
 
 class _RunDashboards(Dashboards):
-    """Dashboards whose staged logger is discarded when the test fails (Ctrl-C, an error): the run
-    is left as it was."""
+    """Dashboards whose staged TensorBoard logger is discarded when the test fails (Ctrl-C, an
+    error): the run's events are left as they were."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(self.logger, StagedRunLogger):
-            self.logger.discard()
+        for logger in self.loggers or []:
+            if isinstance(logger, StagedRunLogger):
+                logger.discard()
 
 
 class StagedRunLogger(TensorBoardLogger):
@@ -147,14 +158,3 @@ class _GuardedWriter:
 
         return call
 
-
-def log_final_hparams(
-    logger: TensorBoardLogger, config: Mapping[str, Any], metrics: Mapping[str, float | None], step: int
-) -> None:
-    """Record the run's options with its final results, for TensorBoard's HParams tab, and flush.
-
-    Metrics that a run does not have (no test after ``--fast-dev-run``) are left out rather than
-    written as a made-up number.
-    """
-    logger.log_hyperparams(dict(config), {name: value for name, value in metrics.items() if value is not None}, step=step)
-    logger.finalize("success")

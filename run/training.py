@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import Interrupted, UserError, ctrl_c_raises
 from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, slurm_task
+from callbacks.pictures import log_figure
 from callbacks.reliability import PreemptionCheckpoint, SameData, check_same_data, data_fingerprint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
@@ -43,7 +44,7 @@ from run.history import check_resumed_data, record_final_test, rewind
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
-from run.tensorboard import log_final_hparams, run_logger
+from run.loggers import check_loggers, dashboards_hint, log_final_hparams, remember_mlflow_run
 
 
 
@@ -141,6 +142,9 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
     saving it on Ctrl-C.
     """
     check_layout(config.hardware.device_count, config.num_nodes)
+    # A logger whose library is missing (--logger mlflow without MLflow): refused before the data
+    # is read. (run.resolve may refuse it earlier still, with the flags.)
+    check_loggers(config.logger)
     if config.requeue_signal is None and slurm_task() is not None:
         # Under SLURM the requeue signal defaults to Lightning's (SIGUSR1); the run's config records it.
         config = dataclasses.replace(config, requeue_signal=DEFAULT_REQUEUE_SIGNAL)
@@ -185,11 +189,13 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
     # Under srun, SLURM task 0 tells the job's other tasks which folder this is (once it holds it).
     held.callback(withdraw_announcement, announce_run_dir(config.output_dir, run_dir, config.resume))
     try:
-        assembly = build(config, run_dir, run_logger(run_dir), parts)
+        assembly = build(config, run_dir, parts=parts)
         trainer = assembly.trainer
+        if trainer.is_global_zero:
+            remember_mlflow_run(trainer.loggers, run_dir)  # a resume continues the same MLflow run
         if finding is not None and trainer.is_global_zero:
             finding.save(run_dir)
-            trainer.logger.experiment.add_figure("lr_find", finding.figure)
+            log_figure(trainer.loggers, "lr_find", finding.figure, step=0)
         if trainer.is_global_zero and not config.fast_dev_run:
             write_config(config.to_dict(), run_dir / (RESUMED_CONFIG_NAME if config.resume else CONFIG_NAME))
         if trainer.is_global_zero:
@@ -256,7 +262,7 @@ def _test_and_record(
             "hp/test_loss": outcome.test_metrics.get("loss/test"),
             "hp/test_images": outcome.test_metrics.get("images/test"),
         }
-        log_final_hparams(trainer.logger, config.to_dict(), final, step=trainer.global_step)
+        log_final_hparams(trainer.loggers, config.to_dict(), final, step=trainer.global_step)
     if config.results_json:
         finished = time.perf_counter()
         report = run_results(
@@ -305,7 +311,7 @@ def summary_lines(outcome: RunOutcome) -> list[tuple[str, str]]:
         ("best checkpoint", f"{outcome.best}{score}"),
         ("last checkpoint", str(outcome.last)),
         ("config", str(outcome.run_dir / CONFIG_NAME)),
-        ("dashboards", f"tensorboard --logdir {shlex.quote(str(outcome.run_dir))}"),
+        ("dashboards", dashboards_hint(outcome.run_dir, config.logger)),
         ("test again", f"python test.py --ckpt {shlex.quote(outcome.best)}"),
     ]
     if config.results_json:

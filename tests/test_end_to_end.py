@@ -56,9 +56,9 @@ def test_training_writes_checkpoints_logs_and_config(trained: Path):
 def test_checkpoint_alone_rebuilds_the_model_with_weights_only(trained: Path):
     checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["model_name"] == "vgg16" and hparams["num_classes"] == 10
+    assert hparams["network"]["model"] == "vgg16" and len(hparams["dataset"]["classes"]) == 10
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2 * 5  # 100 images / batch 20
-    model = build_model(hparams["model_name"], hparams["num_classes"])
+    model = build_model(hparams["network"]["model"], len(hparams["dataset"]["classes"]))
     weights = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()}
     model.load_state_dict(weights, strict=True)
 

@@ -86,10 +86,11 @@ def test_lr_find_on_the_gpu(cli, tiny_data, tmp_path, monkeypatch):
 
 
 def test_grad_cam_on_the_gpu():
-    from models.explain import grad_cam
+    from models.explain import cam_layer, grad_cam
 
     model = build_model("resnet50").cuda()
-    maps = grad_cam(model, torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([1, 2], device="cuda"))
+    maps = grad_cam(model, torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([1, 2], device="cuda"),
+                    cam_layer(model, "resnet50"))
     assert maps.is_cuda and maps.shape == (2, 32, 32)
 
 

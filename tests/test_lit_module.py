@@ -2,13 +2,15 @@
 import pytest
 import torch
 
+from base.datasets import CIFAR10
+from base.schema import NetworkOptions, OptimOptions
 from lit_modules import ImageClassifier
 from models import build_model
 
 
 def make_module(**recipe) -> ImageClassifier:
     torch.manual_seed(0)
-    return ImageClassifier(backbone=build_model("vgg16"), model_name="vgg16", **recipe)
+    return ImageClassifier("vgg16", OptimOptions(**recipe), backbone=build_model("vgg16"))
 
 
 def test_defaults_are_the_course_recipe():
@@ -56,16 +58,33 @@ def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_hyperparameters_are_plain_values_enough_to_rebuild_the_backbone():
-    module = ImageClassifier(
-        "resnet50",
-        model_options={"identity_shortcut": True},
-        class_names=[f"c{i}" for i in range(10)],
-    )
+    dataset = CIFAR10.__class__("tiny", tuple(f"c{i}" for i in range(10)), CIFAR10.mean, CIFAR10.std)
+    module = ImageClassifier(NetworkOptions(model="resnet50", identity_shortcut=True), dataset=dataset)
     hparams = dict(module.hparams)
-    assert "backbone" not in hparams
-    assert hparams["model_name"] == "resnet50" and hparams["model_options"] == {"identity_shortcut": True}
+    assert set(hparams) == {"network", "optim", "dataset"}
+    assert hparams["network"]["model"] == "resnet50" and hparams["network"]["identity_shortcut"] is True
+    assert hparams["dataset"]["classes"] == [f"c{i}" for i in range(10)]
     allowed = (str, int, float, bool, type(None), list, dict)
-    assert all(isinstance(value, allowed) for value in hparams.values())
+    assert all(isinstance(value, allowed) for group in hparams.values() for value in group.values())
+    rebuilt = ImageClassifier(**hparams)
+    assert rebuilt.network == module.network and rebuilt.dataset == dataset
+    # The identity shortcut has fewer weights than the course's projection everywhere.
+    assert set(rebuilt.backbone.state_dict()) == set(module.backbone.state_dict())
+    assert len(module.backbone.state_dict()) < len(build_model("resnet50").state_dict())
+
+
+def test_flat_hyperparameters_of_checkpoints_before_the_groups_still_build_the_module():
+    """Lightning passes a checkpoint's hyper_parameters as keywords: the flat ones written before the
+    option groups (model_name, model_options, lr, ...) are read into the groups."""
+    module = ImageClassifier(
+        model_name="resnet50", num_classes=10, model_options={"identity_shortcut": True},
+        class_names=[f"c{i}" for i in range(10)], optimizer="sgd", lr=0.05, tta="flip",
+    )
+    assert module.network == NetworkOptions(model="resnet50", identity_shortcut=True, tta="flip")
+    assert module.optim.optimizer == "sgd" and module.optim.lr == 0.05
+    assert module.dataset.classes[3] == "c3" and module.dataset.mean == CIFAR10.mean
+    with pytest.raises(TypeError, match="lrr"):
+        ImageClassifier(model_name="vgg16", lrr=0.1)
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])

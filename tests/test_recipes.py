@@ -199,7 +199,7 @@ def test_flip_tta_logits_are_the_mean_of_the_image_and_its_mirror():
     assert torch.equal(flipped, (plain + mirrored) / 2)
     assert torch.equal(untouched, plain)
     assert not torch.allclose(flipped, plain)
-    assert module.hparams.tta == "flip"
+    assert module.hparams.network["tta"] == "flip"
 
 
 @pytest.mark.slow

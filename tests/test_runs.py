@@ -185,7 +185,8 @@ def test_checkpoint_hparams_alone_rebuild_the_module(tmp_path):
     torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0",
                 "epoch": 3, "global_step": 40}, path)
     module = ImageClassifier.load_from_checkpoint(path, weights_only=True, map_location="cpu")
-    assert module.hparams.model_name == "resnet50" and module.hparams.lr == 0.05 and module.tta == "flip"
+    assert module.network.model == "resnet50" and module.optim.lr == 0.05 and module.tta == "flip"
+    assert module.hparams.network["model"] == "resnet50" and module.hparams.optim["lr"] == 0.05
     for key, value in backbone.state_dict().items():
         torch.testing.assert_close(module.backbone.state_dict()[key], value)
 

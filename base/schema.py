@@ -1,0 +1,368 @@
+"""The option schema: every option of a training run once, grouped by the part that owns it.
+
+Each group is a frozen dataclass whose fields are the options, with their default and an
+:class:`Option` that says everything else: the flag's parser and help, and whether a resume may
+change it. What derives from here, and nothing restates:
+
+- the flags of train.py (and the shared ones of test.py, predict.py and export.py), their help and
+  the defaults ``--help`` shows (``cli.flags.add_options``);
+- the YAML keys of a ``--config`` file and of a run's ``config.yaml`` (the field names; a file may
+  also group them under the section names of :data:`GROUPS`, as ``--print-config`` writes them);
+- ``run.config.RunConfig``, every field of every group, flat and resolved;
+- the parts that take a group whole: ``ImageClassifier(network, optim, dataset)`` and the
+  DataModule's :class:`DataOptions`, and the hyper-parameters a checkpoint saves (one mapping per
+  group, :func:`hparams_of` also reads the flat ones of checkpoints written before the groups);
+- the rule of what a resume may change (``fixed``) and what belongs to one command only.
+
+Importable without torch or Lightning: the command-line tools answer ``--help`` and refuse a
+mistyped flag before loading them. The choices of ``--model`` and ``--dataset`` come from their
+catalogs (``catalog=``), which the command-line layer reads.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from base import values
+from base.errors import UserError
+from base.options import (
+    ACCELERATORS,
+    DATA_PATHS,
+    DATASETS,
+    DEVICES_HELP,
+    OPTIMIZERS,
+    PRECISION_HELP,
+    PRECISIONS,
+    REQUEUE_SIGNALS,
+    SCHEDULERS,
+    STRATEGIES,
+    TTA_MODES,
+)
+
+# Why an option may not change when a run is resumed (``fixed``); any other may.
+TRAINING = "it decides what the run trains on"
+OPTIMISER = "the optimiser's restored state was built with it"
+SCHEDULE = "it changes the length of the run's learning-rate schedule"
+
+
+@dataclass(frozen=True)
+class Option:
+    """What the schema says about one option besides its name and default.
+
+    ``parse``: the value's parser (``base.values``), ``choices``: its fixed choices, or ``catalog``:
+    the catalog whose names are its choices (``"models"``, ``"datasets"``); ``switch``: a
+    ``--x/--no-x`` pair, ``store_true``: a flag that takes no value; ``fixed``: why a resume may not
+    change it; ``path``: expanded (``~``, ``$VARS``) and made absolute; ``per_invocation``: belongs
+    to one command, so a resume does not inherit it; ``flag``: False for a fact the resolution
+    adds (no flag, ignored in a ``--config`` file).
+    """
+
+    help: str
+    parse: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    catalog: str | None = None
+    switch: bool = False
+    store_true: bool = False
+    metavar: str | None = None
+    fixed: str | None = None
+    path: bool = False
+    per_invocation: bool = False
+    flag: bool = True
+
+
+def option(default: Any, help: str, **spec: Any) -> Any:
+    """A schema field: ``default`` and the :class:`Option` built from ``help`` and ``spec``."""
+    return field(default=default, metadata={"option": Option(help, **spec)})
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """The network and what the LightningModule computes with it (its loss, its evaluation)."""
+
+    model: str = option("vgg16", "network", catalog="models", fixed=TRAINING)
+    identity_shortcut: bool = option(
+        False, "resnet50: identity shortcut where shapes match, instead of the course's projection everywhere",
+        switch=True, fixed=TRAINING,
+    )
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", parse=values.unit_fraction, fixed=TRAINING)
+    tta: str = option(
+        "none",
+        "test-time augmentation of validation and test; flip: mean logits of each image and its mirror. "
+        "Saved in the checkpoints, where test.py takes it from unless given its own --tta",
+        choices=TTA_MODES, fixed="the best checkpoint was chosen with it",
+    )
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    """The optimiser and the learning-rate schedule (the course's by default: Adam 1e-3, StepLR 20 x 1/3)."""
+
+    epochs: int | None = option(
+        None, "default: the network's course run, 250 for vgg16, 285 for resnet50", parse=values.positive_int
+    )
+    optimizer: str = option("adam", "optimiser", choices=OPTIMIZERS, fixed=OPTIMISER)
+    lr: float | str = option(
+        1e-3, "learning rate (peak for onecycle), or find: run the range test first and use its suggestion",
+        parse=values.learning_rate, fixed=OPTIMISER,
+    )
+    find_lr: bool = option(
+        False,
+        "only run the learning-rate range test (Lightning's lr_find) on this model, data and optimiser: "
+        "prints the suggested rate and saves the plot, then exits",
+        store_true=True, per_invocation=True,
+    )
+    momentum: float = option(0.9, "sgd only", parse=values.unit_fraction, fixed=OPTIMISER)
+    nesterov: bool = option(False, "sgd only", switch=True, fixed=OPTIMISER)
+    weight_decay: float = option(0.0, "L2 penalty (decoupled for adamw)", parse=values.non_negative_float, fixed=OPTIMISER)
+    scheduler: str = option("step", "step: per epoch; cosine, onecycle: per step", choices=SCHEDULERS, fixed=SCHEDULE)
+    step_size: int = option(20, "step scheduler: epochs between decays", parse=values.positive_int, fixed=SCHEDULE)
+    gamma: float = option(1 / 3, "step scheduler: decay factor", parse=values.positive_float, fixed=SCHEDULE)
+    ema_decay: float | None = option(
+        None,
+        "keep an exponential moving average of the weights, updated every step with decay min(DECAY, "
+        "(1 + n) / (10 + n)) after n updates (e.g. 0.998); validation, the saved checkpoints and the final test "
+        "use the averaged weights (default: off)",
+        parse=values.open_fraction, metavar="DECAY", fixed=TRAINING,
+    )
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the images come from and how they are served: the DataModule's options."""
+
+    dataset: str = option(
+        "cifar10", "what --data-dir holds: cifar10, cifar100 (python format) or imagefolder (any N classes)",
+        catalog="datasets", fixed=TRAINING,
+    )
+    data_dir: Path = option(
+        "data",
+        "CIFAR-10 or CIFAR-100 as a folder holding torchvision's python archive (downloaded there when missing and "
+        "online), an image-folder tree (train/<class>/*, test/<class>/*) or a .tar.gz of one",
+        path=True,
+    )
+    batch_size: int = option(
+        100, "per device: each step trains on batch x devices x nodes", parse=values.positive_int, fixed=SCHEDULE
+    )
+    eval_batch_size: int = option(500, "batch size of validation and test", parse=values.positive_int)
+    val_size: int = option(5000, "training images held out for validation", parse=values.positive_int, fixed=TRAINING)
+    train_limit: int | None = option(None, "train on only the first N images", parse=values.positive_int, fixed=TRAINING)
+    data_path: str = option(
+        "auto",
+        "device: whole batches augmented on the training device (datamodules/device_batches.py); "
+        "loader: a DataLoader augmenting image by image on the CPU; auto: device on CUDA and CPU",
+        choices=DATA_PATHS,
+    )
+    workers: int = option(2, "DataLoader worker processes (--data-path loader)", parse=values.non_negative_int)
+    cache_dir: Path | None = option(None, "where decoded images are cached (default: ~/.cache)", path=True)
+
+
+@dataclass(frozen=True)
+class HardwareOptions:
+    """What the run runs on; resolved before the run starts, so a run's config never says auto."""
+
+    accelerator: str = option("auto", "auto picks a GPU when there is one", choices=ACCELERATORS)
+    devices: Any = option("auto", DEVICES_HELP, parse=values.devices, fixed=SCHEDULE)
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    precision_reason: str | None = option(None, "why this precision", flag=False)
+    channels_last: bool | None = option(
+        None, "channels_last memory format for the model and its batches (default: on with CUDA)", switch=True
+    )
+    compile: bool = option(
+        False, "torch.compile the network; the first steps (and the first evaluation) are spent compiling", switch=True
+    )
+    num_nodes: int = option(1, "machines, for multi-node DDP", parse=values.positive_int, fixed=SCHEDULE)
+    strategy: str = option("auto", "Lightning strategy: auto picks DDP for several devices", choices=STRATEGIES)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run itself: its folder, seed, checkpoints, logs, and what one command asks of it."""
+
+    config: Path | None = option(
+        None, "YAML file of option defaults, e.g. configs/vgg16.yaml (flags typed win over it)",
+        path=True, per_invocation=True,
+    )
+    output_dir: Path = option("runs", "runs go to OUTPUT_DIR/MODEL/RUN_NAME", path=True)
+    run_name: str | None = option(
+        None,
+        "the run's folder name (default: the next free version_N); with --resume last, continue this run "
+        "if it has a checkpoint, else start it: one command for a job's first start and its requeues",
+    )
+    seed: int = option(0, "seeds weights, split, shuffling, augmentation", parse=values.non_negative_int, fixed=TRAINING)
+    resume: Path | None = option(
+        None, "continue a run: its folder, a checkpoint in it, or last (the newest run, or --run-name's)",
+        metavar="PATH|last", path=True, per_invocation=True,
+    )
+    rewind: bool = option(
+        False,
+        "with --resume of a checkpoint older than the run's latest (best.ckpt, epochNNN.ckpt): go back to it and "
+        "train on from there; the later checkpoints are moved into RUN/rewound/ (without it such a resume is refused)",
+        store_true=True, per_invocation=True,
+    )
+    weights: Path | None = option(
+        None, "start from these weights (course state dict or .ckpt)", metavar="PATH", path=True, per_invocation=True
+    )
+    checkpoint_every: int = option(20, "keep a checkpoint every N epochs", parse=values.positive_int)
+    results_json: Path | None = option(
+        None, "also write the run's test results and timings as JSON", metavar="PATH", path=True, per_invocation=True
+    )
+    time_to_accuracy: float | None = option(
+        None,
+        "benchmark only: evaluate the TEST set after every epoch and record, in --results-json, the training "
+        "time at which its accuracy first reaches ACC (e.g. 0.93); model selection still uses validation only",
+        parse=values.open_fraction, metavar="ACC", per_invocation=True,
+    )
+    log_every_n_steps: int = option(50, "training curves' resolution", parse=values.positive_int)
+    logger: tuple[str, ...] = option(
+        ("tensorboard",), "where curves and pictures go: tensorboard, csv, mlflow, comma-separated",
+        parse=values.logger_list, metavar="NAMES",
+    )
+    requeue_signal: str | None = option(
+        None, "also save last.ckpt and exit 143 on this signal, as on SIGTERM (e.g. SLURM --signal=USR1@90)",
+        choices=REQUEUE_SIGNALS,
+    )
+    fast_dev_run: int = option(0, "run N batches of each stage, no output", parse=values.non_negative_int,
+                               per_invocation=True)
+    limit_train_batches: int | float | None = option(
+        None, "batches (int) or fraction per epoch", parse=values.batch_limit, fixed=SCHEDULE
+    )
+    limit_val_batches: int | float | None = option(
+        None, "as --limit-train-batches", parse=values.batch_limit,
+        fixed="the best checkpoint is chosen by validating on it",
+    )
+    limit_test_batches: int | float | None = option(None, "as --limit-train-batches", parse=values.batch_limit)
+
+
+# Section name (a ``--config`` file's and ``--print-config``'s, a checkpoint's hyper-parameters) ->
+# group, in the order --help shows them.
+GROUPS: dict[str, type] = {
+    "network": NetworkOptions,
+    "optim": OptimOptions,
+    "data": DataOptions,
+    "hardware": HardwareOptions,
+    "run": RunOptions,
+}
+TITLES = {
+    "network": "model",
+    "optim": "optimiser and schedule (defaults: the course's)",
+    "data": "data",
+    "hardware": "hardware",
+    "run": "run, checkpoints and logs",
+}
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for group in GROUPS.values() for f in dataclasses.fields(group)}
+GROUP_OF: dict[str, str] = {f.name: section for section, group in GROUPS.items() for f in dataclasses.fields(group)}
+DEFAULTS: dict[str, Any] = {name: f.default for name, f in FIELDS.items()}
+
+
+def option_of(name: str) -> Option:
+    """The :class:`Option` of the option ``name`` (a field name, ``batch_size``)."""
+    return FIELDS[name].metadata["option"]
+
+
+def flag_of(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def group_values(group: type, source: Mapping[str, Any] | Any) -> Any:
+    """The ``group`` dataclass filled from ``source``: a mapping or an object (a ``RunConfig``) that
+    has every field of the group."""
+    get = source.get if isinstance(source, Mapping) else lambda name, default=None: getattr(source, name)
+    return group(**{f.name: get(f.name, f.default) for f in dataclasses.fields(group)})
+
+
+def plain(value: Any) -> Any:
+    """A value as YAML, JSON and checkpoints keep it: a path as text, a tuple as a list."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def shown(value: Any) -> str:
+    """A value as ``--help`` and messages show it: ``0.333333``, ``0,1``, ``tensorboard,csv``."""
+    if value is None:
+        return "not set"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+# The hyper-parameters of checkpoints written before the groups (flat, ``model_name`` and
+# ``model_options``), read by :func:`hparams_of`.
+_FLAT_NETWORK = ("label_smoothing", "tta")
+_FLAT_OPTIM = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "step_size", "gamma")
+
+
+def hparams_of(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters as ``{"network": {...}, "optim": {...}, "dataset": ... or None}``.
+
+    Reads both layouts: the grouped one ``ImageClassifier`` saves, and the flat one of checkpoints
+    written before it (``model_name``, ``model_options``, ``lr``, ...), so that old runs still
+    resume, test and export. Raises ``KeyError`` when ``saved`` names no network at all.
+    """
+    if "network" in saved:
+        network, optim = dict(saved["network"]), dict(saved.get("optim") or {})
+    else:
+        network = {"model": saved["model_name"], **dict(saved.get("model_options") or {})}
+        network.update({name: saved[name] for name in _FLAT_NETWORK if name in saved})
+        optim = {name: saved[name] for name in _FLAT_OPTIM if name in saved}
+    return {"network": network, "optim": optim, "dataset": saved.get("dataset")}
+
+
+def flatten_sections(config: dict[Any, Any], lines: dict[Any, int], source: str) -> tuple[dict[Any, Any], dict[Any, int]]:
+    """``config`` (a YAML file's mapping, from ``source``) with the sections of :data:`GROUPS`
+    (``optim: {lr: 0.1}``, as ``--print-config`` writes them) opened into their keys, and
+    ``lines`` (each key's line) with each key inside a section at its section's line.
+
+    Raises ``UserError`` for a key given twice or put under another group's section.
+    """
+    flat: dict[Any, Any] = {}
+    flat_lines: dict[Any, int] = {}
+    for key, value in config.items():
+        if key in GROUPS and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                if GROUP_OF.get(str(inner).replace("-", "_"), key) != key:
+                    where = f"{source}: line {lines[key]}: " if key in lines else f"{source}: "
+                    raise UserError(f"{where}{inner!r} is not an option of the {key} section; it belongs under "
+                                    f"{GROUP_OF[str(inner).replace('-', '_')]}")
+                if inner in flat:
+                    raise UserError(f"{source}: {inner!r} is given twice (in the {key} section and elsewhere); keep one of them")
+                flat[inner] = inner_value
+                if key in lines:
+                    flat_lines[inner] = lines[key]
+        else:
+            if key in flat:
+                raise UserError(f"{source}: {key!r} is given twice (in a section and at the top); keep one of them")
+            flat[key] = value
+            if key in lines:
+                flat_lines[key] = lines[key]
+    return flat, flat_lines
+
+
+def argparse_kwargs(name: str) -> dict[str, Any]:
+    """The keyword arguments of ``parser.add_argument(flag_of(name), **...)`` for the option ``name``.
+
+    Without a default: a flag not typed is absent from the namespace (the parsers use
+    ``argument_default=SUPPRESS``), and the default of :data:`DEFAULTS` applies later, once.
+    """
+    spec = option_of(name)
+    kwargs: dict[str, Any] = {"help": spec.help}
+    if spec.switch:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif spec.store_true:
+        kwargs["action"] = "store_true"
+    if spec.parse is not None:
+        kwargs["type"] = spec.parse
+    if spec.choices is not None:
+        kwargs["choices"] = spec.choices
+    if spec.metavar is not None:
+        kwargs["metavar"] = spec.metavar
+    return kwargs

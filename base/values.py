@@ -1,0 +1,87 @@
+"""Parsers of option values as typed (a flag's text, or a YAML value as the file spells it).
+
+Each takes the text and returns the typed value, or raises ``argparse.ArgumentTypeError`` with a
+message naming what was expected; argparse turns that into ``--flag: message``, and a config file
+value goes through the same parser (cli/config_file.py). Importable without torch.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from base.options import LOGGERS
+
+
+def _number(text: str, kind: type, accept: Callable[[float], bool], expected: str, must: str) -> int | float:
+    """``text`` as ``kind`` (int or float) if ``accept`` holds for it; an argparse error naming the flag otherwise."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not accept(value):  # NaN fails every comparison, so it is refused too
+        raise argparse.ArgumentTypeError(f"{must}, got {text.strip()}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer", "must be a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number", "must be a positive (finite) number")
+
+
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (a weight decay)."""
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0", "must be >= 0")
+
+
+def unit_fraction(text: str) -> float:
+    """A number from 0 (included) to 1 (excluded): a momentum, a label smoothing."""
+    return _number(text, float, lambda v: 0 <= v < 1, "a number from 0 to below 1", "must be at least 0 and below 1")
+
+
+def learning_rate(text: str) -> float | str:
+    """A positive number, or ``find``: the learning-rate range test's suggestion."""
+    return "find" if text.strip().lower() == "find" else positive_float(text)
+
+
+def open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (an EMA decay, a target accuracy)."""
+    return _number(text, float, lambda v: 0 < v < 1, "a number between 0 and 1", "must be between 0 and 1 (exclusive)")
+
+
+def batch_limit(text: str) -> int | float:
+    """Lightning's limit_*_batches: an int counts batches, a float in (0, 1] is a fraction."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a batch count or a fraction, got {text!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got {text}")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 batch, got {value}")
+    return value
+
+
+def logger_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of loggers (``tensorboard,csv``), each one of base.options.LOGGERS."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in LOGGERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(LOGGERS)}, got {text!r}")
+    return names
+
+
+def devices(text: str) -> str:
+    """``--devices`` as typed (a count, a list such as ``0,1``, ``-1`` or ``auto``); run/hardware.py
+    checks and resolves it against the machine."""
+    return text.strip()

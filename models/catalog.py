@@ -1,0 +1,286 @@
+"""The networks this project knows: one :class:`ModelEntry` per network, the only place one is described.
+
+An entry says how to build the network (a lazy ``"module:function"`` factory reference), the
+course's run length for it, which keyword options its factory takes, how a state dict of it is
+recognised from its keys alone (its :class:`Signature`), and which submodule Grad-CAM explains.
+Everything else reads it: ``--model`` choices and the default epochs (:data:`MODEL_NAMES`,
+:data:`COURSE_EPOCHS`), :func:`build_model`, the checkpoint readers (:func:`recognise`), predict.py
+``--explain`` and the dashboards' heat maps (:attr:`ModelEntry.cam_layer`).
+
+This module imports neither torch nor the networks, so the command-line tools list the names and
+refuse a mistyped one before torch loads; a factory's module is imported when a model is built.
+
+A new network: its module in ``models/`` and one entry in :data:`_BUILT_IN` below, or, from
+outside the project (a plugin, a test), ``register(ModelEntry(...))``.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, overload
+
+from base.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How a state dict of one network is told apart by its keys (wrapper prefixes removed).
+
+    It matches when every key of ``required`` and ``classes_key`` is present and none of
+    ``absent``. ``classes_key`` names the output layer's weight, a 2-D tensor
+    (num_classes, ``in_features``), from which the class count is read. ``read_options``, when
+    given, returns the factory options the keys reveal (ResNet50's ``identity_shortcut``), from
+    the key names alone.
+    """
+
+    required: tuple[str, ...]
+    classes_key: str
+    in_features: int
+    absent: tuple[str, ...] = ()
+    read_options: Callable[[Collection[str]], dict[str, Any]] | None = None
+
+    def matches(self, keys: Collection[str]) -> bool:
+        return (
+            self.classes_key in keys
+            and all(key in keys for key in self.required)
+            and not any(key in keys for key in self.absent)
+        )
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One network: its ``--model`` name and everything the tools need to know about it.
+
+    ``factory`` is ``"package.module:function"``; the function takes ``num_classes`` and the
+    keywords named in ``options``, and returns the ``nn.Module``. ``course_epochs`` is the default
+    run length. ``cam_layer`` is the dotted path of the submodule Grad-CAM explains
+    (``nn.Module.get_submodule``: ``"layer4"``, ``"features.29"``), or None for a network without
+    one: predict.py ``--explain`` then refuses it and the dashboards draw no heat maps.
+    """
+
+    name: str
+    factory: str
+    course_epochs: int
+    signature: Signature
+    cam_layer: str | None = None
+    options: tuple[str, ...] = ()
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        # Developer errors, found when the entry is written rather than when a user first builds it.
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.factory):
+            raise ValueError(f"model entry {self.name!r}: factory must read 'package.module:function', got {self.factory!r}")
+        if not isinstance(self.course_epochs, int) or self.course_epochs < 1:
+            raise ValueError(f"model entry {self.name!r}: course_epochs must be a positive integer")
+        if "num_classes" in self.options:
+            raise ValueError(f"model entry {self.name!r}: num_classes is always passed; it is not an option")
+
+    def load_factory(self) -> Callable[..., nn.Module]:
+        """The factory function itself (its module is imported now, torch with it)."""
+        module, _, function = self.factory.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+# --- the networks -------------------------------------------------------------------------------
+
+# Residual blocks of the course ResNet, e.g. "layer3.2." from "layer3.2.layer.0.0.weight", and the
+# blocks that carry a shortcut module: a block without one was built with identity_shortcut=True.
+_BLOCK_KEY = re.compile(r"^(layer[2-4]\.\d+\.)layer\.")
+_SHORTCUT_KEY = re.compile(r"^(layer[2-4]\.\d+\.)(?:downsize|make_equal_channel)\.")
+
+
+def _resnet_options(keys: Collection[str]) -> dict[str, Any]:
+    blocks = {m.group(1) for m in map(_BLOCK_KEY.match, keys) if m}
+    with_shortcut = {m.group(1) for m in map(_SHORTCUT_KEY.match, keys) if m}
+    return {"identity_shortcut": True} if blocks - with_shortcut else {}
+
+
+# VGG16's Grad-CAM layer is the last ReLU of ``features``, before its final max-pool: 2x2 x 512 on
+# 32x32 inputs (after the pool it is 1x1, which locates nothing). Without BatchNorm ``features`` has
+# 13 x (conv, relu) + 5 pools = 31 modules, with it 13 x 3 + 5 = 44; the ReLU is second to last.
+_BUILT_IN = (
+    ModelEntry(
+        name="vgg16",
+        factory="models.vgg:vgg16",
+        course_epochs=250,
+        signature=Signature(("features.0.weight",), "classifier.5.weight", 512, absent=("features.1.running_mean",)),
+        cam_layer="features.29",
+        description="the course's VGG16 (no BatchNorm2d), 14,983,498 parameters for 10 classes",
+    ),
+    ModelEntry(
+        name="vgg16_bn",
+        factory="models.vgg:vgg16_bn",
+        course_epochs=250,
+        signature=Signature(("features.0.weight", "features.1.running_mean"), "classifier.5.weight", 512),
+        cam_layer="features.42",
+        description="VGG16 with a BatchNorm2d after every convolution",
+    ),
+    ModelEntry(
+        name="resnet50",
+        factory="models.resnet:resnet50",
+        course_epochs=285,
+        signature=Signature(("layer1.0.weight",), "fc.weight", 1024, read_options=_resnet_options),
+        cam_layer="layer4",  # the last bottleneck stage, 2x2 on 32x32 inputs
+        options=("identity_shortcut",),
+        description="the course's ResNet50_layer4, 14,750,730 parameters for 10 classes",
+    ),
+)
+_BUILT_IN_NAMES = tuple(e.name for e in _BUILT_IN)
+_ENTRIES: dict[str, ModelEntry] = {e.name: e for e in _BUILT_IN}
+
+# Read-only live views: a registered network shows in each at once, also where it was imported
+# with ``from models.catalog import MODEL_NAMES`` before the registration.
+CATALOG: Mapping[str, ModelEntry] = MappingProxyType(_ENTRIES)
+
+
+class _Names(Sequence[str]):
+    """The entries' names in catalog order; equal to a tuple or list of the same names."""
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        return tuple(_ENTRIES)[index]
+
+    def __len__(self) -> int:
+        return len(_ENTRIES)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _ENTRIES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_ENTRIES))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (_Names, tuple, list)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # it changes with the catalog
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+class _Epochs(Mapping[str, int]):
+    """Each entry's ``course_epochs`` by name."""
+
+    def __getitem__(self, name: str) -> int:
+        return _ENTRIES[name].course_epochs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_ENTRIES))
+
+    def __len__(self) -> int:
+        return len(_ENTRIES)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+MODEL_NAMES: Sequence[str] = _Names()
+COURSE_EPOCHS: Mapping[str, int] = _Epochs()
+
+
+def register(new: ModelEntry) -> ModelEntry:
+    """Add ``new`` to the catalog (after the built-in ones); it is then a model name everywhere.
+
+    Raises ValueError where the name is taken. Its signature is tried after those registered
+    before it, so it must not match their state dicts.
+    """
+    if new.name in _ENTRIES:
+        raise ValueError(f"a model named {new.name!r} is already in the catalog")
+    _ENTRIES[new.name] = new
+    return new
+
+
+def unregister(name: str) -> None:
+    """Remove a registered entry (a test's, at its end); the built-in ones stay."""
+    if name in _BUILT_IN_NAMES:
+        raise ValueError(f"{name!r} is built in and cannot be removed")
+    _ENTRIES.pop(name, None)
+
+
+def _hint(name: str) -> str:
+    by_norm = {n.lower().replace("-", "_"): n for n in _ENTRIES}
+    target = name.lower().replace("-", "_")
+    if target in by_norm:
+        return f" (did you mean {by_norm[target]}?)"
+    close = difflib.get_close_matches(target, list(by_norm), n=1, cutoff=0.6)
+    return f" (did you mean {by_norm[close[0]]}?)" if close else ""
+
+
+def entry(name: str) -> ModelEntry:
+    """The catalog entry of ``name``; UserError naming the choices (and the likely one) otherwise."""
+    if isinstance(name, str) and name in _ENTRIES:
+        return _ENTRIES[name]
+    hint = _hint(name) if isinstance(name, str) else ""
+    raise UserError(f"unknown model {name!r}: choose one of {', '.join(_ENTRIES)}{hint}")
+
+
+def build_model(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
+    """Build a model by name; ``options`` are its entry's factory keywords (``identity_shortcut``).
+
+    Names, class counts and options usually come from a config file or command line, so bad
+    values raise UserError instead of a TypeError deep inside a constructor.
+    """
+    found = entry(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise UserError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
+    unknown = sorted(set(options) - set(found.options))
+    if unknown:
+        offered = ", ".join(sorted(found.options)) or "none"
+        raise UserError(f"model '{name}' has no option {', '.join(unknown)} (its options: {offered})")
+    return found.load_factory()(num_classes=num_classes, **options)
+
+
+def not_recognised(source: str) -> str:
+    """The one-line refusal of a state dict that no entry's signature matches."""
+    extra = [name for name in _ENTRIES if name not in _BUILT_IN_NAMES]
+    also = f" nor of {', '.join(extra)}" if extra else ""
+    return f"{source} does not hold a VGG16 or ResNet50 state dict of the course architectures{also}"
+
+
+def recognise(state_dict: Mapping[str, Any], source: str = "the file") -> tuple[str, dict[str, Any]]:
+    """Return ``(model name, build_model kwargs)`` for a state dict, judged from its keys alone.
+
+    Wrapper prefixes (``module.``, ``_orig_mod.``), our LightningModule's ``backbone.`` and an
+    ``AveragedModel``'s ``n_averaged`` are looked through (``models.weights.course_keys``). The
+    entries are tried in catalog order; the first whose :class:`Signature` matches names the
+    network. ``kwargs`` always holds ``num_classes`` (the first dimension of its ``classes_key``
+    weight) and the options its keys reveal (``identity_shortcut=True`` for a ResNet saved with
+    it). UserError naming ``source`` for anything that is not a state dict of a catalogued network,
+    a matching one whose output layer has the wrong shape included. The weights themselves are
+    validated later by ``models.weights.load_weights``.
+    """
+    import torch
+
+    from models.weights import course_keys, require_state_dict
+
+    require_state_dict(state_dict, source)
+    keys = course_keys(state_dict)
+    for found in _ENTRIES.values():
+        signature = found.signature
+        if not signature.matches(keys):
+            continue
+        weight = keys[signature.classes_key]
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != signature.in_features:
+            raise UserError(not_recognised(source))
+        kwargs: dict[str, Any] = {"num_classes": int(weight.shape[0])}
+        if signature.read_options is not None:
+            kwargs.update(signature.read_options(keys))
+        return found.name, kwargs
+    raise UserError(not_recognised(source))
+
+
+def grad_cam_layer(name: str) -> str | None:
+    """The dotted path of the layer Grad-CAM explains in network ``name``, or None where it has none."""
+    return entry(name).cam_layer
