@@ -67,7 +67,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     file, which the next save of the same checkpoint removes. Only global rank zero writes a
     given checkpoint (Lightning's strategies call ``save_checkpoint`` there alone), so another
     temporary file of the same target is never a save in progress.
+
+    ``preloaded``: a checkpoint already read, with its path: the first load of that path returns
+    it instead of reading the file again (a resume's checkpoint, read once by ``run.start``).
     """
+
+    def __init__(self, preloaded: tuple[Path, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self._preloaded = preloaded
+
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self._preloaded is not None and Path(path) == self._preloaded[0]:
+            # Once: a later load of the same path (the final test of best.ckpt) reads what is there then.
+            checkpoint, self._preloaded = self._preloaded[1], None
+            return checkpoint
+        return super().load_checkpoint(path, *args, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:

@@ -185,8 +185,9 @@ def add_options(
         groups[section].add_argument(flag_of(name), default=default, **kwargs)
 
 
-# The options of the data and the hardware that test.py takes besides its own.
-EVAL_DATA = ("dataset", "data_dir", "eval_batch_size", "data_path", "workers", "cache_dir")
+# The options of the data and the hardware that test.py takes besides its own (the data set is the
+# checkpoint's: its classes and statistics).
+EVAL_DATA = ("data_dir", "eval_batch_size", "data_path", "workers", "cache_dir")
 HARDWARE = ("accelerator", "devices", "precision", "channels_last")
 
 

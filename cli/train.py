@@ -21,7 +21,8 @@ from cli.flags import Parser, add_options
 from run.config import RunConfig
 from run.history import RunFinished
 from run.paths import check_input_name
-from run.resolve import resolve_run_config
+from run.resolve import resolve_run
+from run.start import Start
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
@@ -46,20 +47,21 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
     return _parse(argv, prog, description)[0]
 
 
-def _parse(argv: Sequence[str], prog: str | None = None, description: str | None = None) -> tuple[RunConfig, bool]:
+def _parse(argv: Sequence[str], prog: str | None = None, description: str | None = None) -> tuple[RunConfig, Start, bool]:
+    """The resolved options, the start plan (``run.start``) and whether only --print-config was asked."""
     parser = build_train_parser(prog, description)
     typed = vars(parser.parse_args(list(argv)))
     print_config = typed.pop("print_config", False)
     if "config" in typed:
         check_input_name(Path(typed["config"]), "--config")
     config_file = parse_config_file(parser, typed["config"]) if "config" in typed else {}
-    return resolve_run_config(config_file, typed), print_config
+    return (*resolve_run(config_file, typed), print_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config, print_config = _parse(argv)
+        config, start, print_config = _parse(argv)
     except RunFinished as finished:
         print(finished)
         return 0
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.find_lr:
         find_lr_only(config)
         return 0
-    outcome = train(config, argv)
+    outcome = train(config, argv, start)
     if outcome.is_global_zero:
         lines = summary_lines(outcome)
         width = max(len(label) for label, _ in lines)

@@ -8,6 +8,8 @@ statistics (``dataset_info``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from pathlib import Path
 from collections.abc import Iterator
@@ -35,8 +37,6 @@ from datamodules.layout import Split, check_data_dir, shown_names
 from datamodules.sources import SplitData, ensure_downloaded, measure_stats, read_split
 
 TEST_ORDER_SEED = 0
-# The defaults of base.schema's data group, the one place they are declared.
-DATA = DataOptions()
 # Per-channel statistics of the CIFAR-10 training set, as the course normalised with them
 # (base.datasets.CIFAR10), by their names before the data sets had their own.
 MEAN = CIFAR10.mean
@@ -174,30 +174,34 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path = DATA.data_dir,
-        batch_size: int = DATA.batch_size,
-        eval_batch_size: int = DATA.eval_batch_size,
-        val_size: int = DATA.val_size,
-        num_workers: int = DATA.workers,
+        data: DataOptions | str | Path | None = None,
+        *,
         seed: int = 0,
-        train_limit: int | None = None,
-        cache_dir: Path | None = None,
+        channels_last: bool = False,
         download: bool = True,
         pin_memory: bool | None = None,
-        data_path: str = DATA.data_path,
-        channels_last: bool = False,
         device: str | torch.device | None = None,
-        dataset: str = DATA.dataset,
         dataset_info: DatasetInfo | None = None,
+        **options: Any,
     ) -> None:
+        """``data``: the data group of the option schema (``base.schema.DataOptions``), or only the
+        data's folder (the other options their defaults); ``options`` replace some of its values
+        (``batch_size=8``; TypeError for a name the group lacks)."""
         super().__init__()
+        if not isinstance(data, DataOptions):
+            data = DataOptions() if data is None else DataOptions(data_dir=Path(data))
+        data = dataclasses.replace(data, **options)
+        self.options = data
+        data_dir, dataset, data_path = data.data_dir, data.dataset, data.data_path
+        batch_size, eval_batch_size, val_size = data.batch_size, data.eval_batch_size, data.val_size
+        num_workers, train_limit, cache_dir = data.workers, data.train_limit, data.cache_dir
         self.entry = catalog_entry(dataset)
         self.dataset = dataset
         _require(data_path in DATA_PATHS, f"data_path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
         _require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
         _require(eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {eval_batch_size}")
         _require(val_size >= 0, f"val_size must be 0 or more, got {val_size}")
-        _require(num_workers >= 0, f"num_workers must be 0 or more, got {num_workers}")
+        _require(num_workers >= 0, f"workers must be 0 or more, got {num_workers}")
         _require(
             train_limit is None or train_limit >= 1,
             f"train_limit must be at least 1 (or unset for all images), got {train_limit}",

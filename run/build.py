@@ -5,7 +5,6 @@ test.py and the benchmarks get the same pieces for the same options.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
@@ -19,20 +18,21 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-from base.datasets import CIFAR10, DatasetInfo
+from base.datasets import DatasetInfo
 from base.errors import UserError
-from base.schema import NetworkOptions, OptimOptions
+from base.schema import DataOptions, NetworkOptions, OptimOptions
 from base.slurm import check_layout
 from callbacks.checkpoints import BackgroundCheckpointIO, NamedCheckpoint
 from callbacks.dashboards import Dashboards
 from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
 from callbacks.recipes import TimeToAccuracy, recipe_callbacks
 from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG, SameData
-from datamodules import CIFAR10DataModule
+from datamodules import ImageDataModule
 from lit_modules import ImageClassifier
 from models import prepare_backbone
-from run.checkpoints import build_backbone, load_any_checkpoint
+from run.checkpoints import build_backbone
 from run.config import RunConfig
+from run.start import FromWeights, Resume, Start
 from run.loggers import build_loggers
 
 
@@ -60,27 +60,15 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def build_datamodule(config: RunConfig, dataset_info: DatasetInfo | None = None) -> CIFAR10DataModule:
+def build_datamodule(config: RunConfig, dataset_info: DatasetInfo | None = None) -> ImageDataModule:
     """The DataModule of ``config`` (its ``--dataset``). With a fractional ``--limit-*-batches`` below 1
     its splits are loaded already (``prepare_data``, ``setup``), to refuse a fraction that leaves no
     batch (:func:`check_batch_limits`); the Trainer's own ``setup`` then finds them loaded.
 
     ``dataset_info``: the data set a checkpoint was trained on (test.py), whose classes the data
     must have and whose statistics normalise it (``ImageDataModule``)."""
-    datamodule = CIFAR10DataModule(
-        dataset=config.dataset,
-        dataset_info=dataset_info,
-        data_dir=config.data_dir,
-        batch_size=config.batch_size,
-        eval_batch_size=config.eval_batch_size,
-        val_size=config.val_size,
-        num_workers=config.workers,
-        seed=config.seed,
-        train_limit=config.train_limit,
-        cache_dir=config.cache_dir,
-        download=True,
-        data_path=config.data_path,
-        channels_last=config.channels_last,
+    datamodule = ImageDataModule(
+        config.group(DataOptions), seed=config.seed, channels_last=config.channels_last, dataset_info=dataset_info
     )
     check_batch_limits(config, datamodule)
     return datamodule
@@ -94,13 +82,13 @@ _LIMITS = (
 )
 
 
-def check_batch_limits(config: RunConfig, datamodule: CIFAR10DataModule) -> None:
+def check_batch_limits(config: RunConfig, datamodule: ImageDataModule) -> None:
     """Refuse, before any training, a fractional ``--limit-*-batches`` that leaves no batch.
 
     Lightning 2.6 (``_parse_num_batches``) keeps ``int(fraction * batches)`` of each process's
     batches and raises a MisconfigurationException, with a traceback, when that is 0: for the
     test limit only once training is over. This applies the same rule to the same per-process
-    counts (:meth:`CIFAR10DataModule.batches_per_process`, over ``devices x nodes`` processes),
+    counts (:meth:`ImageDataModule.batches_per_process`, over ``devices x nodes`` processes),
     loading the splits concerned only when a fraction below 1 is given. ``--fast-dev-run``
     replaces the limits, so nothing is checked then. Raises ``UserError``.
     """
@@ -141,14 +129,10 @@ def least_fraction(batches: int) -> str:
     return text
 
 
-def build_module(config: RunConfig, dataset: DatasetInfo) -> ImageClassifier:
-    """The LightningModule of ``config`` for ``dataset``'s classes; with ``--weights`` (and no
-    resume) its network starts from them."""
-    if config.weights is not None and config.resume is None:
-        start = load_any_checkpoint(config.weights, expected_model=config.model)
-        backbone = build_backbone(start, dataset.num_classes)
-    else:
-        backbone = None
+def build_module(config: RunConfig, dataset: DatasetInfo, start: Start | None = None) -> ImageClassifier:
+    """The LightningModule of ``config`` for ``dataset``'s classes; started from weights (``start``,
+    ``run.start.FromWeights``), its network has them."""
+    backbone = build_backbone(start.weights, dataset.num_classes) if isinstance(start, FromWeights) else None
     module = ImageClassifier(config.group(NetworkOptions), config.group(OptimOptions), dataset, backbone=backbone)
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
     if config.compile:
@@ -172,7 +156,7 @@ class RunCallbacks:
 LAST_EVERY_S = 60.0
 
 
-def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ...] | list[str]) -> RunCallbacks:
+def build_callbacks(config: RunConfig, run_dir: Path, dataset: DatasetInfo) -> RunCallbacks:
     checkpoint_dir = run_dir / "checkpoints"
     best = NamedCheckpoint(
         dirpath=checkpoint_dir,
@@ -213,7 +197,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, class_names: tuple[str, ..
         periodic,
         LearningRateMonitor(),
         # Confusion matrices, per-class validation accuracy, misclassified test images.
-        Dashboards(class_names),
+        Dashboards(dataset),
         clock,
         *console,
         # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume on the same data.
@@ -234,9 +218,11 @@ def build_trainer(
     callbacks: list[Callback],
     root_dir: Path | None = None,
     progress_bar: bool = True,
+    resume: Resume | None = None,
 ) -> L.Trainer:
     """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
-    add its progress bar as the caller needs them.
+    add its progress bar as the caller needs them. ``resume``: the checkpoint a resumed run continues,
+    as ``run.start`` read it; Lightning is handed that read instead of reading the file again.
 
     Under SLURM it runs in Lightning's SLURM environment without Lightning's requeue handling
     (``auto_requeue=False``: on SIGUSR1 Lightning would write ``hpc_ckpt_N.ckpt`` into the working
@@ -256,7 +242,8 @@ def build_trainer(
         max_epochs=config.epochs,
         logger=logger,
         callbacks=callbacks,
-        plugins=[BackgroundCheckpointIO(AtomicCheckpointIO()), *cluster],
+        plugins=[BackgroundCheckpointIO(AtomicCheckpointIO(preloaded=(resume.path, resume.checkpoint) if resume else None)),
+                 *cluster],
         fast_dev_run=config.fast_dev_run,
         limit_train_batches=config.limit_train_batches,
         limit_val_batches=config.limit_val_batches,
@@ -290,20 +277,19 @@ class _NoHpcResume(_CheckpointConnector):
 
 @dataclass
 class Assembly:
-    datamodule: CIFAR10DataModule
+    datamodule: ImageDataModule
     module: ImageClassifier
     trainer: L.Trainer
     callbacks: RunCallbacks
 
 
-def build_data_and_module(config: RunConfig) -> tuple[CIFAR10DataModule, ImageClassifier]:
-    """The seeded DataModule and LightningModule: everything that can fail on bad input, no run files written
-    (the data is read, or downloaded, already when a fractional ``--limit-*-batches`` needs its size)."""
+def build_data_and_module(config: RunConfig, start: Start | None = None) -> tuple[ImageDataModule, ImageClassifier]:
+    """The seeded DataModule and LightningModule of a run that starts as ``start`` says (default:
+    new): everything that can fail on bad input, no run files written (the data is read, or
+    downloaded, already when a fractional ``--limit-*-batches`` needs its size)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
-    # TODO(lead): datamodule.dataset_info once the datasets seam lands everywhere.
-    dataset = getattr(datamodule, "dataset_info", None) or dataclasses.replace(CIFAR10, classes=tuple(datamodule.classes))
-    return datamodule, build_module(config, dataset)
+    return datamodule, build_module(config, datamodule.dataset_info, start)
 
 
 def build_run_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
@@ -317,17 +303,19 @@ def build(
     config: RunConfig,
     run_dir: Path,
     loggers: list[Logger] | None = None,
-    parts: tuple[CIFAR10DataModule, ImageClassifier] | None = None,
+    parts: tuple[ImageDataModule, ImageClassifier] | None = None,
+    start: Start | None = None,
 ) -> Assembly:
     """Everything a training run needs, writing into ``run_dir`` through ``loggers`` (default: the
-    run's own, :func:`build_run_loggers`).
+    run's own, :func:`build_run_loggers`), for a run that starts as ``start`` says (default: new).
 
     ``parts`` are what :func:`build_data_and_module` returned, when the caller built them first.
     """
-    datamodule, module = parts or build_data_and_module(config)
-    callbacks = build_callbacks(config, run_dir, datamodule.classes)
+    datamodule, module = parts or build_data_and_module(config, start)
+    callbacks = build_callbacks(config, run_dir, datamodule.dataset_info)
     has_bar = any(isinstance(callback, ThrottledProgressBar) for callback in callbacks.all)
     if loggers is None:
         loggers = build_run_loggers(config, run_dir)
-    trainer = build_trainer(config, logger=loggers, callbacks=callbacks.all, progress_bar=has_bar)
+    trainer = build_trainer(config, logger=loggers, callbacks=callbacks.all, progress_bar=has_bar,
+                            resume=start if isinstance(start, Resume) else None)
     return Assembly(datamodule, module, trainer, callbacks)

@@ -107,7 +107,7 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str,
     return {key.removeprefix(prefix): value for key, value in state_dict.items()}
 
 
-def _is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()
     )
@@ -117,11 +117,11 @@ def _course_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     """The model state dict that ``obj`` is, or that a tutorial-style training dict holds
     (``{"epoch": 3, "model_state_dict": ..., "optimizer_state_dict": ...}``); None otherwise,
     a Lightning checkpoint included (its "state_dict" is the LightningModule's, read above)."""
-    if _is_state_dict(obj):
+    if is_state_dict(obj):
         return obj
     if not isinstance(obj, dict) or any(key in obj for key in _LIGHTNING_KEYS):
         return None
-    return next((obj[key] for key in WRAPPER_KEYS if _is_state_dict(obj.get(key))), None)
+    return next((obj[key] for key in WRAPPER_KEYS if is_state_dict(obj.get(key))), None)
 
 
 def _not_a_checkpoint(path: Path, obj: Any) -> UserError:
@@ -171,7 +171,7 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None, peek: b
     path = Path(path)
     obj = read_checkpoint_file(path, peek=peek)
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
-    if isinstance(hparams, dict) and ("network" in hparams or "model_name" in hparams) and _is_state_dict(obj.get("state_dict")):
+    if isinstance(hparams, dict) and ("network" in hparams or "model_name" in hparams) and is_state_dict(obj.get("state_dict")):
         # A module wrapped by DDP ("module.") or torch.compile ("_orig_mod.") before Lightning saw
         # it puts those prefixes in front of "backbone."; ones inside it load_weights removes.
         state_dict = normalize_keys(obj["state_dict"])
@@ -210,22 +210,6 @@ def _described_by(saved: dict[str, Any]) -> dict[str, Any]:
     flat = {**network, **groups["optim"], "class_names": class_names, "dataset": dataset}
     return {"model_name": model_name, "num_classes": num_classes, "model_options": options,
             "hparams": {key: value for key, value in flat.items() if value is not None}}
-
-
-def check_training_checkpoint(checkpoint: Path) -> int:
-    """The number of epochs ``checkpoint`` has finished; a one-line UserError for a ``--resume`` file
-    that holds no training state to continue."""
-    contents = read_checkpoint_file(checkpoint, peek=True)  # Lightning reads it in full when resuming
-    if not (isinstance(contents, dict) and "pytorch-lightning_version" in contents and "state_dict" in contents):
-        what = "a plain state dict (torch.save(model.state_dict()))" if _is_state_dict(contents) else "not a training checkpoint of train.py"
-        raise UserError(
-            f"--resume {checkpoint}: this is {what}, which holds no training state to continue; "
-            f"start a new run from its weights with --weights {shlex.quote(str(checkpoint))}"
-        )
-    # Lightning counts an epoch "processed" once its batches are trained, before the end-of-epoch
-    # checkpoints are saved (and "completed" only after them); a mid-epoch save has not processed its own.
-    progress = contents.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    return int(progress.get("processed", 0))
 
 
 def build_backbone(contents: CheckpointContents, num_classes: int | None = None) -> nn.Module:

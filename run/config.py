@@ -148,7 +148,7 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
     if values["cache_dir"] is not None:
         check_name_lengths(values["cache_dir"], "--cache-dir", inside=RUN_FOLDER_INSIDE)
     # Names and headers only; a missing or empty folder is where the data will be downloaded.
-    check_data_dir(values["data_dir"], download=True)
+    check_data_dir(values["data_dir"], download=True, dataset=values["dataset"])
     return values
 
 

@@ -60,12 +60,17 @@ def peek(path: Path) -> Point:
     """The epochs and steps ``path`` was saved after (torch loads it memory-mapped)."""
     from run.checkpoints import read_checkpoint_file
 
-    contents = read_checkpoint_file(path, peek=True)
-    # Lightning's "epoch" is the one in progress at the save; its loop counts the epochs trained
-    # through ("processed"), as a resume does (run.checkpoints.check_training_checkpoint).
-    progress = contents.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    epochs = progress.get("processed", int(contents.get("epoch", -1)) + 1)
-    return Point(path, int(epochs), int(contents.get("global_step", 0)))
+    return progress_of(path, read_checkpoint_file(path, peek=True))
+
+
+def progress_of(path: Path, checkpoint: dict[str, Any]) -> Point:
+    """The epochs and steps of ``checkpoint``, a Lightning checkpoint as read from ``path``."""
+    # Lightning counts an epoch "processed" once its batches are trained, before the end-of-epoch
+    # checkpoints are saved (and "completed" only after them); a mid-epoch save has not processed
+    # its own. Its "epoch" is the one in progress at the save.
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs = progress.get("processed", int(checkpoint.get("epoch", -1)) + 1)
+    return Point(path, int(epochs), int(checkpoint.get("global_step", 0)))
 
 
 def record_final_test(run_dir: Path, last_step: int, epochs: int, best: str, best_epoch: int | None,
@@ -86,9 +91,10 @@ def final_test(run_dir: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def plan_resume(resume: Path) -> ResumePlan:
-    """What a resume from ``resume`` (a checkpoint in a run's ``checkpoints/``) does to the run."""
-    start = peek(resume)
+def plan_resume(resume: Path, start: Point | None = None) -> ResumePlan:
+    """What a resume from ``resume`` (a checkpoint in a run's ``checkpoints/``) does to the run;
+    ``start``: what ``resume`` holds, where its caller has read it already."""
+    start = start or peek(resume)
     # last.ckpt is where the run continues from after any stop, a crash too: never a rewind, even
     # where a later best.ckpt was written after it (last.ckpt is saved at most once a minute).
     later = [] if resume.name == LAST_NAME else sorted(
@@ -98,13 +104,13 @@ def plan_resume(resume: Path) -> ResumePlan:
     return ResumePlan(start, later)
 
 
-def check_resume(resume: Path, epochs: int, scheduler: str, rewind: bool) -> ResumePlan:
+def check_resume(resume: Path, epochs: int, scheduler: str, rewind: bool, start: Point | None = None) -> ResumePlan:
     """The resume of ``resume`` to ``epochs`` epochs (``scheduler``: the run's, which decides whether
     it can be extended), checked: refused in one line when it would rewind the run without
     ``rewind``, or rewind it where its best checkpoint cannot stay right; :class:`RunFinished`
     when there is nothing left to do."""
     run_dir = resume.parent.parent
-    plan = plan_resume(resume)
+    plan = plan_resume(resume, start)
     if plan.rewinds:
         _check_rewind(plan, run_dir, rewind)
         return plan
@@ -171,9 +177,10 @@ def _finished_message(run_dir: Path, start: Point, record: dict[str, Any], sched
     )
 
 
-def rewind(run_dir: Path, resume: Path) -> None:
-    """Before a ``--rewind`` resume trains: move the checkpoints after ``resume`` aside, and say so."""
-    plan = plan_resume(resume)
+def rewind(run_dir: Path, resume: Path, start: Point | None = None) -> None:
+    """Before a ``--rewind`` resume trains: move the checkpoints after ``resume`` (which holds
+    ``start``, where known) aside, and say so."""
+    plan = plan_resume(resume, start)
     if not plan.rewinds:
         return
     kept = set_aside(plan)

@@ -220,6 +220,7 @@ def dashboards_hint(run_dir: Path, names: Sequence[str]) -> str:
     hints = {
         "tensorboard": f"tensorboard --logdir {shlex.quote(str(run_dir))}",
         "csv": f"{run_dir / CSV_NAME}/version_*/metrics.csv",
-        "mlflow": f"mlflow ui --backend-store-uri {shlex.quote(mlflow_tracking_uri(run_dir))}",
+        # MLflow 3's server opens a file store only when allowed to (as the run itself is: mlflow_logger).
+        "mlflow": f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {shlex.quote(mlflow_tracking_uri(run_dir))}",
     }
     return "; ".join(hints[name] for name in names if name in hints) or "none"

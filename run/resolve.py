@@ -29,6 +29,7 @@ from run.config import (
 from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, find_resume
 from run.hardware import Machine, certainly_without_gpu
 from run.history import check_resume
+from run.start import NewRun, Start
 from run.paths import (
     RUN_FOLDER_INSIDE,
     check_checkpoint_file,
@@ -40,7 +41,13 @@ from run.paths import (
 
 
 def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> RunConfig:
-    """The run that ``config_file``'s options and the ``typed`` flags ask for, resolved and checked.
+    """The options of :func:`resolve_run`, without its start plan."""
+    return resolve_run(config_file, typed)[0]
+
+
+def resolve_run(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> tuple[RunConfig, Start]:
+    """The run that ``config_file``'s options and the ``typed`` flags ask for, resolved and checked,
+    and how it starts (``run.start``: new, from weights, resume; the file of either read here, once).
 
     A resume continues the run it names with that run's saved options, overlaid by the config
     file and the flags; options that may not change mid-run are refused in one line. A new run
@@ -64,15 +71,15 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
         if asked["weights"] is None:
             settled = settle(values)
             _check_outputs(settled, model_known=True)
-            return complete(settled)
+            return complete(settled), NewRun()
         # The network comes from the checkpoint, with its own options, whatever the flags say.
         _check_outputs(settle({**values, "identity_shortcut": False}), model_known=model is not None)
         weights = check_checkpoint_file(absolute_path(asked["weights"]), safetensors=True)
-        # torch loads here. Only the network's name and options are needed; build_module loads the weights.
-        from run.checkpoints import load_any_checkpoint
+        # torch loads here: the file is read once, for its network and the weights the module starts from.
+        from run.start import read_weights
 
-        start = load_any_checkpoint(weights, expected_model=model, peek=True)
-        return build_config(values, start.model_name, start.model_options)
+        start = read_weights(weights, expected_model=model)
+        return build_config(values, start.weights.model_name, start.weights.model_options), start
     run_dir = resume.parent.parent
     if asked["run_name"] not in (None, run_dir.name):
         raise UserError(
@@ -91,10 +98,11 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
     cpu_only = Machine() if settled["accelerator"] == "cpu" or certainly_without_gpu() else None
     _refuse_changes(run_dir, resume, changed_fixed_options(saved, settled, cpu_only))
     _check_outputs(settled)
-    # torch loads here.
-    from run.checkpoints import check_training_checkpoint
+    # torch loads here, and the checkpoint is read, the one time it is.
+    from run.start import read_resume
 
-    trained = check_training_checkpoint(resume)
+    start = read_resume(resume)
+    trained = start.point.epochs_done
     machine = Machine.probe()
     config = complete(settled, machine)
     _refuse_changes(run_dir, resume, changed_fixed_options(saved, dataclasses.asdict(config), machine))
@@ -104,11 +112,11 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
             f"further, or test it: python test.py --ckpt {shlex.quote(str(run_dir / 'checkpoints' / 'best.ckpt'))}"
         )
     # A resume from an earlier checkpoint goes back in time; one of a finished run has nothing to do.
-    check_resume(resume, config.epochs, config.scheduler, config.rewind)
+    check_resume(resume, config.epochs, config.scheduler, config.rewind, start.point)
     if "precision" not in typed and "precision" not in config_file and config.precision == saved["precision"]:
         # Kept from the run, not asked for now: the run's reason for it still holds.
         config = dataclasses.replace(config, precision_reason=saved["precision_reason"] or config.precision_reason)
-    return config
+    return config, start
 
 
 def _refuse_with_resume(asked: Mapping[str, Any]) -> None:

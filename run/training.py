@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import Interrupted, UserError, ctrl_c_raises
@@ -26,8 +25,9 @@ from callbacks.pictures import log_figure
 from callbacks.reliability import PreemptionCheckpoint, SameData, check_same_data, data_fingerprint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module
-from run.checkpoints import load_checkpoint, read_checkpoint_file
+from run.checkpoints import load_checkpoint
 from run.config import RunConfig, write_config
+from run.start import Resume, Start, plan_start
 from run.folder import (
     CONFIG_NAME,
     RESUMED_CONFIG_NAME,
@@ -44,7 +44,7 @@ from run.history import check_resumed_data, record_final_test, rewind
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
-from run.loggers import check_loggers, dashboards_hint, log_final_hparams, remember_mlflow_run
+from run.loggers import build_loggers, check_loggers, dashboards_hint, log_final_hparams, remember_mlflow_run
 
 
 
@@ -120,22 +120,29 @@ def describe(config: RunConfig) -> str:
 
 def find_lr_only(config: RunConfig) -> Path:
     """``--find-lr``: the range test alone, its plot and numbers in ``OUTPUT_DIR/MODEL/lr_find/version_N``."""
+    check_loggers(config.logger)
     print(f"learning-rate range test: {config.model}, {config.optimizer}, batch {config.batch_size}, rate from "
           f"{MIN_LR:g} to {MAX_LR:g} over {STEPS} steps", flush=True)
     finding = find_lr(config)
     folder = create_run_dir(config.output_dir / config.model, "lr_find", None)
     picture = finding.save(folder)
-    logger = TensorBoardLogger(save_dir=folder, name="", version="", default_hp_metric=False)
-    logger.experiment.add_figure("lr_find", finding.figure)
-    logger.finalize("success")
+    # The plot, to the loggers of --logger that take pictures (a CSV logger has no number to take).
+    takers = [name for name in config.logger if name != "csv"]
+    loggers = build_loggers(takers, folder, config.model)
+    log_figure(loggers, "lr_find", finding.figure, step=0)
+    for logger in loggers:
+        logger.finalize("success")
     print(finding.describe())
-    print(f"plot: {picture} (also in tensorboard --logdir {shlex.quote(str(folder))})")
+    print(f"plot: {picture}" + (f" (also in {dashboards_hint(folder, takers)})" if takers else ""))
     print(f"train with it: python train.py --lr {finding.suggestion:.3g} ..., or let train.py do both: --lr find")
     return folder
 
 
-def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
+def train(config: RunConfig, argv: list[str] | None = None, start: Start | None = None) -> RunOutcome:
     """Fit ``config``'s run, test its best checkpoint, record everything; returns the outcome.
+
+    ``start``: how the run starts, as ``run.resolve.resolve_run`` planned it (read here from
+    ``config.resume`` or ``config.weights`` when not given).
 
     Raises ``UserError`` for problems found on the way (before any heavy work where they can be
     known), ``SIGTERMException`` after saving ``last.ckpt`` on SIGTERM, ``Interrupted`` after
@@ -154,7 +161,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
                 # Refused at once when another process trains this run (DDP workers, the job's other
                 # SLURM tasks: rank 0 holds it).
                 held.enter_context(hold_run(config.resume.parent.parent))
-            return _train(config, argv, held)
+            return _train(config, argv, held, start or plan_start(config))
     except UserError as exc:
         # The job's other SLURM tasks may be waiting for task 0 to name the run folder: they stop
         # with this error rather than at their timeout. (Nothing to do in any other process.)
@@ -162,7 +169,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunOutcome:
         raise
 
 
-def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOutcome:
+def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: Start) -> RunOutcome:
     started = time.perf_counter()
     finding = None
     if config.lr == "find":
@@ -174,13 +181,12 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
     # Everything that can be checked before training is, and before the run folder exists: the
     # data (downloaded if need be; both splits read, so a missing test split is found now, not
     # after hours of training), the weights to start from, the output paths and free disk.
-    parts = build_data_and_module(config)
+    parts = build_data_and_module(config, start)
     check_outputs(config, parts[1])
     parts[0].prepare_data()
     parts[0].setup()
-    if config.resume is not None:
-        saved = read_checkpoint_file(config.resume, peek=True).get("callbacks", {}).get(SameData.__qualname__)
-        check_same_data(saved, data_fingerprint(parts[0]))
+    if isinstance(start, Resume):
+        check_same_data(start.saved_callback_state(SameData.__qualname__), data_fingerprint(parts[0]))
     run_dir, created = open_run_dir(config)
     if created:
         # A named run's folder may be another process's that has not saved a checkpoint yet: refused
@@ -189,7 +195,7 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
     # Under srun, SLURM task 0 tells the job's other tasks which folder this is (once it holds it).
     held.callback(withdraw_announcement, announce_run_dir(config.output_dir, run_dir, config.resume))
     try:
-        assembly = build(config, run_dir, parts=parts)
+        assembly = build(config, run_dir, parts=parts, start=start)
         trainer = assembly.trainer
         if trainer.is_global_zero:
             remember_mlflow_run(trainer.loggers, run_dir)  # a resume continues the same MLflow run
@@ -202,7 +208,7 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack) -> RunOut
             verb = f"resuming {run_dir} from {config.resume.name}" if config.resume else f"new run {run_dir}"
             print(f"{verb}: {describe(config)}", flush=True)
         if trainer.is_global_zero and config.rewind and config.resume is not None:
-            rewind(run_dir, config.resume)
+            rewind(run_dir, config.resume, start.point if isinstance(start, Resume) else None)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         fit_started = time.perf_counter()
         try:

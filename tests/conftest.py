@@ -95,7 +95,7 @@ class _SigtermAt(Callback):
     (counted from 1), as a cluster's preemption would; or, with ``during``, in the middle of
     something else: ``validation`` (after the first validation batch of epoch ``epoch``),
     ``sanity`` (after the first batch of the sanity check), ``test`` (after the first batch of
-    the final test), ``save`` (while the first checkpoint of epoch ``epoch`` is being saved)."""
+    the final test), ``save`` (while the first checkpoint from epoch ``epoch`` on is being saved)."""
 
     def __init__(self, step: int | None = None, epoch: int | None = None, during: str | None = None) -> None:
         if during not in (None, "validation", "sanity", "test", "save"):
@@ -123,7 +123,9 @@ class _SigtermAt(Callback):
             self._send_once()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if self.during == "save" and trainer.current_epoch + 1 == self.at_epoch:
+        # The first save from that epoch on: an epoch whose score did not improve saves nothing
+        # (last.ckpt is written at most once a minute), so the kill lands in the next save.
+        if self.during == "save" and trainer.current_epoch + 1 >= self.at_epoch:
             self._send_once()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

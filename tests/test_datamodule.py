@@ -375,7 +375,7 @@ def test_val_size_must_leave_training_images(tree: Path, cache: Path) -> None:
         {"batch_size": 0},
         {"eval_batch_size": 0},
         {"val_size": -1},
-        {"num_workers": -1},
+        {"workers": -1},
         {"train_limit": 0},
     ],
 )

@@ -173,7 +173,7 @@ def test_measured_mean_and_std_of_a_known_image_set(tmp_path):
     assert mean == pytest.approx((0.5, 0.2, levels.mean()), abs=1e-12)
     assert std == pytest.approx((0.5, 0.0, levels.std()), abs=1e-12)
     dm = ImageDataModule(tmp_path / "known", dataset="imagefolder", val_size=1, cache_dir=tmp_path / "cache",
-                         download=False, num_workers=0)
+                         download=False, workers=0)
     info = dm.dataset_info  # measured on the training split before setup
     assert info.name == "imagefolder" and info.classes == ("dark", "light")
     assert info.mean == pytest.approx((0.5, 0.2, levels.mean()))
@@ -190,7 +190,7 @@ def test_both_data_paths_normalise_with_the_data_sets_statistics(tmp_path):
     root = make_cifar100_python(tmp_path / "c100", 200, 100)
     for data_path in ("device", "loader"):
         dm = CIFAR10DataModule(root, dataset="cifar100", data_path=data_path, val_size=50, batch_size=200,
-                               eval_batch_size=100, download=False, num_workers=0)
+                               eval_batch_size=100, download=False, workers=0)
         dm.setup("test")
         images, _ = next(iter(dm.test_dataloader()))
         raw = dm.test_set.images.float() / 255
@@ -299,7 +299,9 @@ def test_a_100_class_confusion_matrix_is_a_bounded_heat_map(tmp_path):
 
 
 def _end_to_end(cli, tmp_path: Path, data: Path, dataset: str, classes: tuple[str, ...],
-                pictures: list[Path], trained_mean=None) -> None:
+                pictures: list[Path], trained_mean=None) -> Path:
+    """train.py on ``data`` as ``dataset``, then test.py, predict.py and export.py on its best.ckpt,
+    each giving ``classes``; returns best.ckpt (the caller removes the runs: checkpoints are large)."""
     runs = tmp_path / "runs"
     result = cli("train", "--dataset", dataset, "--data-dir", str(data), "--output-dir", str(runs),
                  "--cache-dir", str(tmp_path / "cache"), *TINY)
@@ -336,7 +338,7 @@ def _end_to_end(cli, tmp_path: Path, data: Path, dataset: str, classes: tuple[st
     assert json.loads(metadata["mean"]) == pytest.approx(list(info.mean))
     result = cli("predict", "--ckpt", str(exported), "--accelerator", "cpu", "--json", str(pictures[0]))
     assert result.code == 0 and json.loads(result.out)["class"] in classes, result.err
-    shutil.rmtree(runs, ignore_errors=True)  # checkpoints are large; pytest would keep them
+    return best
 
 
 @pytest.mark.slow
@@ -345,18 +347,13 @@ def test_a_20_class_image_folder_trains_tests_predicts_and_exports(cli, tmp_path
     train = read_split(tree, "train", dataset="imagefolder", cache_dir=tmp_path / "cache")
     mean, _ = sources.measure_stats(train.images)
     pictures = [tree / "test" / TWENTY[3] / "0000.png", tree / "test" / TWENTY[17] / "0001.png"]
-    _end_to_end(cli, tmp_path, tree, "imagefolder", TWENTY, pictures, trained_mean=mean)
-
+    best = _end_to_end(cli, tmp_path, tree, "imagefolder", TWENTY, pictures, trained_mean=mean)
     # The checkpoint's classes against a test set of other classes: one line, before any testing.
     other = make_class_tree(tmp_path / "other", TWENTY[:19] + ("stranger",), 1, 1)
-    runs = tmp_path / "runs2"
-    assert cli("train", "--dataset", "imagefolder", "--data-dir", str(tree), "--output-dir", str(runs),
-               "--cache-dir", str(tmp_path / "cache"), *TINY).code == 0
-    best = runs / "resnet50" / "version_0" / "checkpoints" / "best.ckpt"
     assert_one_line_error(cli("test", "--ckpt", str(best), "--data-dir", str(other), "--accelerator", "cpu",
                               "--workers", "0", "--cache-dir", str(tmp_path / "cache")),
                           "does not have the classes the checkpoint was trained on", "without kind_19", "with stranger")
-    shutil.rmtree(runs, ignore_errors=True)
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)  # checkpoints are large; pytest would keep them
 
 
 @pytest.mark.slow
@@ -368,3 +365,4 @@ def test_a_cifar100_python_archive_trains_tests_predicts_and_exports(cli, tmp_pa
         pictures.append(tmp_path / f"picture_{i}.png")
         Image.fromarray(images[i]).save(pictures[-1])
     _end_to_end(cli, tmp_path, root, "cifar100", CIFAR100.classes, pictures, trained_mean=CIFAR100.mean)
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)

@@ -58,7 +58,7 @@ def test_train_resume_test_on_the_gpu_and_the_checkpoint_loads_on_the_cpu(cli, g
 
 def test_device_data_path_builds_batches_on_the_gpu(tiny_data):
     datamodule = CIFAR10DataModule(tiny_data, batch_size=8, val_size=20, download=False, data_path="auto",
-                                   channels_last=True, device="cuda", num_workers=0)
+                                   channels_last=True, device="cuda", workers=0)
     datamodule.setup("fit")
     images, labels = next(iter(datamodule.train_dataloader()))
     assert images.is_cuda and labels.is_cuda and images.is_contiguous(memory_format=torch.channels_last)

@@ -52,7 +52,7 @@ def _loaders(datamodule: CIFAR10DataModule, rank: int, world_size: int) -> dict[
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_batches_per_process_is_every_process_loader_length(tiny_data, data_path, world_size):
     # 100 training, 20 validation and 50 test images: uneven shares under 3 processes, partial batches.
-    datamodule = CIFAR10DataModule(tiny_data, batch_size=7, eval_batch_size=6, val_size=20, num_workers=0,
+    datamodule = CIFAR10DataModule(tiny_data, batch_size=7, eval_batch_size=6, val_size=20, workers=0,
                                    data_path=data_path, download=False)
     datamodule.setup()
     for rank in range(world_size):

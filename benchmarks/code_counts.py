@@ -1,0 +1,147 @@
+"""How spread out the run configuration is: counts to compare two versions of this code.
+
+    python benchmarks/code_counts.py                # this checkout
+    python benchmarks/code_counts.py --root OTHER   # another checkout (a git worktree of an older commit)
+
+Prints, as JSON:
+
+- ``option_files``: for each option of train.py, the number of source files (the packages, not
+  tests/ or benchmarks/) that name it as an identifier; with the median and the maximum;
+- ``resume``: a tiny run of 1 epoch is trained, then continued with ``--resume last --epochs 2``
+  in this process, under ``sys.setprofile``: the project's source files whose functions that
+  resume calls (``files``), and how often the resumed checkpoint is read (``torch_loads``: calls
+  of ``torch.load`` on it, ``opens``: every ``open`` of it, headers included);
+- ``lines``: the lines of ``run/`` and ``cli/`` (all lines of their ``.py`` files).
+
+The data is a generated CIFAR-10 python archive of 60 images (never downloaded); everything is
+written under a temporary folder that is removed at the end. Runs on the CPU in about a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import json
+import os
+import pickle
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+PACKAGES = ("base", "models", "datamodules", "lit_modules", "callbacks", "run", "cli")
+# train.py's options as they were named before and after the schema (the flag names did not change).
+OPTIONS = (
+    "model", "identity_shortcut", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
+    "scheduler", "step_size", "gamma", "label_smoothing", "ema_decay", "tta", "data_dir", "eval_batch_size",
+    "data_path", "workers", "cache_dir", "val_size", "train_limit", "accelerator", "devices", "precision",
+    "channels_last", "compile", "num_nodes", "strategy", "output_dir", "run_name", "seed", "resume", "rewind",
+    "weights", "checkpoint_every", "results_json", "time_to_accuracy", "log_every_n_steps", "requeue_signal",
+    "find_lr", "fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches",
+)
+
+
+def sources(root: Path) -> list[Path]:
+    return sorted(path for package in PACKAGES for path in (root / package).rglob("*.py"))
+
+
+def option_files(root: Path) -> dict[str, int]:
+    texts = [path.read_text(encoding="utf-8") for path in sources(root)]
+    return {name: sum(bool(re.search(rf"\b{name}\b", text)) for text in texts) for name in OPTIONS}
+
+
+def lines(root: Path) -> dict[str, int]:
+    return {package: sum(len(p.read_text(encoding="utf-8").splitlines()) for p in (root / package).rglob("*.py"))
+            for package in ("run", "cli")}
+
+
+def write_tiny_cifar10(folder: Path, train: int = 50, test: int = 10) -> None:
+    """torchvision's CIFAR-10 python layout, random pixels: what the DataModule reads without a download."""
+    import numpy as np
+
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> dict:
+        return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)],
+                b"filenames": [f"{i}.png".encode() for i in range(n)]}
+
+    sizes = [train // 5] * 5
+    for i, n in enumerate(sizes, start=1):
+        (batches / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n)))
+    (batches / "test_batch").write_bytes(pickle.dumps(batch(test)))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    (batches / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+
+
+def traced_resume(root: Path, work: Path) -> dict:
+    sys.path.insert(0, str(root))
+    os.chdir(root)
+    import torch
+
+    from cli.train import main
+
+    data, runs = work / "data", work / "runs"
+    write_tiny_cifar10(data)
+    common = ["--model", "vgg16", "--accelerator", "cpu", "--precision", "32-true", "--workers", "0",
+              "--batch-size", "10", "--val-size", "10", "--data-dir", str(data), "--output-dir", str(runs),
+              "--cache-dir", str(work / "cache")]
+    assert main([*common, "--epochs", "1"]) == 0
+    checkpoint = next(runs.rglob("last.ckpt")).resolve()
+    files: set[str] = set()
+    counts = {"torch_loads": 0, "opens": 0}
+    real_load, real_open = torch.load, builtins.open
+
+    def is_checkpoint(target: object) -> bool:
+        try:
+            return Path(os.fspath(target)).resolve() == checkpoint  # type: ignore[arg-type]
+        except TypeError:
+            return False
+
+    def counting_load(f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        counts["torch_loads"] += is_checkpoint(f)
+        return real_load(f, *args, **kwargs)
+
+    def counting_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        counts["opens"] += is_checkpoint(file)
+        return real_open(file, *args, **kwargs)
+
+    prefix = str(root) + os.sep
+
+    def profile(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "call":
+            name = frame.f_code.co_filename
+            if name.startswith(prefix) and name[len(prefix):].split(os.sep)[0] in PACKAGES:
+                files.add(name[len(prefix):])
+
+    torch.load, builtins.open = counting_load, counting_open
+    sys.setprofile(profile)
+    try:
+        code = main([*common, "--epochs", "2", "--resume", "last"])
+    finally:
+        sys.setprofile(None)
+        torch.load, builtins.open = real_load, real_open
+    assert code == 0
+    return {"files": len(files), "file_list": sorted(files), **counts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="the checkout to count")
+    args = parser.parse_args()
+    root = args.root.resolve()
+    per_option = option_files(root)
+    with tempfile.TemporaryDirectory() as work:
+        resume = traced_resume(root, Path(work))
+    print(json.dumps({
+        "root": str(root),
+        "option_files": {"median": statistics.median(per_option.values()), "max": max(per_option.values()),
+                         "per_option": per_option},
+        "resume": resume,
+        "lines": lines(root),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
