@@ -15,7 +15,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """One data set: ``name`` (a ``base.options.DATASETS`` value), ``classes`` in label order (label
+    """One data set: ``name`` (a ``--dataset`` name: ``datamodules.datasets.CATALOG``), ``classes`` in label order (label
     i is ``classes[i]``), and the per-channel ``mean`` and ``std`` (RGB, of pixels scaled to [0, 1])
     that images are normalised with, ``(x - mean) / std``.
 

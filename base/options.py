@@ -11,9 +11,6 @@ SCHEDULERS = ("step", "cosine", "onecycle", "none")
 # Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
 TTA_MODES = ("none", "flip")
 DATA_PATHS = ("auto", "device", "loader")
-# What --data-dir holds: CIFAR-10 (python archive or image folders of its ten classes), CIFAR-100 in
-# torchvision's python format, or any image-folder tree or .tar.gz of N classes named by its folders.
-DATASETS = ("cifar10", "cifar100", "imagefolder")
 # Where a run's curves and pictures go; tensorboard is always available, mlflow is an optional extra.
 LOGGERS = ("tensorboard", "csv", "mlflow")
 # Lightning strategies this project runs and tests: auto (one process, or DDP over several devices)

@@ -32,7 +32,6 @@ from base.errors import UserError
 from base.options import (
     ACCELERATORS,
     DATA_PATHS,
-    DATASETS,
     DEVICES_HELP,
     OPTIMIZERS,
     PRECISION_HELP,

@@ -5,8 +5,10 @@
 
 Prints, as JSON:
 
-- ``option_files``: for each option of train.py, the number of source files (the packages, not
-  tests/ or benchmarks/) that name it as an identifier; with the median and the maximum;
+- ``option_files_restating`` / ``option_files_naming``: for each option of train.py, the number
+  of source files (the packages, not tests/ or benchmarks/) that restate it (declare it as a
+  field, parameter or keyword, spell it as a key or a flag) / that name it at all; with the
+  median, the maximum and the sum over the options;
 - ``resume``: a tiny run of 1 epoch is trained, then continued with ``--resume last --epochs 2``
   in this process, under ``sys.setprofile``: the project's source files whose functions that
   resume calls (``files``), and how often the resumed checkpoint is read (``torch_loads``: calls
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import json
 import os
 import pickle
@@ -45,9 +48,19 @@ def sources(root: Path) -> list[Path]:
     return sorted(path for package in PACKAGES for path in (root / package).rglob("*.py"))
 
 
-def option_files(root: Path) -> dict[str, int]:
+def option_files(root: Path, restated: bool) -> dict[str, int]:
+    """Per option, the source files that name it (``restated=False``: as any identifier) or that
+    restate it (``True``: declare it as a field, parameter or keyword ``name:`` / ``name=``, spell it
+    as a key ``"name"``, or as its flag ``--name``), where a use such as ``config.name`` is not one."""
     texts = [path.read_text(encoding="utf-8") for path in sources(root)]
-    return {name: sum(bool(re.search(rf"\b{name}\b", text)) for text in texts) for name in OPTIONS}
+
+    def pattern(name: str) -> str:
+        if not restated:
+            return rf"\b{name}\b"
+        flag = "--" + name.replace("_", "-")
+        return rf"(?<![.\w]){name}\s*(:|=(?!=))|[\"']{name}[\"']|{re.escape(flag)}\b"
+
+    return {name: sum(bool(re.search(pattern(name), text)) for text in texts) for name in OPTIONS}
 
 
 def lines(root: Path) -> dict[str, int]:
@@ -87,13 +100,18 @@ def traced_resume(root: Path, work: Path) -> dict:
     common = ["--model", "vgg16", "--accelerator", "cpu", "--precision", "32-true", "--workers", "0",
               "--batch-size", "10", "--val-size", "10", "--data-dir", str(data), "--output-dir", str(runs),
               "--cache-dir", str(work / "cache")]
-    assert main([*common, "--epochs", "1"]) == 0
+    # The runs' own output goes to stderr: stdout is the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        assert main([*common, "--epochs", "1"]) == 0
     checkpoint = next(runs.rglob("last.ckpt")).resolve()
     files: set[str] = set()
     counts = {"torch_loads": 0, "opens": 0}
     real_load, real_open = torch.load, builtins.open
 
     def is_checkpoint(target: object) -> bool:
+        # A path, or a file object opened on one (Lightning hands torch.load an fsspec file).
+        if not isinstance(target, (str, os.PathLike)):
+            target = getattr(target, "path", None) or getattr(target, "name", None) or target
         try:
             return Path(os.fspath(target)).resolve() == checkpoint  # type: ignore[arg-type]
         except TypeError:
@@ -118,7 +136,8 @@ def traced_resume(root: Path, work: Path) -> dict:
     torch.load, builtins.open = counting_load, counting_open
     sys.setprofile(profile)
     try:
-        code = main([*common, "--epochs", "2", "--resume", "last"])
+        with contextlib.redirect_stdout(sys.stderr):
+            code = main([*common, "--epochs", "2", "--resume", "last"])
     finally:
         sys.setprofile(None)
         torch.load, builtins.open = real_load, real_open
@@ -131,13 +150,18 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="the checkout to count")
     args = parser.parse_args()
     root = args.root.resolve()
-    per_option = option_files(root)
+    named, restated = option_files(root, restated=False), option_files(root, restated=True)
     with tempfile.TemporaryDirectory() as work:
         resume = traced_resume(root, Path(work))
+
+    def summary(counts: dict[str, int]) -> dict:
+        return {"median": statistics.median(counts.values()), "max": max(counts.values()), "total": sum(counts.values()),
+                "per_option": counts}
+
     print(json.dumps({
         "root": str(root),
-        "option_files": {"median": statistics.median(per_option.values()), "max": max(per_option.values()),
-                         "per_option": per_option},
+        "option_files_restating": summary(restated),
+        "option_files_naming": summary(named),
         "resume": resume,
         "lines": lines(root),
     }, indent=2))

@@ -17,7 +17,6 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from base.errors import Interrupted, UserError
-from base.options import DATASETS
 from base.values import (  # noqa: F401  (the flag types, for the entry points)
     batch_limit,
     learning_rate,
@@ -151,7 +150,9 @@ def catalog_choices(catalog: str) -> Sequence[str]:
         from models.catalog import MODEL_NAMES
 
         return MODEL_NAMES
-    return DATASETS
+    from datamodules.datasets import CATALOG
+
+    return tuple(CATALOG)
 
 
 def add_options(

@@ -16,6 +16,7 @@ from base.datasets import CIFAR10, DatasetInfo
 from base.options import OPTIMIZERS, SCHEDULERS, TTA_MODES
 from base.schema import NetworkOptions, OptimOptions, group_values, hparams_of, plain
 from models import build_model
+from models.catalog import entry
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -206,9 +207,9 @@ class ImageClassifier(L.LightningModule):
 
 
 def network_options(network: NetworkOptions) -> dict[str, Any]:
-    """The keyword options of ``models.build_model`` that ``network`` sets (the course's network
-    takes none: an identity shortcut is the one option, of resnet50 only)."""
-    return {"identity_shortcut": True} if network.identity_shortcut else {}
+    """The factory keywords of ``network``'s catalog entry that its options set (resnet50's
+    ``identity_shortcut``); the course's defaults are left out, so a course network takes none."""
+    return {name: True for name in entry(network.model).options if getattr(network, name, False)}
 
 
 def _as_group(group: type, values: Any) -> Any:

@@ -29,7 +29,8 @@ from base.yamlfile import read_mapping
 from base.schema import DEFAULTS, FIELDS, GROUPS, flatten_sections, group_values, option_of, plain, shown
 from base.values import logger_list
 from datamodules.layout import check_data_dir
-from models.catalog import COURSE_EPOCHS, entry
+from models.catalog import CATALOG, entry
+from run.loggers import check_loggers
 from run.hardware import Hardware, Machine, check_hardware_request, resolve_hardware, use_channels_last
 from run.paths import RUN_FOLDER_INSIDE, check_name_lengths
 
@@ -132,12 +133,14 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
     if model is not None:
         values["model"] = model
         values["identity_shortcut"] = bool((model_options or {}).get("identity_shortcut", False))
-    if values["identity_shortcut"] and values["model"] != "resnet50":
-        raise UserError("--identity-shortcut applies to resnet50 only")
-    entry(values["model"])  # an unknown name (a config file's) is refused with the choices
-    values["epochs"] = values["epochs"] or COURSE_EPOCHS[values["model"]]
+    network = entry(values["model"])  # an unknown name (a config file's) is refused with the choices
+    if values["identity_shortcut"] and "identity_shortcut" not in network.options:
+        takers = ", ".join(name for name, other in CATALOG.items() if "identity_shortcut" in other.options)
+        raise UserError(f"--identity-shortcut applies to {takers} only, not {network.name}")
+    values["epochs"] = values["epochs"] or network.course_epochs
     # A YAML list, a saved "tensorboard,csv" or the flag's tuple: one form.
     values["logger"] = logger_list(values["logger"]) if isinstance(values["logger"], str) else tuple(values["logger"])
+    check_loggers(values["logger"])  # --logger mlflow without MLflow installed: refused with the flags
     for name in LIMITS:
         values[name] = _limit(values[name])
     if values["run_name"] is not None:

@@ -9,7 +9,8 @@ import pytest
 
 from cli.train import build_train_parser, parse_run_config
 from base.errors import UserError
-from run.config import COURSE_EPOCHS, DEFAULTS, RunConfig
+from models.catalog import COURSE_EPOCHS
+from run.config import DEFAULTS, RunConfig
 from run.hardware import Machine, cpu_has_native_bf16, resolve_hardware
 
 CPU = ["--accelerator", "cpu"]

@@ -267,7 +267,10 @@ def _flip_logits(ckpt: Path, images: torch.Tensor) -> torch.Tensor:
 
     contents = load_checkpoint(ckpt)
     assert contents.hparams["tta"] == "flip"
-    module = ImageClassifier(contents.model_name, backbone=build_backbone(contents), tta="flip").eval()
+    from base.schema import NetworkOptions
+
+    network = NetworkOptions(model=contents.model_name, tta="flip", **contents.model_options)
+    module = ImageClassifier(network, backbone=build_backbone(contents)).eval()
     with torch.inference_mode():
         return module._eval_logits(images)
 
