@@ -3,8 +3,9 @@ and file headers only.
 
 Supported layouts:
 
-* torchvision's python archive of CIFAR-10 or CIFAR-100: a folder holding ``cifar-10-batches-py/``
-  or ``cifar-100-python/`` (what torchvision's download leaves behind), or that folder itself;
+* torchvision's python archive of a catalogued data set (``datamodules.datasets``: CIFAR-10,
+  CIFAR-100, any registered one): a folder holding its folder (``cifar-10-batches-py/``,
+  ``cifar-100-python/``: what torchvision's download leaves behind), or that folder itself;
 * an image-folder tree ``train/<class>/*`` and ``test/<class>/*``, at ``data_dir`` or in the one
   sub-folder of ``data_dir`` that holds such a tree;
 * a ``.tar.gz`` / ``.tgz`` / ``.tar`` of such a tree (optionally under one top-level folder), or a
@@ -27,7 +28,7 @@ from base.datasets import CIFAR10
 from base.errors import UserError
 from base.files import printable
 from base.options import IMAGE_SUFFIXES
-from datamodules.datasets import CIFAR10_PYTHON, PYTHON_ARCHIVES, Dataset, PythonArchive, dataset_of
+from datamodules.datasets import CIFAR10_PYTHON, Dataset, PythonArchive, dataset_of, python_archives
 from datamodules.datasets import dataset as catalog_entry
 
 # CIFAR-10's classes in label order (base.datasets.CIFAR10), kept here for the modules that import them.
@@ -48,12 +49,7 @@ LAYOUTS = (
     "an image-folder tree (train/<class>/*, test/<class>/*), a .tar.gz of one, "
     "or a folder holding cifar-10-batches-py"
 )
-# What each --dataset reads, for the messages that say where to point --data-dir.
-_LAYOUTS_OF = {
-    "cifar10": LAYOUTS,
-    "cifar100": "a folder holding cifar-100-python (torchvision's python format: train, test and meta)",
-    "imagefolder": "an image-folder tree (train/<class>/*, test/<class>/*, at least 2 classes) or a .tar.gz of one",
-}
+_TREE = "an image-folder tree (train/<class>/*, test/<class>/*)"
 # How many class names a message lists before "...".
 _SHOWN_NAMES = 8
 
@@ -78,8 +74,21 @@ def _title(dataset: str | None) -> str:
 
 
 def layouts(dataset: str | None) -> str:
-    """The layouts ``--dataset dataset`` reads, as a message names them."""
-    return _LAYOUTS_OF[dataset] if dataset is not None else LAYOUTS
+    """The layouts ``--dataset dataset`` (None: any) reads, as a message names them, from its catalog
+    entry: its python folder and the files in it, and whether a tree (or .tar.gz of one) is read."""
+    if dataset is None:
+        return LAYOUTS
+    entry = catalog_entry(dataset)
+    if entry.python is None:
+        if entry.info is None:
+            return "an image-folder tree (train/<class>/*, test/<class>/*, at least 2 classes) or a .tar.gz of one"
+        return f"{_TREE} or a .tar.gz of one"
+    held = f"a folder holding {entry.python.folder}"
+    if entry.reads_folders:
+        return f"{_TREE}, a .tar.gz of one, or {held}"
+    *first, last = entry.python.required
+    files = f"{', '.join(first)} and {last}" if first else last
+    return f"{held} (torchvision's python format: {files})"
 
 
 def describe_source(data_dir: str | Path, dataset: str | None = None) -> str:
@@ -89,8 +98,7 @@ def describe_source(data_dir: str | Path, dataset: str | None = None) -> str:
         return f"no data yet at {data_dir}"
     if source.kind == "python":
         assert source.python is not None
-        title = "CIFAR-100" if source.python.folder != PYTHON_FOLDER else "CIFAR-10"
-        return f"{title} python archive {source.path}"
+        return f"{dataset_of(source.python).title} python archive {source.path}"
     label = {"folder": "image-folder tree", "archive": "image-folder archive"}[source.kind]
     return f"{label} {source.path}"
 
@@ -101,7 +109,8 @@ def check_data_dir(data_dir: str | Path, download: bool, dataset: str | None = N
 
     Only looks at folder names and file headers, so it is cheap enough to run before building
     models. A missing or empty folder is fine when ``download`` is set and the data set can be
-    downloaded (CIFAR-10, CIFAR-100): it will be fetched. An image-folder tree's class folders
+    downloaded (its entry names a torchvision downloader: CIFAR-10, CIFAR-100): it will be fetched;
+    otherwise it is a UserError naming the folder and the layouts read. An image-folder tree's class folders
     are checked too (both splits the same classes, see :func:`folder_classes`); an archive's are
     checked when it is read.
     """
@@ -109,14 +118,14 @@ def check_data_dir(data_dir: str | Path, download: bool, dataset: str | None = N
     source = detect(path, dataset)
     entry = _entry(dataset)
     if source is None:
-        if not download or (entry is not None and entry.python is None):
+        if not download or (entry is not None and not entry.downloadable):
             raise missing_data_error(path, dataset)
         return
     if source.kind == "archive" and not looks_like_tar(source.path):
         raise corrupt_archive_error(source.path, "not a tar archive")
     if source.kind == "python":
         assert source.python is not None
-        for name in (*source.python.files, source.python.meta) if source.python is not CIFAR10_PYTHON else ALL_BATCHES:
+        for name in source.python.required:
             if not (source.path / name).is_file():
                 raise missing_batch_error(source.path / name, source.python)
     if source.kind == "folder" and entry is not None and entry.info is None:
@@ -155,10 +164,10 @@ def detect(path: Path, dataset: str | None = None) -> Source | None:
     children = [c for c in path.iterdir() if not is_hidden(c.name)]
     if not children:
         return None
-    own = _python_format(path)
+    own = _python_format(path, entry.python if entry is not None else None)
     if own is not None:
         return _checked(Source("python", path.resolve(), own), entry)
-    wanted = PYTHON_ARCHIVES if entry is None else (entry.python,) if entry.python else PYTHON_ARCHIVES
+    wanted = (entry.python,) if entry is not None and entry.python is not None else python_archives()
     for python in wanted:
         if (path / python.folder).is_dir():
             return _checked(Source("python", (path / python.folder).resolve(), python), entry)
@@ -166,7 +175,9 @@ def detect(path: Path, dataset: str | None = None) -> Source | None:
         return None  # only other data sets' archives here: this one is downloaded beside them
     if is_tree(path):
         return _checked(Source("folder", path.resolve()), entry)
-    if any(c.name in CLASS_INDEX for c in children):
+    # Class folder names that say --data-dir points too deep: the data set's own, or CIFAR-10's.
+    named = set(CLASSES if entry is None or entry.info is None else entry.info.classes)
+    if any(c.name in named for c in children):
         raise UserError(
             f"{path} holds class folders directly, one level too deep: pass --data-dir pointing "
             f"at its parent {path.resolve().parent}, which must hold train/ and test/"
@@ -185,7 +196,7 @@ def detect(path: Path, dataset: str | None = None) -> Source | None:
     if len(archives) > 1:
         names = ", ".join(sorted(a.name for a in archives))
         raise UserError(f"{path} holds several archives ({names}): pass --data-dir pointing at one")
-    if path.resolve().name in CLASS_INDEX and path.resolve().parent.name in SPLITS:
+    if path.resolve().name in named and path.resolve().parent.name in SPLITS:
         raise UserError(
             f"{path} is a class folder, two levels too deep: pass --data-dir pointing at "
             f"{path.resolve().parent.parent}, which must hold train/ and test/"
@@ -198,21 +209,26 @@ def detect(path: Path, dataset: str | None = None) -> Source | None:
     raise UserError(f"no {title} data found in {path}: pass --data-dir pointing at {layouts(dataset)}")
 
 
-def _python_format(path: Path) -> PythonArchive | None:
-    """The python archive format ``path`` itself is, by its name or by the batch files in it."""
-    for python in PYTHON_ARCHIVES:
+def _python_format(path: Path, prefer: PythonArchive | None = None) -> PythonArchive | None:
+    """The python archive format ``path`` itself is, by its name or by the batch files in it
+    (``prefer``, the wanted data set's, is tried first: formats may share file names)."""
+    formats = python_archives()
+    if prefer is not None:
+        formats = (prefer, *(python for python in formats if python is not prefer))
+    for python in formats:
         if path.name == python.folder:
             return python
-    if any((path / name).is_file() for name in ALL_BATCHES):
-        return CIFAR10_PYTHON
-    other = [python for python in PYTHON_ARCHIVES if python is not CIFAR10_PYTHON]
-    # CIFAR-100's files are called train, test and meta: files, where a tree has train/ and test/ folders.
-    return next((python for python in other if (path / python.meta).is_file() and (path / "train").is_file()), None)
+    for python in formats:
+        # A renamed folder. Where meta is read, it must be there too: CIFAR-100's batches are called
+        # train and test, files, where a tree has train/ and test/ folders.
+        if any((path / name).is_file() for name in python.files) and (not python.checks_meta or (path / python.meta).is_file()):
+            return python
+    return None
 
 
 def _other_python(child: Path, wanted: PythonArchive) -> bool:
     """Whether ``child`` is another data set's python archive folder, or the tarball it came from."""
-    return any(child.name in (python.folder, python.tarball) for python in PYTHON_ARCHIVES if python is not wanted)
+    return any(child.name in (python.folder, python.tarball) for python in python_archives() if python is not wanted)
 
 
 def _checked(source: Source, entry: Dataset | None) -> Source:
@@ -246,6 +262,7 @@ def find_nested_source(path: Path, max_depth: int = 3, max_folders: int = 200) -
     """
     queue = [(path, 0)]
     visited = 0
+    python_folders = {python.folder for python in python_archives()}
     while queue and visited < max_folders:
         folder, depth = queue.pop(0)
         visited += 1
@@ -254,8 +271,8 @@ def find_nested_source(path: Path, max_depth: int = 3, max_folders: int = 200) -
         except OSError:
             continue
         for child in children:
-            if child.is_dir() and (is_tree(child) or child.name == PYTHON_FOLDER):
-                return child if child.name != PYTHON_FOLDER else folder
+            if child.is_dir() and (is_tree(child) or child.name in python_folders):
+                return child if child.name not in python_folders else folder
             if child.is_file() and is_archive_name(child):
                 return child
             if child.is_dir() and depth + 1 < max_depth:
@@ -336,8 +353,9 @@ def looks_like_tar(path: Path) -> bool:
 
 
 def missing_data_error(path: Path, dataset: str | None = None) -> UserError:
+    """No data of ``dataset`` at ``path``: where to point --data-dir, and downloading where it can be."""
     entry = _entry(dataset)
-    if entry is not None and entry.python is None:  # nothing to download an image-folder tree from
+    if entry is not None and not entry.downloadable:  # no torchvision downloader: it must be copied there
         return UserError(f"no {entry.title} data at {path}: pass --data-dir pointing at {layouts(dataset)}")
     return UserError(
         f"no {_title(dataset)} data at {path}: pass --data-dir pointing at {layouts(dataset)}, or enable downloading"
@@ -355,6 +373,10 @@ BATCH_FIX = "re-extract cifar-10-python.tar.gz there, or delete the folder to do
 
 def batch_fix(python: PythonArchive = CIFAR10_PYTHON) -> str:
     """How to repair a damaged python archive folder of format ``python``."""
+    if python.tarball is None:
+        return f"copy a complete {python.folder} folder there"
+    if python.torchvision is None:
+        return f"re-extract {python.tarball} there"
     return f"re-extract {python.tarball} there, or delete the folder to download it again"
 
 

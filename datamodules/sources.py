@@ -1,6 +1,6 @@
 """Read a data set from disk, whichever of the supported layouts (``layout``) ``data_dir`` holds:
-CIFAR-10 or CIFAR-100 in torchvision's python format, or an image-folder tree or archive of any
-N classes (``--dataset``, see ``datamodules.datasets``).
+a catalogued data set in torchvision's python format (CIFAR-10, CIFAR-100, any registered one),
+or an image-folder tree or archive of any N classes (``--dataset``, see ``datamodules.datasets``).
 
 Archive members are read straight from the archive.
 
@@ -34,10 +34,9 @@ from torchvision.datasets import utils as tv_utils
 from base.errors import UserError
 from base.files import atomic_write, printable
 from base.options import IMAGE_SUFFIXES
-from datamodules.datasets import CIFAR10_PYTHON, PYTHON_ARCHIVES, PythonArchive, dataset_of
+from datamodules.datasets import CIFAR10_PYTHON, PythonArchive, dataset_of, python_archives
 from datamodules.datasets import dataset as catalog_entry
 from datamodules.layout import (
-    CLASS_INDEX,
     CLASSES,
     SPLITS,
     Source,
@@ -83,14 +82,16 @@ def default_cache_dir() -> Path:
 
 def ensure_downloaded(data_dir: str | Path, dataset: str = "cifar10") -> None:
     """Fetch the data set's python archive into ``data_dir`` if that folder holds none yet (is
-    missing, empty, or holds only other data sets' archives). An image-folder data set cannot be
-    downloaded: its absence is a UserError."""
+    missing, empty, or holds only other data sets' archives). A data set without a torchvision
+    downloader in its entry (an image-folder one, a registered archive) cannot be downloaded: its
+    absence is a UserError naming the folder and the layouts read, and nothing is fetched."""
     path = Path(data_dir)
     if detect(path, dataset) is not None:
         return
     entry = catalog_entry(dataset)
-    if entry.python is None:
+    if not entry.downloadable:
         raise missing_data_error(path, dataset)
+    assert entry.python is not None and entry.python.torchvision is not None  # downloadable says so
     # What CIFAR10(root, download=True) (or CIFAR100) does, minus loading the arrays: fetch the
     # official tarball, check its md5 and extract the python folder into data_dir.
     official = getattr(tv_datasets, entry.python.torchvision)
@@ -131,7 +132,8 @@ def read_split(
 ) -> SplitData:
     """One split of the data set ``dataset`` (a ``--dataset`` name) at ``data_dir``, with its class names.
 
-    ``download`` fetches the official archive (CIFAR-10, CIFAR-100) when ``data_dir`` holds none.
+    ``download`` fetches the official archive (a data set with a torchvision downloader: CIFAR-10,
+    CIFAR-100) when ``data_dir`` holds none.
     Image files are decoded once and cached in ``cache_dir`` (default: ``default_cache_dir()``).
     Raises UserError for data that is missing, damaged or not of that data set.
     """
@@ -208,15 +210,16 @@ def _read_python_split(
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """(images uint8 N,32,32,3, labels int64 N, class names) of one split of a python archive folder.
 
-    The class names are the data set's (``base.datasets``); CIFAR-100's meta file must list the same
-    ones, since its labels index them. Read with pickle rather than torchvision.datasets: torchvision
+    The class names are the data set's (its catalog entry's ``info``); where the format reads its
+    meta file (``checks_meta``: CIFAR-100, not CIFAR-10) it must list the same ones, since the
+    labels index them. Read with pickle rather than torchvision.datasets: torchvision
     checks the md5 of every batch file, so it rejects any copy that is not byte-identical to the
     official one.
     """
     info = dataset_of(python).info
     assert info is not None  # every python archive is of a data set with fixed classes
-    if python is not CIFAR10_PYTHON:
-        # CIFAR-10's batches.meta is not needed (its label order is fixed); CIFAR-100's is read to
+    if python.checks_meta:
+        # CIFAR-10's batches.meta is not needed (its label order is fixed); the others' are read to
         # check that the labels mean what the class names say.
         _check_meta_names(folder / python.meta, python, info.classes)
     images, labels = [], []
@@ -579,13 +582,13 @@ def _decode_folder(
 def _decode_archive(
     archive: Path, split: Split, dataset: str = "cifar10"
 ) -> tuple[np.ndarray, np.ndarray, list[str], tuple[str, ...]]:
+    info = catalog_entry(dataset).info
     try:
-        named, left_out, found = _archive_images(archive, split, catalog_entry(dataset).info is not None)
+        named, left_out, found = _archive_images(archive, split, info.classes if info is not None else None)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise corrupt_archive_error(archive, exc) from exc
     if not named:
         raise corrupt_archive_error(archive, f"no images under {split}/<class>/")
-    info = catalog_entry(dataset).info
     classes = info.classes if info is not None else resolve_classes(found["train"], found["test"], str(archive))
     index = {name: i for i, name in enumerate(classes)}
     files = [(index[folder], name, shown, data) for folder, name, shown, data in named]
@@ -633,15 +636,15 @@ class _Link:
 
 
 def _archive_images(
-    archive: Path, split: Split, fixed_classes: bool = True
+    archive: Path, split: Split, fixed_classes: tuple[str, ...] | None = CLASSES
 ) -> tuple[list[tuple[str, str, str, bytes]], list[str], dict[str, set[str]]]:
     """(class folder, path within the class folder, name for errors, bytes) of the split's images,
     the members left out (not images by name, or beside the class folders), and the class folders
     of both splits (``{"train": {...}, "test": {...}}``: every folder below a split folder that is
     a member or holds one), which the caller orders into labels.
 
-    ``fixed_classes``: the data set has CIFAR-10's classes, and an image in any other folder is
-    refused; otherwise every folder below the split folder is a class.
+    ``fixed_classes``: the data set's fixed class names (CIFAR-10's by default), and an image in any
+    other folder is refused; None: every folder below the split folder is a class.
 
     Read front to back (stream mode, the fast path for gzip). Hard links (``tar`` stores every
     further name of a hard-linked file so) and symbolic links are images like the files they
@@ -654,7 +657,7 @@ def _archive_images(
     kept: dict[str, bytes] = {}
     links: list[_Link] = []
     found: dict[str, set[str]] = {name: set() for name in SPLITS}
-    python_folders = {python.folder for python in PYTHON_ARCHIVES}
+    python_folders = {python.folder for python in python_archives()}
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
             parts = _member_parts(member.name)
@@ -692,11 +695,11 @@ def _archive_images(
             if len(rest) == 2:  # beside the class folders
                 left_out.append(shown)
                 continue
-            if fixed_classes and rest[1] not in CLASS_INDEX:
+            if fixed_classes is not None and rest[1] not in fixed_classes:
                 if is_image_name(rest[-1]):
                     raise UserError(
                         f"unexpected folder {split}/{printable(rest[1])} in {archive}: class folders must be "
-                        f"named {', '.join(CLASSES)}"
+                        f"named {', '.join(fixed_classes)}"
                     )
                 left_out.append(shown)
                 continue

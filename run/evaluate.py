@@ -7,6 +7,7 @@ from typing import Any
 from lightning.pytorch.callbacks import RichProgressBar
 
 from base.errors import ctrl_c_raises
+from base.schema import NetworkOptions
 from datamodules import check_data_dir, describe_source
 from lit_modules import ImageClassifier
 from models import prepare_backbone
@@ -14,9 +15,9 @@ from run.build import build_datamodule, build_trainer
 from run.checkpoints import build_backbone, checkpoint_dataset, load_any_checkpoint, records_dataset
 from run.config import build_config
 from run.folder import require_run_dir
-from base.schema import NetworkOptions
 from run.loggers import recorded_loggers
 from run.tensorboard import run_dashboards
+
 
 def evaluate(args: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """Test ``args["ckpt"]`` with test.py's ``args``; ``values``: its run options as
