@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from base.datasets import CIFAR10, CIFAR100, DatasetInfo
 from base.errors import UserError
+from base.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,12 @@ _BUILT_IN = (
     Dataset("cifar100", "CIFAR-100", CIFAR100, CIFAR100_PYTHON, reads_folders=False),
     Dataset("imagefolder", "image-folder", None, None, reads_folders=True),
 )
-_BUILT_IN_NAMES = tuple(entry.name for entry in _BUILT_IN)
-_ENTRIES: dict[str, Dataset] = {entry.name: entry for entry in _BUILT_IN}
+_REGISTRY: Registry[Dataset] = Registry("data set", _BUILT_IN)
+_ENTRIES = _REGISTRY.entries
 
 # A read-only live view: a registered data set shows in it at once, also where it was imported
 # with ``from datamodules.datasets import CATALOG`` before the registration.
-CATALOG: Mapping[str, Dataset] = MappingProxyType(_ENTRIES)
+CATALOG: Mapping[str, Dataset] = _ENTRIES
 
 
 def register(entry: Dataset) -> Dataset:
@@ -115,7 +115,7 @@ def register(entry: Dataset) -> Dataset:
     another data set's folder name, or where it reads nothing.
     """
     if entry.name in _ENTRIES:
-        raise ValueError(f"a data set named {entry.name!r} is already in the catalog")
+        _REGISTRY.add(entry)  # refuses the taken name, as a ValueError
     if not entry.name or not entry.title:
         raise ValueError(f"data set entry {entry.name!r}: name and title must not be empty")
     if entry.info is not None and entry.info.name != entry.name:
@@ -130,15 +130,12 @@ def register(entry: Dataset) -> Dataset:
             raise ValueError(f"data set entry {entry.name!r}: python folder {entry.python.folder!r} is {taken[0]}'s")
         if set(entry.python.batches) != {"train", "test"} or not all(entry.python.batches.values()):
             raise ValueError(f"data set entry {entry.name!r}: python batches must name train and test files")
-    _ENTRIES[entry.name] = entry
-    return entry
+    return _REGISTRY.add(entry)
 
 
 def unregister(name: str) -> None:
     """Remove a registered entry (a test's, at its end); the built-in ones stay."""
-    if name in _BUILT_IN_NAMES:
-        raise ValueError(f"{name!r} is built in and cannot be removed")
-    _ENTRIES.pop(name, None)
+    _REGISTRY.remove(name)
 
 
 def dataset(name: str | None) -> Dataset:

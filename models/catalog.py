@@ -20,10 +20,10 @@ import importlib
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, overload
 
 from base.errors import UserError
+from base.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -132,12 +132,13 @@ _BUILT_IN = (
         description="the course's ResNet50_layer4, 14,750,730 parameters for 10 classes",
     ),
 )
-_BUILT_IN_NAMES = tuple(e.name for e in _BUILT_IN)
-_ENTRIES: dict[str, ModelEntry] = {e.name: e for e in _BUILT_IN}
+_REGISTRY: Registry[ModelEntry] = Registry("model", _BUILT_IN)
+_ENTRIES = _REGISTRY.entries
+_BUILT_IN_NAMES = _REGISTRY.built_in
 
 # Read-only live views: a registered network shows in each at once, also where it was imported
 # with ``from models.catalog import MODEL_NAMES`` before the registration.
-CATALOG: Mapping[str, ModelEntry] = MappingProxyType(_ENTRIES)
+CATALOG: Mapping[str, ModelEntry] = _ENTRIES
 
 
 class _Names(Sequence[str]):
@@ -196,17 +197,12 @@ def register(new: ModelEntry) -> ModelEntry:
     Raises ValueError where the name is taken. Its signature is tried after those registered
     before it, so it must not match their state dicts.
     """
-    if new.name in _ENTRIES:
-        raise ValueError(f"a model named {new.name!r} is already in the catalog")
-    _ENTRIES[new.name] = new
-    return new
+    return _REGISTRY.add(new)
 
 
 def unregister(name: str) -> None:
     """Remove a registered entry (a test's, at its end); the built-in ones stay."""
-    if name in _BUILT_IN_NAMES:
-        raise ValueError(f"{name!r} is built in and cannot be removed")
-    _ENTRIES.pop(name, None)
+    _REGISTRY.remove(name)
 
 
 def _hint(name: str) -> str:

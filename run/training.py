@@ -239,7 +239,7 @@ def _test_and_record(
         best=callbacks.best.best_model_path or None,
         best_score=float(callbacks.best.best_model_score) if callbacks.best.best_model_score is not None else None,
         last=callbacks.latest.best_model_path or None,
-        data=describe_source(config.data_dir),
+        data=describe_source(config.data_dir, config.dataset),
     )
     epochs_trained, last_step, test_started = trainer.current_epoch, trainer.global_step, time.perf_counter()
     kept = f"the run is saved ({outcome.best or outcome.last}); test it with: python test.py --ckpt {shlex.quote(str(outcome.best))}"

@@ -42,7 +42,7 @@ TINY5 = Dataset(
     reads_folders=False,
 )
 # One epoch of one optimiser step and one validation batch; the final test sees all 20 test images.
-TINY = ["--model", "resnet50", "--epochs", "1", "--limit-train-batches", "1", "--limit-val-batches", "1",
+TINY = ["--model", "vgg16", "--epochs", "1", "--limit-train-batches", "1", "--limit-val-batches", "1",
         "--accelerator", "cpu", "--workers", "0", "--batch-size", "20", "--val-size", "20",
         "--eval-batch-size", "20", "--log-every-n-steps", "1"]
 
@@ -155,7 +155,8 @@ def test_a_registered_archive_is_found_read_and_told_apart(tiny5, tmp_path):
     assert detect(root / "tiny5-py", "tiny5").path.name == "tiny5-py"
     assert describe_source(root) == f"Tiny5 python archive {(root / 'tiny5-py').resolve()}"
     with pytest.raises(UserError, match="Tiny5's python archive, which --dataset cifar10 does not read: pass --dataset tiny5"):
-        detect(root, "cifar10")
+        detect(root / "tiny5-py", "cifar10")
+    assert detect(root, "cifar10") is None  # only another data set's archive there: CIFAR-10 is downloaded beside it
     # Its meta file must list its classes in their order, since the labels index them.
     with (root / "tiny5-py" / "batches.meta").open("wb") as f:
         pickle.dump({b"label_names": [name.encode() for name in reversed(TINY5_CLASSES)]}, f, protocol=2)
@@ -173,7 +174,7 @@ def test_a_registered_data_set_trains_tests_and_predicts(cli, tiny5, tmp_path):
     trained = cli("train", "--dataset", "tiny5", "--data-dir", str(root), "--output-dir", str(runs),
                   "--cache-dir", str(tmp_path / "cache"), *TINY)
     assert trained.code == 0, trained.err
-    best = runs / "resnet50" / "version_0" / "checkpoints" / "best.ckpt"
+    best = runs / "vgg16" / "version_0" / "checkpoints" / "best.ckpt"
     saved = torch.load(best, map_location="cpu", weights_only=True)["hyper_parameters"]["dataset"]
     assert DatasetInfo.from_dict(saved) == tiny5.info
 
