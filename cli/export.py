@@ -16,12 +16,12 @@ from pathlib import Path
 
 from base.files import atomic_write, printable
 from base.options import EXPORT_FORMATS as FORMATS
-from cli.flags import Parser, add_options
+from cli.flags import Parser, add_options, program
 from run.preflight import check_export
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="export.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog=program("export.py"), description=__doc__.splitlines()[0])
     parser.add_argument(
         "--ckpt", required=True, help="a .ckpt written by train.py, a course state dict, or an exported .safetensors"
     )

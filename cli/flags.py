@@ -47,6 +47,13 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown(default)})"
 
 
+def program(script: str) -> str:
+    """The name a command's messages start with: ``script`` (``test.py``), or the installed command's
+    name (``cifar10-test``, ``[project.scripts]``) when it was started as that."""
+    started_as = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return started_as if started_as.startswith("cifar10-") else script
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump) and defaults shown in --help.
 

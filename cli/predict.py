@@ -23,18 +23,18 @@ from rich.table import Table
 from base.errors import UserError
 from base.files import printable
 from base.options import IMAGE_SUFFIXES
-from cli.flags import Parser, add_options, closest, positive_int, wide_console
+from cli.flags import Parser, add_options, closest, positive_int, program, wide_console
 from models.catalog import entry
 from run.paths import left_out_files
 from run.preflight import check_predict
 
-PROG = "predict.py"
+PROG = program("predict.py")
 # How many left-out file names the warning shows.
 _SHOWN = 5
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="predict.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders of images")
     parser.add_argument(
         "--ckpt", required=True, help="a .ckpt written by train.py, a course state dict, or an exported .safetensors"

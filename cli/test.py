@@ -16,13 +16,13 @@ from typing import Any
 from rich.table import Table
 
 from base.files import atomic_write_text
-from cli.flags import EVAL_DATA, HARDWARE, Parser, add_options, wide_console
+from cli.flags import EVAL_DATA, HARDWARE, Parser, add_options, program, wide_console
 from run.loggers import dashboards_hint
 from run.preflight import check_test
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="test.py", description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser = Parser(prog=program("test.py"), description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     parser.add_argument(
         "--ckpt",
         required=True,
