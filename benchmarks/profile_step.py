@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     channels_last = use_channels_last(None, hardware)
     torch.manual_seed(0)
     backbone = prepare_backbone(build_model(args.model).to(device), channels_last=channels_last, compile=False)
-    module = ImageClassifier(backbone=backbone, model_name=args.model, num_classes=10)
+    module = ImageClassifier(args.model, backbone=backbone)
     optimizer = module.configure_optimizers()["optimizer"]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)

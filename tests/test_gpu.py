@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import QUICK_VGG
 
+from base.schema import OptimOptions
 from datamodules import CIFAR10DataModule
 from models import build_model
 
@@ -222,7 +223,7 @@ def test_training_speed_floor_over_50_steps():
     labels = torch.randint(0, 10, (60 * 512,))
     batches = TrainBatches(images, labels, 512, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3, device="cuda",
                            channels_last=True)
-    module = ImageClassifier("vgg16", optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="none")
+    module = ImageClassifier("vgg16", OptimOptions(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="none"))
     prepare_backbone(module.backbone, channels_last=True, compile=False)
     clock = _Clock()
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=60, logger=False,

@@ -24,7 +24,7 @@ def test_compiled_backbone_keeps_the_plain_state_dict_keys() -> None:
     plain = build_model("resnet50")
     compiled = prepare_backbone(build_model("resnet50"), channels_last=False, compile=True)
     assert list(compiled.state_dict()) == list(plain.state_dict())
-    module = ImageClassifier(backbone=compiled, model_name="resnet50")
+    module = ImageClassifier("resnet50", backbone=compiled)
     assert not any("_orig_mod" in key for key in module.state_dict())
 
 
