@@ -97,6 +97,7 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="CIFAR-10, as train.py's --data-dir (the 60,000-image archive)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--no-first-step", action="store_true", help="time --help and the mistakes only")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     runs: dict[str, list[float]] = {"help": [], "flag_error": [], "first_step_cold": [], "first_step_warm": []}
@@ -111,6 +112,8 @@ def main() -> int:
                 if "error:" not in output:
                     raise SystemExit(f"{name}: no error message:\n{output[-2000:]}")
                 mistakes.setdefault(name, []).append(seconds)
+        if args.no_first_step:
+            continue
         with tempfile.TemporaryDirectory() as scratch:
             cache = Path(scratch) / "cache"
             for name in ("first_step_cold", "first_step_warm"):
@@ -126,7 +129,7 @@ def main() -> int:
         "command": " ".join(["python", "benchmarks/startup.py", *sys.argv[1:]]),
         "machine": device_name("cpu"),
         "python": platform.python_version(),
-        "seconds": {name: summary(values) for name, values in runs.items()},
+        "seconds": {name: summary(values) for name, values in runs.items() if values},
         "flag_errors": {name: summary(values) for name, values in mistakes.items()},
         "flag_error_slowest": max(summary(values)["median"] for values in mistakes.values()),
     }
