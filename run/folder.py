@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 
 from base.errors import UserError
 from base.files import atomic_write_text
@@ -194,6 +193,9 @@ def hold_run(run_dir: Path) -> Iterator[None]:
     operating system's (``flock``, via filelock), so it ends with its process however that ends,
     SIGKILL included: a preempted run is never left locked.
     """
+    # Imported here: filelock takes a noticeable part of a flag error's time, which never needs it.
+    from filelock import FileLock, Timeout
+
     lock = FileLock(run_dir / LOCK_NAME, timeout=0)
     try:
         lock.acquire()
