@@ -41,7 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 try:
-    from cli.flags import Parser, non_negative_int, run_main
+    from base.values import non_negative_int
+    from cli.flags import Parser, run_main
     from base.errors import UserError
     from base.files import atomic_write_text
 except ModuleNotFoundError as exc:

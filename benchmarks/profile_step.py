@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cli.flags import Parser, positive_int, run_main
+from base.values import positive_int
+from cli.flags import Parser, run_main
 from run.hardware import resolve_hardware
 from models import prepare_backbone
 from run.hardware import use_channels_last

@@ -54,7 +54,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 try:
-    from cli.flags import Parser, non_negative_int, positive_int, run_main
+    from base.values import non_negative_int, positive_int
+    from cli.flags import Parser, run_main
     from run.build import build_data_and_module, quiet_lightning
     from run.config import build_config, merge
     from run.hardware import resolve_hardware

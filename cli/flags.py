@@ -17,17 +17,6 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from base.errors import Interrupted, UserError
-from base.values import (  # noqa: F401  (the flag types, for the entry points)
-    batch_limit,
-    learning_rate,
-    logger_list,
-    non_negative_float,
-    non_negative_int,
-    open_fraction,
-    positive_float,
-    positive_int,
-    unit_fraction,
-)
 from base.schema import DEFAULTS, GROUP_OF, TITLES, argparse_kwargs, flag_of, option_of, shown
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as

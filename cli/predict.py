@@ -23,7 +23,8 @@ from rich.table import Table
 from base.errors import UserError
 from base.files import printable
 from base.options import IMAGE_SUFFIXES
-from cli.flags import Parser, add_options, closest, positive_int, program, wide_console
+from base.values import positive_int
+from cli.flags import Parser, add_options, closest, program, wide_console
 from models.catalog import entry
 from run.paths import left_out_files
 from run.preflight import check_predict

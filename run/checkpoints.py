@@ -6,7 +6,6 @@ import importlib.util
 import json
 import pickle
 import re
-import shlex
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
