@@ -8,8 +8,11 @@ from __future__ import annotations
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
-# Test-time augmentation of validation and test: none, or the mean logits of each image and its mirror.
-TTA_MODES = ("none", "flip")
+# Test-time augmentation of validation and test: none; the mean logits of each image and its mirror;
+# and those of both moved a pixel either way too (datamodules/augment.py).
+TTA_MODES = ("none", "flip", "flip-translate")
+# What a training translation brings in at the border (torch's padding_mode names).
+PADDING_MODES = ("zeros", "reflect")
 DATA_PATHS = ("auto", "device", "loader")
 # Where a run's curves and pictures go; tensorboard is always available, mlflow is an optional extra.
 LOGGERS = ("tensorboard", "csv", "mlflow")

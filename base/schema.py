@@ -39,6 +39,7 @@ from base.options import (
     REQUEUE_SIGNALS,
     SCHEDULERS,
     STRATEGIES,
+    PADDING_MODES,
     TTA_MODES,
 )
 
@@ -90,7 +91,8 @@ class NetworkOptions:
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", parse=values.unit_fraction, fixed=TRAINING)
     tta: str = option(
         "none",
-        "test-time augmentation of validation and test; flip: mean logits of each image and its mirror. "
+        "test-time augmentation of validation and test; flip: mean logits of each image and its mirror; "
+        "flip-translate: also of both moved a pixel up-left and down-right. "
         "Saved in the checkpoints, where test.py takes it from unless given its own --tta",
         choices=TTA_MODES, fixed="the best checkpoint was chosen with it",
     )
@@ -148,6 +150,18 @@ class DataOptions:
     )
     eval_batch_size: int = option(500, "batch size of validation and test", parse=values.positive_int)
     val_size: int = option(5000, "training images held out for validation", parse=values.positive_int, fixed=TRAINING)
+    translate: int = option(
+        4, "training augmentation: random shifts of up to N pixels each way (RandomCrop(32, padding=N)); 0: none",
+        parse=values.non_negative_int, metavar="N", fixed=TRAINING,
+    )
+    translate_padding: str = option(
+        "zeros", "what a shift brings in at the border: zeros (the course's) or reflect", choices=PADDING_MODES,
+        fixed=TRAINING,
+    )
+    cutout: int = option(
+        0, "training augmentation: erase one random N x N square of every image (Cutout, set to the mean); 0: none",
+        parse=values.non_negative_int, metavar="N", fixed=TRAINING,
+    )
     train_limit: int | None = option(None, "train on only the first N images", parse=values.positive_int, fixed=TRAINING)
     data_path: str = option(
         "auto",

@@ -4,7 +4,7 @@
     python export.py --ckpt resnet50_epoch285.ckpt --format safetensors --output models/resnet50.safetensors
 
 The output defaults to the checkpoint's path with the format's suffix (.onnx, .torchscript.pt,
-.safetensors). A checkpoint trained with --tta flip is exported with it: the ONNX and TorchScript
+.safetensors). A checkpoint trained with --tta flip (or flip-translate) is exported with it: the ONNX and TorchScript
 graphs output the mean logits of each image and its mirror, and a safetensors file records it in
 its metadata (--tta none exports the plain network). An existing file is only replaced with --force, and the file appears complete or
 not at all: it is written under a temporary name in the same folder, then renamed.
@@ -39,7 +39,8 @@ def build_parser() -> Parser:
         parser,
         ("tta",),
         help={"tta": "test-time augmentation the export scores with; flip: onnx and torchscript graphs output the mean "
-              "logits of each image and its mirror, safetensors records it in its metadata (default: what the "
+              "logits of each image and its mirror (flip-translate: also of both moved a pixel up-left and "
+              "down-right), safetensors records it in its metadata (default: what the "
               "checkpoint's training run validated and tested with; none for course state dicts)"},
         defaults={"tta": None},
     )

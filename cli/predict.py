@@ -5,7 +5,7 @@
 
 Any size and colour mode is accepted: each picture is centre-cropped to a square and resized to
 32x32 (see run/inference.py for why). Folders are searched recursively, through symbolic links.
-A checkpoint trained with --tta flip predicts with it (the mean logits of each picture and its
+A checkpoint trained with --tta flip (or flip-translate) predicts with it (the mean logits of each picture and its
 mirror), as its run measured its accuracy, unless --tta none says otherwise. An image that cannot
 be decoded is skipped with a warning on stderr and the exit code is 1; the others are still
 classified. A missing path, a folder without images or a bad checkpoint stop at once (exit 2).
@@ -56,7 +56,8 @@ def build_parser() -> Parser:
     add_options(
         parser,
         ("tta", "accelerator"),
-        help={"tta": "test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
+        help={"tta": "test-time augmentation; flip: mean logits of each image and its mirror; flip-translate: also of "
+              "both moved a pixel up-left and down-right (default: what the "
               "checkpoint's training run validated and tested with, as test.py does; none for course state dicts)"},
         defaults={"tta": None},
     )

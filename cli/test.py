@@ -42,7 +42,8 @@ def build_parser() -> Parser:
         ("model", "tta", "limit_test_batches", *EVAL_DATA, *HARDWARE),
         help={
             "model": "expected network (default: read from the checkpoint)",
-            "tta": "test-time augmentation; flip: mean logits of each image and its mirror (default: what the "
+            "tta": "test-time augmentation; flip: mean logits of each image and its mirror; flip-translate: also of "
+            "both moved a pixel up-left and down-right (default: what the "
             "checkpoint's training run validated and tested with, as train.py reported it; none for course state dicts)",
             "limit_test_batches": "quick check: test on only this many batches (int) or fraction",
         },

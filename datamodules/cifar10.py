@@ -1,5 +1,5 @@
 """A data set (CIFAR-10 by default, any ``--dataset``) as a LightningDataModule: held-out
-validation split, per-image augmentation, loaders.
+validation split, augmentation (``augment``), loaders.
 
 Reading the data from disk lives in ``sources``; this module only decides which images go where
 and how they are transformed on their way into the model, normalised with the data set's own
@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
 from base.schema import DataOptions
+from datamodules.augment import Augmentation, Draws, TrainBatchBuilder
 from datamodules.device_batches import (
     DATA_PATHS,
     EpochProgress,
@@ -44,19 +45,6 @@ STD = CIFAR10.std
 # The least std a measured channel gets: a channel of one constant value (a grey-scale set's) has
 # none, and dividing by 0 would make every input inf.
 _LEAST_STD = 1 / 255
-
-
-def train_transform(mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> v2.Compose:
-    """The course's training augmentation, on one uint8 3,32,32 tensor -> float32 normalised with
-    ``mean`` and ``std`` (default: CIFAR-10's)."""
-    return v2.Compose(
-        [
-            v2.RandomCrop(32, padding=4),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
 
 
 def eval_transform(mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> v2.Compose:
@@ -93,27 +81,49 @@ class TransformedTensorDataset(Dataset):
         return self.transform(self.images[index]), self.labels[index]
 
 
-class ShardSampler(Sampler[int]):
-    """This process's share of a seeded per-epoch permutation (``ShuffledShard``), for a DataLoader.
+class PlannedBatches(Dataset):
+    """Whole training batches as the items of a map-style dataset, for a DataLoader's workers.
 
-    Lightning calls ``set_epoch`` at every epoch, as for a ``DistributedSampler``; ``skip`` drops
-    the first indices of the next iteration, for a resumed epoch.
+    An item's key is (epoch, start, stop): positions ``start:stop`` of that epoch's plan
+    (``TrainBatchBuilder``), built with the same function as the device path's batches, on the CPU.
+    Each worker process draws an epoch's plan once, at its first batch of that epoch; the draw is
+    a function of (seed, epoch), so every worker has the same one and the batch does not depend
+    on which worker builds it, nor on how many there are.
     """
 
-    def __init__(self, shard: ShuffledShard) -> None:
+    def __init__(self, builder: TrainBatchBuilder) -> None:
+        self.builder = builder
+        self._plan: tuple[int, tuple[torch.Tensor, Draws]] | None = None
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, start, stop = key
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, self.builder.plan(epoch))
+        return self.builder.batch(self._plan[1], start, stop)
+
+
+class BatchKeys(Sampler[tuple[int, int, int]]):
+    """The keys of one epoch's :class:`PlannedBatches`, in order, for a DataLoader without batching.
+
+    Lightning calls ``set_epoch`` at every epoch, as for a ``DistributedSampler``; ``skip`` drops
+    the first batches of the next iteration, for a resumed epoch.
+    """
+
+    def __init__(self, shard: ShuffledShard, batch_size: int) -> None:
         self.shard = shard
+        self.batch_size = batch_size
         self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.shard.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.shard)
+        return math.ceil(len(self.shard) / self.batch_size)
 
-    def __iter__(self) -> Iterator[int]:
-        order = self.shard.draw()[0]
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         skip, self.skip = self.skip, 0
-        return iter(order[skip:].tolist())
+        epoch = self.shard.epoch
+        return iter([(epoch, start, stop) for start, stop in self.shard.batches(self.batch_size, skip)])
 
 
 class ResumableLoader(DataLoader):
@@ -131,9 +141,8 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.sampler
-        assert isinstance(sampler, ShardSampler)
-        first = self.progress.start(sampler.shard.epoch)
-        sampler.skip = first * self.batch_size
+        assert isinstance(sampler, BatchKeys)
+        sampler.skip = self.progress.start(sampler.shard.epoch)
         for batch in super().__iter__():
             self.progress.served += 1
             yield batch
@@ -223,6 +232,14 @@ class ImageDataModule(L.LightningDataModule):
         self.data_path = data_path
         self.channels_last = channels_last
         self.device = device
+        try:
+            self.augmentation = Augmentation(data.translate, data.translate_padding, data.cutout)
+            self.augmentation.check_size(32, 32)
+        except ValueError as exc:
+            raise UserError(f"{exc}; choose a smaller --translate or --cutout") from None
+        # In every checkpoint (Lightning saves a DataModule's hyper-parameters beside the module's),
+        # so a checkpoint says how its network was trained, as config.yaml does.
+        self.save_hyperparameters({"augmentation": dataclasses.asdict(self.augmentation)})
         self.train_set: TransformedTensorDataset | None = None
         self.val_set: TransformedTensorDataset | None = None
         self.test_set: TransformedTensorDataset | None = None
@@ -283,9 +300,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_limit is not None:
             train_idx = train_idx[: self.train_limit]
         info = self.dataset_info
-        self.train_set = TransformedTensorDataset(
-            images[train_idx], labels[train_idx], train_transform(info.mean, info.std)
-        )
+        # Normalised only: training batches are augmented by augment.TrainBatchBuilder, on either path.
+        self.train_set = TransformedTensorDataset(images[train_idx], labels[train_idx], eval_transform(info.mean, info.std))
         self.val_set = TransformedTensorDataset(images[val_idx], labels[val_idx], eval_transform(info.mean, info.std))
         self._train = None  # the sets hold what they need; the whole split's arrays can go
 
@@ -321,30 +337,32 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader | TrainBatches:
         train_set = self._ready(self.train_set, "fit")
         device, rank, world_size = self._placement()
+        info, augmentation = self.dataset_info, self.augmentation
         if resolve_data_path(self.data_path, device) == "device":
             return TrainBatches(
                 train_set.images,
                 train_set.labels,
                 self.batch_size,
                 seed=self.seed,
-                mean=self.dataset_info.mean,
-                std=self.dataset_info.std,
+                mean=info.mean,
+                std=info.std,
+                augmentation=augmentation,
                 device=device,
                 rank=rank,
                 world_size=world_size,
                 channels_last=self.channels_last,
             )
-        sampler = ShardSampler(ShuffledShard(len(train_set), self.seed, rank, world_size))
+        builder = TrainBatchBuilder(
+            train_set.images, train_set.labels, augmentation=augmentation, seed=self.seed, mean=info.mean,
+            std=info.std, rank=rank, world_size=world_size, channels_last=self.channels_last,
+        )
         return ResumableLoader(
-            train_set,
-            batch_size=self.batch_size,
-            sampler=sampler,
+            PlannedBatches(builder),
+            batch_size=None,
+            sampler=BatchKeys(ShuffledShard(len(train_set), rank, world_size), self.batch_size),
             num_workers=self.num_workers,
             pin_memory=self._pins(device),
             persistent_workers=self.num_workers > 0,
-            # Its own generator for the workers' base seed: drawing it from the global RNG at
-            # every iter() would make a resumed epoch's augmentation differ.
-            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader | EvalBatches | list:
@@ -364,7 +382,7 @@ class ImageDataModule(L.LightningDataModule):
         if split == "train":
             # Both training loaders (TrainBatches, ResumableLoader) serve their ShuffledShard in
             # batches of batch_size, the last one partial.
-            shard = ShuffledShard(len(self._ready(self.train_set, "fit")), self.seed, 0, world_size)
+            shard = ShuffledShard(len(self._ready(self.train_set, "fit")), 0, world_size)
             return math.ceil(len(shard) / self.batch_size)
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")

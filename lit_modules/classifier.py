@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from base.datasets import CIFAR10, DatasetInfo
 from base.options import OPTIMIZERS, SCHEDULERS, TTA_MODES
 from base.schema import NetworkOptions, OptimOptions, group_values, hparams_of, plain
+from datamodules.augment import tta_logits
 from models import build_model
 from models.catalog import entry
 
@@ -96,17 +97,9 @@ class ImageClassifier(L.LightningModule):
         return self.backbone(images)
 
     def _eval_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of validation and test, averaged over the image and its mirror with ``tta="flip"``.
-
-        Logits, not probabilities, are averaged: their mean is the log of the (renormalised)
-        geometric mean of the two softmaxes, a proper input for the cross-entropy that loss/val
-        reports, and the usual choice of fast CIFAR-10 recipes. Two passes at the same batch size
-        rather than one over a doubled batch, so a compiled backbone sees no new shape.
-        """
-        logits = self(images)
-        if self.tta == "flip":
-            logits = (logits + self(images.flip(3))) / 2
-        return logits
+        """Logits of validation and test: averaged over the views of ``self.tta`` (``augment.tta_logits``,
+        the function predict.py and export.py score with too)."""
+        return tta_logits(self.backbone, images, self.tta)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch

@@ -15,6 +15,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from datamodules.augment import TTA_MEANING
 from run.checkpoints import CheckpointContents, checkpoint_dataset
 from base.errors import UserError
 from base.options import EXPORT_FORMATS
@@ -38,7 +39,6 @@ def export_metadata(contents: CheckpointContents, class_names: list[str] | None 
     build it into the graph (:func:`deployed`); a safetensors file holds weights only, so its
     metadata says what whoever loads it must do (predict.py and test.py do it).
     """
-    flip = tta == "flip"
     info = checkpoint_dataset(contents)
     if class_names is not None and list(class_names) != list(info.classes):
         raise ValueError(f"class_names {class_names!r} are not the checkpoint's classes {list(info.classes)!r}")
@@ -53,26 +53,27 @@ def export_metadata(contents: CheckpointContents, class_names: list[str] | None 
         "mean": json.dumps(list(info.mean)),
         "std": json.dumps(list(info.std)),
         "output": f"{OUTPUT_NAME}: float32 N,{contents.num_classes}, softmax gives the class probabilities"
-        + (", the mean logits of each image and its mirror (flip test-time augmentation)" if flip else ""),
+        + (f", {TTA_MEANING[tta]} ({tta} test-time augmentation)" if tta != "none" else ""),
         "tta": tta,
     }
 
 
 def deployed(model: nn.Module, metadata: dict[str, str]) -> nn.Module:
     """The module a graph format (ONNX, TorchScript) is traced or scripted from: ``model`` itself,
-    or with ``metadata["tta"] == "flip"`` the mean of its logits on each image and its mirror
-    (``run.inference.FlipAveraged``), so the file answers what the checkpoint's run measured."""
+    or with a ``metadata["tta"]`` other than "none" wrapped in that test-time augmentation
+    (``augment.TestTimeAugmentation``), so the file answers what the checkpoint's run measured."""
     return with_tta(model, metadata.get("tta", "none")).eval()
 
 
 def describe_export(metadata: dict[str, str], fmt: str) -> str:
     """What an export does about test-time augmentation, for export.py's one line; "" when none."""
-    if metadata.get("tta") != "flip":
+    tta = metadata.get("tta", "none")
+    if tta == "none":
         return ""
     if fmt == "safetensors":
-        return ("; test-time augmentation flip recorded in its metadata (predict.py and test.py apply it; "
-                "elsewhere average the logits of each image and its mirror)")
-    return "; test-time augmentation flip is in the graph: it outputs the mean logits of each image and its mirror"
+        return (f"; test-time augmentation {tta} recorded in its metadata (predict.py and test.py apply it; "
+                f"elsewhere take {TTA_MEANING[tta]})")
+    return f"; test-time augmentation {tta} is in the graph: it outputs {TTA_MEANING[tta]}"
 
 
 def _require_packages(fmt: str, *names: str) -> None:

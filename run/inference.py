@@ -31,6 +31,7 @@ from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
 from base.files import atomic_write, printable
 from base.options import TTA_MODES
+from datamodules.augment import TestTimeAugmentation
 from datamodules.cifar10 import eval_transform
 from datamodules.sources import to_rgb
 from models.explain import grad_cam
@@ -110,35 +111,19 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, batch_size: in
     return torch.cat(batches)
 
 
-class FlipAveraged(nn.Module):
-    """``model``'s logits averaged over each image and its mirror: ``--tta flip``, exactly as
-    validation and testing compute them (``ImageClassifier._eval_logits``).
-
-    A module of its own so that what was measured is what gets deployed: predict.py scores with
-    it, and export.py writes it into the ONNX and TorchScript graphs. Input and output as the
-    model's: normalised images (N, 3, H, W) -> logits (N, classes).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (self.model(images) + self.model(images.flip([3]))) / 2
-
-
 def checkpoint_tta(contents: CheckpointContents) -> str:
-    """The test-time augmentation the checkpoint's run validated and tested with ("none" or "flip");
+    """The test-time augmentation the checkpoint's run validated and tested with (one of ``TTA_MODES``);
     "none" for course state dicts, which record none."""
     tta = contents.hparams.get("tta") or "none"
     if tta not in TTA_MODES:
-        raise UserError(f"{contents.path} records an unknown test-time augmentation {tta!r}; pass --tta none or flip")
+        raise UserError(f"{contents.path} records an unknown test-time augmentation {tta!r}; pass --tta with one of {', '.join(TTA_MODES)}")
     return str(tta)
 
 
 def with_tta(model: nn.Module, tta: str) -> nn.Module:
-    """``model`` scoring with the test-time augmentation ``tta``: itself for "none", :class:`FlipAveraged` for "flip"."""
-    return FlipAveraged(model) if tta == "flip" else model
+    """``model`` scoring with the test-time augmentation ``tta``: itself for "none", else wrapped in
+    ``augment.TestTimeAugmentation`` (exactly what validation and testing computed)."""
+    return model if tta == "none" else TestTimeAugmentation(model, tta)
 
 
 def class_names(contents: CheckpointContents) -> list[str]:

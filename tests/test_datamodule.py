@@ -28,7 +28,8 @@ from datamodules import (
     load_split,
 )
 from datamodules import sources
-from datamodules.cifar10 import TEST_ORDER_SEED, eval_transform, holdout_split, train_transform
+from datamodules.augment import Augmentation, TrainBatchBuilder
+from datamodules.cifar10 import TEST_ORDER_SEED, eval_transform, holdout_split
 
 N_TRAIN, N_TEST = 4, 3  # images per class
 
@@ -424,9 +425,9 @@ def test_train_augmentation_stays_normalised() -> None:
     image = torch.from_numpy(fake_images(1)[0][0]).permute(2, 0, 1).contiguous()
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     low, high = (0 - mean) / std, (1 - mean) / std
-    augment = train_transform()
-    torch.manual_seed(0)
-    outputs = [augment(image) for _ in range(8)]
+    make = TrainBatchBuilder(image.expand(8, 3, 32, 32).contiguous(), torch.zeros(8, dtype=torch.long),
+                             augmentation=Augmentation(padding="reflect", cutout=8), seed=0, mean=MEAN, std=STD)
+    outputs = make.batch(make.plan(0), 0, 8)[0]
     for out in outputs:
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
         assert (out >= low - 1e-5).all() and (out <= high + 1e-5).all()

@@ -1,11 +1,13 @@
-"""The device data path (datamodules/device_batches.py) against the classic per-image DataLoader path.
+"""The two data paths (datamodules/device_batches.py, the DataLoader of datamodules/cifar10.py) and
+the augmentation they share (datamodules/augment.py).
 
 The augmentation is checked on an image that reveals it: a constant image with one marker pixel
 that every crop keeps, so the marker's position in an augmented image gives back the crop
-offsets and the flip that were drawn.
+offsets and the flip that were drawn; the reference is torchvision's own RandomCrop and flip.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -16,13 +18,17 @@ import torch.nn.functional as F
 from fakedata import make_image_folder
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from base.errors import UserError
 from datamodules import MEAN, STD, CIFAR10DataModule
-from datamodules.cifar10 import TransformedTensorDataset, eval_transform, train_transform
-from datamodules.device_batches import OFFSETS, PAD, EvalBatches, ShuffledShard, TrainBatches, resolve_data_path
+from datamodules.augment import Augmentation, TrainBatchBuilder
+from datamodules.cifar10 import BatchKeys, PlannedBatches, ResumableLoader, TransformedTensorDataset, eval_transform
+from datamodules.device_batches import EvalBatches, ShuffledShard, TrainBatches, resolve_data_path
 
 SIZE = 32
+PAD = 4  # the default --translate
+OFFSETS = 2 * PAD + 1
 MARKER = (10, 10)  # (row, column): inside every crop, since offsets move the image by at most PAD
 CELLS = OFFSETS * OFFSETS * 2  # (dy, dx, flip) combinations
 
@@ -39,9 +45,9 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def reference_crop(image: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
-    """RandomCrop(32, padding=4) at offsets (dy, dx) into the zero-padded image, then the flip."""
-    crop = F.pad(image, (PAD, PAD, PAD, PAD))[:, dy : dy + SIZE, dx : dx + SIZE]
-    return crop.flip(-1) if flip else crop
+    """torchvision's RandomCrop(32, padding=4) at offsets (dy, dx) into the zero-padded image, then the flip."""
+    crop = v2.functional.crop(v2.functional.pad(image, [PAD]), dy, dx, SIZE, SIZE)
+    return v2.functional.horizontal_flip(crop) if flip else crop
 
 
 def decode(batch: torch.Tensor) -> torch.Tensor:
@@ -60,15 +66,24 @@ def chi_square_limit(dof: int, z: float = 3.0902) -> float:
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-def augmented_by_both_paths(n_images: int, epochs: int) -> dict[str, list[torch.Tensor]]:
+def loader_path(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, workers: int = 0,
+                augmentation: Augmentation = Augmentation(), rank: int = 0, world_size: int = 1) -> ResumableLoader:
+    """The training DataLoader the DataModule makes for --data-path loader."""
+    builder = TrainBatchBuilder(images, labels, augmentation=augmentation, seed=seed, mean=MEAN, std=STD,
+                                rank=rank, world_size=world_size)
+    return ResumableLoader(PlannedBatches(builder), batch_size=None, num_workers=workers,
+                           sampler=BatchKeys(ShuffledShard(len(images), rank, world_size), batch_size))
+
+
+def augmented_by_both_paths(n_images: int, epochs: int, workers: int = 0) -> dict[str, list[torch.Tensor]]:
     """Every training batch of ``epochs`` epochs over ``n_images`` marker images, per path."""
     images, labels = marker_images(n_images), torch.zeros(n_images, dtype=torch.long)
-    torch.manual_seed(0)  # the loader path draws from the global RNG
-    loader = DataLoader(TransformedTensorDataset(images, labels, train_transform()), batch_size=100, shuffle=True)
+    loader = loader_path(images, labels, 100, seed=0, workers=workers)
     device = TrainBatches(images, labels, 100, seed=0, mean=MEAN, std=STD)
     batches: dict[str, list[torch.Tensor]] = {"loader": [], "device": []}
     for epoch in range(epochs):
         device.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         batches["loader"] += [x for x, _ in loader]
         batches["device"] += [x for x, _ in device]
     return batches
@@ -104,9 +119,40 @@ def test_both_paths_crop_and_flip_alike() -> None:
         per_axis = count.view(OFFSETS, OFFSETS, 2).sum(dim=(1, 2)), count.view(OFFSETS, OFFSETS, 2).sum(dim=(0, 2))
         for axis in per_axis:
             assert (axis > 0).all()  # all 9 offsets 0..8 occur on each axis
-    both = counts["loader"] + counts["device"]
-    difference = ((counts["loader"] - counts["device"]) ** 2 / both.clamp(min=1)).sum()
-    assert difference < limit, f"the two paths' distributions differ (chi2 {difference:.1f})"
+    # One function builds both paths' batches: the same seed gives the same tensors.
+    for loader_batch, device_batch in zip(batches["loader"], batches["device"], strict=True):
+        assert torch.equal(loader_batch, device_batch)
+
+
+def test_worker_processes_build_the_same_batches() -> None:
+    images, labels = marker_images(60), torch.arange(60)
+    in_process = [x for x, _ in loader_path(images, labels, 16, seed=3, augmentation=Augmentation(cutout=8))]
+    workers = [x for x, _ in loader_path(images, labels, 16, seed=3, workers=2, augmentation=Augmentation(cutout=8))]
+    assert len(in_process) == 4
+    for a, b in zip(in_process, workers, strict=True):
+        assert torch.equal(a, b)
+
+
+def _first_release_draw(size: int, seed: int, epoch: int) -> tuple[torch.Tensor, ...]:
+    """The epoch draw as the device path made it when it was first released (order, dy, dx, flip):
+    what runs started before Cutout and reflected shifts existed must get again on resume."""
+    digest = hashlib.blake2b(f"device-batches:{seed}:{epoch}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    order = torch.randperm(size, generator=generator)
+    dy, dx = torch.randint(0, 9, (2, size), generator=generator)
+    flip = torch.rand(size, generator=generator) < 0.5
+    return order, dy, dx, flip
+
+
+def test_default_draws_are_those_of_runs_started_before() -> None:
+    builder = TrainBatchBuilder(marker_images(70), torch.arange(70), augmentation=Augmentation(), seed=11,
+                                mean=MEAN, std=STD)
+    for epoch in (0, 5):
+        order, draws = builder.draw(epoch)
+        old = _first_release_draw(70, 11, epoch)
+        assert draws.top is None
+        for new, before in zip((order, draws.dy, draws.dx, draws.flip), old, strict=True):
+            assert torch.equal(new, before)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -156,21 +202,22 @@ def test_each_epoch_is_a_seeded_permutation_with_the_last_batch_kept() -> None:
 def test_processes_take_disjoint_equal_shards_of_the_same_draw() -> None:
     n, world = 50, 3
     images, labels = marker_images(n), torch.arange(n)
-    single = ShuffledShard(n, seed=7)
-    single.set_epoch(2)
-    order, dy, dx, flip = single.draw()
-    crops = {int(i): (int(a), int(b), bool(f)) for i, a, b, f in zip(order, dy, dx, flip)}
+    single = TrainBatchBuilder(images, labels, augmentation=Augmentation(cutout=5), seed=7, mean=MEAN, std=STD)
+    order, draws = single.draw(2)
+    crops = {int(i): (int(a), int(b), bool(f), int(t), int(l)) for i, a, b, f, t, l in
+             zip(order, draws.dy, draws.dx, draws.flip, draws.top, draws.left)}
     seen: list[int] = []
     for rank in range(world):
-        shard = TrainBatches(images, labels, 4, seed=7, mean=MEAN, std=STD, rank=rank, world_size=world)
+        shard = TrainBatches(images, labels, 4, seed=7, mean=MEAN, std=STD, rank=rank, world_size=world,
+                             augmentation=Augmentation(cutout=5))
         assert len(shard) == math.ceil(16 / 4)  # 50 // 3 images each; the 2 left over skip this epoch
         mine = epoch_order(shard, 2)
         assert len(mine) == 16
         seen += mine
         # A shard's images get the crops they get on a single device: the draw is shared.
-        rank_order, rank_dy, rank_dx, rank_flip = shard.sampler.draw()
-        for i, a, b, f in zip(rank_order, rank_dy, rank_dx, rank_flip):
-            assert crops[int(i)] == (int(a), int(b), bool(f))
+        rank_order, d = shard.builder.draw(2)
+        for i, a, b, f, t, l in zip(rank_order, d.dy, d.dx, d.flip, d.top, d.left):
+            assert crops[int(i)] == (int(a), int(b), bool(f), int(t), int(l))
     assert len(set(seen)) == len(seen) == 48
 
 

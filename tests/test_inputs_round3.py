@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import QUICK_VGG, ROOT
 from fakedata import fake_images, make_image_folder
 from PIL import Image
@@ -247,17 +248,30 @@ def test_a_run_folders_config_is_read_the_same_way(cli, tmp_path):
 # --- 6. what was measured is what is deployed ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def flip_checkpoint(tmp_path_factory, tiny_data) -> Path:
-    """best.ckpt of a one-step vgg16 run trained with --tta flip."""
+@pytest.fixture(scope="module", params=["flip", "flip-translate"])
+def flip_checkpoint(request, tmp_path_factory, tiny_data) -> Path:
+    """best.ckpt of a one-step vgg16 run trained with --tta flip, or flip-translate (with Cutout and
+    reflected shifts, which the checkpoint and config.yaml record)."""
     from conftest import load_script
 
+    tta = request.param
     output = tmp_path_factory.mktemp("flip-runs")
+    augment = ["--cutout", "8", "--translate-padding", "reflect", "--translate", "2"] if tta == "flip-translate" else []
     with pytest.raises(SystemExit) as exit_info:
         run_main(load_script("train").main,
-                 ["--model", "vgg16", "--tta", "flip", "--data-dir", str(tiny_data), "--output-dir", str(output), *TINY_RUN])
+                 ["--model", "vgg16", "--tta", tta, *augment, "--data-dir", str(tiny_data), "--output-dir", str(output),
+                  *TINY_RUN])
     assert exit_info.value.code == 0
-    yield output / "vgg16" / "version_0" / "checkpoints" / "best.ckpt"
+    run = output / "vgg16" / "version_0"
+    best = run / "checkpoints" / "best.ckpt"
+    recorded = torch.load(best, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]["augmentation"]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if augment:
+        assert recorded == {"translate": 2, "padding": "reflect", "cutout": 8}
+        assert (config["translate"], config["translate_padding"], config["cutout"]) == (2, "reflect", 8)
+    else:
+        assert recorded == {"translate": 4, "padding": "zeros", "cutout": 0}
+    yield best
     shutil.rmtree(output, ignore_errors=True)
 
 
@@ -266,10 +280,11 @@ def _flip_logits(ckpt: Path, images: torch.Tensor) -> torch.Tensor:
     from lit_modules import ImageClassifier
 
     contents = load_checkpoint(ckpt)
-    assert contents.hparams["tta"] == "flip"
+    tta = contents.hparams["tta"]
+    assert tta in ("flip", "flip-translate")
     from base.schema import NetworkOptions
 
-    network = NetworkOptions(model=contents.model_name, tta="flip", **contents.model_options)
+    network = NetworkOptions(model=contents.model_name, tta=tta, **contents.model_options)
     module = ImageClassifier(network, backbone=build_backbone(contents)).eval()
     with torch.inference_mode():
         return module._eval_logits(images)
@@ -292,12 +307,13 @@ def pictures(tmp_path_factory) -> tuple[Path, torch.Tensor]:
 def test_predict_scores_with_the_checkpoints_tta_unless_told(cli, flip_checkpoint, pictures):
     """A --tta flip checkpoint predicts with the mean logits of image and mirror; --tta none overrides."""
     root, batch = pictures
+    tta = load_checkpoint(flip_checkpoint).hparams["tta"]
     expected = _flip_logits(flip_checkpoint, batch).softmax(dim=1)
     plain = build_backbone(load_checkpoint(flip_checkpoint)).eval()
     with torch.inference_mode():
         unflipped = plain(batch).softmax(dim=1)
     assert not torch.allclose(expected, unflipped, atol=1e-4)  # the test can tell them apart
-    for flags, wanted in (([], expected), (["--tta", "none"], unflipped), (["--tta", "flip"], expected)):
+    for flags, wanted in (([], expected), (["--tta", "none"], unflipped), (["--tta", tta], expected)):
         result = cli("predict", "--ckpt", str(flip_checkpoint), str(root), "--json", "--top-k", "10",
                      "--accelerator", "cpu", *flags)
         assert result.code == 0, result.err
@@ -307,7 +323,7 @@ def test_predict_scores_with_the_checkpoints_tta_unless_told(cli, flip_checkpoin
                 got[CLASSES.index(entry["class"])] = entry["probability"]
             torch.testing.assert_close(got, probabilities, atol=1e-5, rtol=0)
     table = cli("predict", "--ckpt", str(flip_checkpoint), str(root), "--accelerator", "cpu")
-    assert table.code == 0 and "test-time augmentation: flip" in table.out
+    assert table.code == 0 and f"test-time augmentation: {tta}" in table.out
 
 
 @pytest.mark.slow
@@ -315,26 +331,27 @@ def test_predict_scores_with_the_checkpoints_tta_unless_told(cli, flip_checkpoin
 def test_export_of_a_flip_checkpoint_answers_what_its_run_measured(cli, flip_checkpoint, pictures, tmp_path, fmt):
     """ONNX and TorchScript graphs average image and mirror; safetensors records flip for predict and test."""
     _, batch = pictures
+    tta = load_checkpoint(flip_checkpoint).hparams["tta"]
     expected = _flip_logits(flip_checkpoint, batch)
     output = tmp_path / f"model.{fmt}"
     result = cli("export", "--ckpt", str(flip_checkpoint), "--format", fmt, "--output", str(output))
     assert result.code == 0, result.err
-    assert len(result.out.strip().splitlines()) == 1 and "test-time augmentation flip" in result.out
+    assert len(result.out.strip().splitlines()) == 1 and f"test-time augmentation {tta} " in result.out
     if fmt == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-        assert session.get_modelmeta().custom_metadata_map["tta"] == "flip"
+        assert session.get_modelmeta().custom_metadata_map["tta"] == tta
         got = torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
     elif fmt == "torchscript":
         extra = {"metadata.json": ""}
         scripted = torch.jit.load(str(output), _extra_files=extra)
-        assert json.loads(extra["metadata.json"])["tta"] == "flip"
+        assert json.loads(extra["metadata.json"])["tta"] == tta
         with torch.inference_mode():
             got = scripted(batch)
     else:
         contents = read_safetensors(output)
-        assert contents.hparams["tta"] == "flip"
+        assert contents.hparams["tta"] == tta
         from run.inference import checkpoint_tta, predict_probabilities, with_tta
 
         got = predict_probabilities(with_tta(build_backbone(contents), checkpoint_tta(contents)), batch).log()
