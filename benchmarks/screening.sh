@@ -15,7 +15,6 @@ shift $(( $# >= 2 ? 2 : 1 ))
 candidates=("$@")
 if [ ${#candidates[@]} -eq 0 ]; then
     candidates=(
-        benchmarks/screening/vgg16-b128-lr0.05.yaml
         benchmarks/screening/vgg16_bn-b512-lr0.4-cutout8.yaml
         benchmarks/screening/resnet50-b128-lr0.1.yaml
         benchmarks/screening/vgg16-b512-lr0.05.yaml
@@ -24,6 +23,7 @@ if [ ${#candidates[@]} -eq 0 ]; then
         benchmarks/screening/resnet50-b512-lr0.05.yaml
         benchmarks/screening/resnet50-b128-lr0.1-cutout8.yaml
         benchmarks/screening/vgg16-b128-lr0.1.yaml
+        benchmarks/screening/vgg16-b128-lr0.05.yaml
     )
 fi
 for candidate in "${candidates[@]}"; do
