@@ -106,7 +106,10 @@ class BatchKeys(Sampler[tuple[int, int, int]]):
     """The keys of one epoch's :class:`PlannedBatches`, in order, for a DataLoader without batching.
 
     Lightning calls ``set_epoch`` at every epoch, as for a ``DistributedSampler``; ``skip`` drops
-    the first batches of the next iteration, for a resumed epoch.
+    the first batches of each iteration, for a resumed epoch. ``ResumableLoader`` sets it before
+    every epoch; it is not reset here because a multi-process DataLoader iterates its sampler
+    twice when it starts (``_MultiProcessingDataLoaderIter`` makes its sampler iterator, then
+    makes it again in ``_reset``).
     """
 
     def __init__(self, shard: ShuffledShard, batch_size: int) -> None:
@@ -121,9 +124,8 @@ class BatchKeys(Sampler[tuple[int, int, int]]):
         return math.ceil(len(self.shard) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        skip, self.skip = self.skip, 0
         epoch = self.shard.epoch
-        return iter([(epoch, start, stop) for start, stop in self.shard.batches(self.batch_size, skip)])
+        return iter([(epoch, start, stop) for start, stop in self.shard.batches(self.batch_size, self.skip)])
 
 
 class ResumableLoader(DataLoader):
@@ -363,6 +365,9 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self._pins(device),
             persistent_workers=self.num_workers > 0,
+            # DataLoader draws its workers' base seed at every iter(), from the global RNG unless it
+            # has a generator of its own: that draw would shift dropout's stream after a resume.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader | EvalBatches | list:
@@ -410,6 +415,9 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self._pins(device),
             persistent_workers=self.num_workers > 0,
+            # Not from the global RNG (see train_dataloader): a resumed run starts its workers at
+            # another point of the run than an uninterrupted one, and must not shift dropout's stream.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _pins(self, device: torch.device) -> bool:

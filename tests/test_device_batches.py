@@ -289,3 +289,21 @@ def test_the_datamodule_picks_the_path(tmp_path: Path) -> None:
     assert resolve_data_path("loader", torch.device("cuda")) == "loader"
     with pytest.raises(UserError, match="data_path must be one of auto, device, loader"):
         CIFAR10DataModule(tree, data_path="gpu")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_loader_serves_the_rest_of_the_epoch_with_any_workers(workers: int) -> None:
+    """As Lightning resumes: iter() first, then load_state_dict, then set_epoch, then the batches."""
+    images, labels = marker_images(60), torch.arange(60)
+    straight = loader_path(images, labels, 10, seed=2, workers=workers)
+    straight.sampler.set_epoch(1)
+    every = [y for _, y in straight]
+    resumed = loader_path(images, labels, 10, seed=2, workers=workers)
+    iterator = iter(resumed)
+    resumed.load_state_dict({"epoch": 1, "served": 3})
+    resumed.sampler.set_epoch(1)
+    rest = [y for _, y in iterator]
+    assert len(every) == 6 and len(rest) == 3
+    assert all(torch.equal(a, b) for a, b in zip(every[3:], rest, strict=True))
+    resumed.sampler.set_epoch(2)  # the next epoch starts from its first batch
+    assert len([y for _, y in resumed]) == 6

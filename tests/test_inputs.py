@@ -24,11 +24,18 @@ def ckpt(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data_path", ["device", "loader"])
-def test_stop_anywhere_then_resume_equals_the_uninterrupted_run(cli, tiny_data, tmp_path, data_path, sigterm_at):
+@pytest.mark.parametrize(
+    ("data_path", "augment"),
+    [("device", []), ("loader", []), ("device", ["--cutout", "8", "--translate-padding", "reflect"]),
+     # Worker processes build the batches: they are the same ones, so the resume is exact too.
+     ("loader", ["--cutout", "8", "--translate-padding", "reflect", "--workers", "2"])],
+    ids=["device", "loader", "device-cutout", "loader-workers-cutout"],
+)
+def test_stop_anywhere_then_resume_equals_the_uninterrupted_run(cli, tiny_data, tmp_path, data_path, augment, sigterm_at):
     """100 images, batch 10, SIGTERM at step 3 of epoch 1, --resume last: the same weights as 2 epochs straight."""
     recipe = [*QUICK_VGG, "--data-dir", str(tiny_data), "--data-path", data_path, "--train-limit", "100",
-              "--batch-size", "10", "--epochs", "2"]
+              "--batch-size", "10", "--epochs", "2", *augment]
+    data_path = f"{data_path}{' with ' + ' '.join(augment) if augment else ''}"
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli("train", *recipe, "--output-dir", str(straight)).code == 0
     sigterm_at(step=3)
