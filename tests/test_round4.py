@@ -77,3 +77,91 @@ def test_a_seed_too_large_in_a_config_file_names_its_line(cli, tmp_path):
     config.write_text("epochs: 1\nseed: 4294967296\n")
     result = cli("train", "--config", str(config), "--accelerator", "cpu")
     assert_one_line_error(result, "big.yaml", "line 2", "at most 4,294,967,295")
+
+
+# --- predict.py: a default that refuses, a reader that leaves, a picture of any size ------------
+
+
+@pytest.fixture
+def two_class_checkpoint(registered, tmp_path) -> Path:  # noqa: F811 - the fixture imported above
+    """A course-style state dict of the tiny CNN with 2 classes (a few kB)."""
+    from models.catalog import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "binary.ckpt"
+    torch.save(build_model("tiny_cnn", 2).state_dict(), path)
+    return path
+
+
+def test_the_default_top_k_never_refuses_a_checkpoint_of_fewer_classes(cli, two_class_checkpoint, tmp_path):
+    """No --top-k with a 2-class checkpoint: both classes are shown; a --top-k typed above 2 is still refused."""
+    picture = tmp_path / "cat.png"
+    Image.fromarray(np.full((40, 40, 3), 120, dtype=np.uint8)).save(picture)
+    result = cli("predict", "--ckpt", str(two_class_checkpoint), str(picture), "--json", "--accelerator", "cpu")
+    assert result.code == 0, result.err
+    assert len(json.loads(result.out)["top_k"]) == 2
+    assert_one_line_error(cli("predict", "--ckpt", str(two_class_checkpoint), str(picture), "--top-k", "3",
+                              "--accelerator", "cpu"), "--top-k 3", "2 classes")
+
+
+def test_a_picture_of_any_size_is_classified_without_pillows_warning(cli, two_class_checkpoint, tmp_path, recwarn):
+    """A 180-megapixel panorama (above Pillow's decompression-bomb limit) and a 90-megapixel one
+    (above its warning): both classified, no warning, the same way as any picture."""
+    from run.inference import load_image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    huge, large = tmp_path / "panorama.jpg", tmp_path / "wide.jpg"
+    # Saved as JPEG, which compresses a flat picture to a few hundred kB.
+    Image.new("RGB", (30_000, 6_000), (200, 30, 30)).save(huge, quality=50)
+    Image.new("RGB", (15_000, 6_000), (30, 30, 200)).save(large, quality=50)
+    assert 30_000 * 6_000 > 2 * limit and 15_000 * 6_000 > limit
+    result = cli("predict", "--ckpt", str(two_class_checkpoint), str(huge), str(large), "--json", "--accelerator", "cpu")
+    assert result.code == 0, result.err
+    assert result.err == "" and not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+    assert [Path(json.loads(line)["file"]).name for line in result.out.splitlines()] == ["panorama.jpg", "wide.jpg"]
+    pixels = load_image(huge)
+    assert pixels.shape == (3, 32, 32) and abs(int(pixels[0, 16, 16]) - 200) < 8
+    assert Image.MAX_IMAGE_PIXELS == limit  # the guard is back for everything else in the process
+
+
+def test_a_huge_picture_in_training_data_is_named_with_its_size(tmp_path):
+    """The same panorama in a data folder: refused as not 32x32, not as Pillow's 'decompression bomb DOS attack'."""
+    from base.errors import UserError
+    from datamodules.sources import _decode_image
+
+    huge = tmp_path / "panorama.jpg"
+    Image.new("RGB", (30_000, 6_000), (200, 30, 30)).save(huge, quality=50)
+    with pytest.raises(UserError) as error, open(huge, "rb") as data:
+        _decode_image(data, "train/cat/panorama.jpg")
+    assert "train/cat/panorama.jpg" in str(error.value) and "32x32" in str(error.value)
+    assert "attack" not in str(error.value)
+
+
+@pytest.mark.parametrize("script", ["predict", "train"])
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path, script):
+    """``predict.py --json FOLDER | head -n 1`` (and ``train.py --print-config | head -n 1``): no
+    BrokenPipeError traceback, nothing on stderr, the exit code of a process ended by SIGPIPE (141)."""
+    if script == "predict":
+        from models.catalog import build_model
+
+        folder = tmp_path / "pictures"
+        folder.mkdir()
+        for i in range(40):
+            Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        checkpoint = tmp_path / "course.ckpt"
+        # A course state dict of VGG16 without its weights' size: the file is read for its keys and shapes.
+        torch.save({k: torch.zeros_like(v) for k, v in build_model("vgg16", 10).state_dict().items()}, checkpoint)
+        args = ["--ckpt", str(checkpoint), "--json", "--batch-size", "1", "--accelerator", "cpu", str(folder)]
+    else:
+        args = ["--print-config", "--accelerator", "cpu"]
+    command = [sys.executable, f"{script}.py", *args]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}) as process:
+        first = process.stdout.readline()
+        process.stdout.close()  # what head does after its line
+        err = process.stderr.read().decode()
+        code = process.wait(timeout=300)
+    assert first, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert err.strip() == "", err
+    assert code in (0, 141), (code, err)
