@@ -212,7 +212,10 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: St
         os.environ[RUN_DIR_ENV] = str(run_dir)
         fit_started = time.perf_counter()
         try:
-            trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
+            # From the first training step to the last, Ctrl-C saves last.ckpt (PreemptionCheckpoint);
+            # before and after them (setup, sanity check, teardown) Lightning would end with exit code 1.
+            with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"):
+                trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
         finally:
             os.environ.pop(RUN_DIR_ENV, None)
     except SIGTERMException:

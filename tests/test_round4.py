@@ -165,3 +165,151 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path, script
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert err.strip() == "", err
     assert code in (0, 141), (code, err)
+
+
+# --- stops: a hang-up, Ctrl-C in every phase, several processes ---------------------------------
+
+
+class _SignalAt(Callback):
+    """Sends this process ``signum`` after training step ``step``, or at the first batch of the sanity check."""
+
+    def __init__(self, signum: int, step: int | None = None, sanity: bool = False) -> None:
+        self.signum, self.step, self.sanity, self.sent = signum, step, sanity, False
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.step is not None and trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.sanity and trainer.sanity_checking:
+            self._send()
+
+
+@pytest.fixture
+def signal_at(monkeypatch):
+    """``signal_at(signum, step=n)``: the next train.py run in this process gets ``signum`` there."""
+    from run import build as run_build
+
+    real = run_build.build_callbacks
+
+    def arm(signum: int, step: int | None = None, sanity: bool = False) -> None:
+        def build_callbacks(*args, **kwargs):
+            callbacks = real(*args, **kwargs)
+            callbacks.all.append(_SignalAt(signum, step, sanity))
+            return callbacks
+
+        monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+
+    return arm
+
+
+@pytest.fixture
+def slow_disk(monkeypatch):
+    """Every checkpoint takes 0.4 s more to write: the epoch's saves are still queued to the
+    background writer when the next steps train."""
+    import time
+
+    from callbacks.reliability import AtomicCheckpointIO
+
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.4)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow)
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGXCPU"])
+def test_a_hang_up_stops_the_run_as_sigterm_does_and_loses_no_queued_checkpoint(
+        cli, registered, tiny_data, tmp_path, signal_at, slow_disk, name):  # noqa: F811
+    """SIGHUP (the SSH session closed) in epoch 2, while epoch 1's checkpoints are still being
+    written: exit 143, every checkpoint whole, last.ckpt at the stop, and --resume last finishes the run."""
+    signum = getattr(signal, name)
+    # Ignored outside the run: where a run left the signal's default action in place, the test
+    # fails on its exit code instead of pytest itself being killed.
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        _hang_up_and_resume(cli, tiny_data, tmp_path, signal_at, name, signum)
+    finally:
+        signal.signal(signum, previous)
+
+
+def _hang_up_and_resume(cli, tiny_data, tmp_path, signal_at, name, signum) -> None:
+    signal_at(signum, step=3)
+    run = tmp_path / "runs" / "tiny_cnn" / "version_0"
+    args = [*TINY, "--train-limit", "40", "--epochs", "3", "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "runs")]
+    stopped = cli("train", *args)
+    assert stopped.code == 143, stopped.err[-2000:]
+    assert f"stopped by {name} in epoch 2, after step 3" in stopped.err
+    saved = {path.name: torch.load(path, map_location="cpu", weights_only=True)
+             for path in sorted((run / "checkpoints").glob("*.ckpt"))}
+    record_files(f"checkpoints after {name} with saves queued", len(saved), 0)
+    assert {"best.ckpt", "last.ckpt"} <= set(saved) and saved["last.ckpt"]["global_step"] == 3
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    signal_at(signal.SIGHUP, step=-1)  # armed for no step: the resume runs undisturbed
+    resumed = cli("train", *CPU, "--resume", "last", "--output-dir", str(tmp_path / "runs"))
+    record_runs(f"a run stopped by {name} and resumed", 1, int(resumed.code != 0))
+    assert resumed.code == 0, resumed.err[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
+
+
+def test_ctrl_c_during_the_range_test_exits_130_with_our_own_line(cli, registered, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C in the learning-rate range test (--lr find): exit 130 and one line of ours, not
+    Lightning's exit 1 and its advice about ModelCheckpoint callbacks."""
+    from lightning.pytorch.tuner import lr_finder
+
+    # The sweep runs with Lightning's callback alone (it sets the trainer's callbacks aside): the key is pressed from it.
+    real = lr_finder._LRCallback.on_train_batch_end
+
+    def pressed(self, trainer, *args, **kwargs):
+        real(self, trainer, *args, **kwargs)
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(lr_finder._LRCallback, "on_train_batch_end", pressed)
+    result = cli("train", *TINY, "--lr", "find", "--epochs", "1", "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "runs"))
+    assert result.code == 130, result.err[-2000:]
+    lines = [line for line in result.err.strip().splitlines() if line.strip()]
+    assert lines == ["cli: stopped by Ctrl-C during the learning-rate range test; nothing was trained or saved"], result.err
+    assert "ModelCheckpoint" not in result.out + result.err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_ctrl_c_before_the_first_training_step_exits_130_and_leaves_no_run(cli, registered, tiny_data, tmp_path,  # noqa: F811
+                                                                           signal_at):
+    """Ctrl-C during the sanity check (Lightning's own handling there: exit 1): 130, our line, no run folder left."""
+    signal_at(signal.SIGINT, sanity=True)
+    result = cli("train", *TINY, "--train-limit", "40", "--epochs", "1", "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "runs"))
+    assert result.code == 130, result.err[-2000:]
+    assert "cli: stopped by Ctrl-C outside a training step" in result.err
+    assert not list((tmp_path / "runs").glob("tiny_cnn/version_*"))
+
+
+def test_stop_messages_come_from_the_first_process_only(capsys, monkeypatch):
+    """Every process of a run gets the stop; only rank 0 says so (torchrun's RANK, SLURM's SLURM_PROCID,
+    Lightning's rank once set)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from base.errors import Interrupted
+    from cli.flags import process_rank, run_main
+
+    def stopped(argv):
+        raise Interrupted("stopped by Ctrl-C (exit code 130)")
+
+    for rank in (0, 1):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(stopped, [])
+        assert exit_info.value.code == 130
+        assert capsys.readouterr().err.count("stopped by Ctrl-C") == (1 if rank == 0 else 0)
+    monkeypatch.delattr(rank_zero_only, "rank")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert process_rank() == 3
