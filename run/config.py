@@ -93,7 +93,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
+        raise UserError(
+            f"config file not found: {path}; a shipped recipe is named without a path "
+            "(--config resnet50_fast, --config vgg16)"
+        )
     entries = read_mapping(path)
     return flatten_sections({entry.key: entry.value for entry in entries}, {entry.key: entry.line for entry in entries},
                             str(path))[0]

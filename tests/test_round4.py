@@ -313,3 +313,36 @@ def test_stop_messages_come_from_the_first_process_only(capsys, monkeypatch):
     monkeypatch.delattr(rank_zero_only, "rank")
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert process_rank() == 3
+
+
+# --- the shipped recipes from any folder --------------------------------------------------------
+
+
+@pytest.mark.parametrize("given", ["resnet50_fast", "resnet50_fast.yaml", "configs/resnet50_fast.yaml"])
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys, given):
+    """``cifar10-train --config resnet50_fast`` (or configs/resnet50_fast.yaml) typed in another folder
+    reads the project's configs/resnet50_fast.yaml; the run records that file."""
+    from cli.train import parse_run_config
+
+    monkeypatch.chdir(tmp_path)
+    config = parse_run_config(["--config", given, "--accelerator", "cpu"])
+    assert config.model == "resnet50" and config.optimizer == "sgd" and config.batch_size == 512
+    assert config.config == ROOT / "configs" / "resnet50_fast.yaml"
+    said = capsys.readouterr().err
+    assert ("using the shipped recipe" in said) == ("/" in given)
+
+
+def test_a_file_of_the_same_path_in_the_current_folder_wins(tmp_path, monkeypatch):
+    from cli.train import parse_run_config
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "resnet50_fast.yaml").write_text("model: vgg16\nepochs: 2\n")
+    monkeypatch.chdir(tmp_path)
+    config = parse_run_config(["--config", "configs/resnet50_fast.yaml", "--accelerator", "cpu"])
+    assert config.model == "vgg16" and config.epochs == 2
+
+
+def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path):
+    result, imported = probe("train", "--config", "resnet50_fats", "--accelerator", "cpu")
+    assert_one_line_error(result, "--config resnet50_fats", "did you mean resnet50_fast?", "vgg16_fast")
+    assert imported == "IMPORTED: none"
