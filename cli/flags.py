@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from base.errors import Interrupted, UserError
+from base.slurm import process_rank
 from base.schema import DEFAULTS, GROUP_OF, TITLES, argparse_kwargs, flag_of, option_of, shown
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
@@ -245,23 +246,6 @@ def _say_once(line: str) -> None:
             print(line, file=sys.stderr)
         except (OSError, ValueError):  # the terminal went away with a hang-up
             pass
-
-
-def process_rank() -> int:
-    """This process's global rank in a multi-process run, 0 when alone.
-
-    Lightning's own once it has set it (``rank_zero_only.rank``, when Lightning is loaded: it is
-    not imported here, or every command would wait for it), else the launchers' variables
-    (torchrun's ``RANK``, SLURM's ``SLURM_PROCID``).
-    """
-    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
-    rank = getattr(getattr(rank_zero, "rank_zero_only", None), "rank", None)
-    if isinstance(rank, int):
-        return rank
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def _silence_stdout() -> None:

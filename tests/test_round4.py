@@ -299,7 +299,8 @@ def test_stop_messages_come_from_the_first_process_only(capsys, monkeypatch):
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from base.errors import Interrupted
-    from cli.flags import process_rank, run_main
+    from base.slurm import process_rank
+    from cli.flags import run_main
 
     def stopped(argv):
         raise Interrupted("stopped by Ctrl-C (exit code 130)")
@@ -346,3 +347,59 @@ def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path):
     result, imported = probe("train", "--config", "resnet50_fats", "--accelerator", "cpu")
     assert_one_line_error(result, "--config resnet50_fats", "did you mean resnet50_fast?", "vgg16_fast")
     assert imported == "IMPORTED: none"
+
+
+# --- which run --resume last continues -------------------------------------------------------------
+
+
+@pytest.fixture
+def two_networks_runs(tmp_path) -> Path:
+    """runs/resnet50/version_0 (the one meant), then a stray runs/vgg16/version_0 written to later."""
+    import time
+
+    import yaml
+
+    runs = tmp_path / "runs"
+    for age, model in ((100, "resnet50"), (0, "vgg16")):
+        run = runs / model / "version_0"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": model, "epochs": 3, "accelerator": "cpu",
+                                                         "devices": 1, "precision": "32-true"}))
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04" + bytes(60))
+        for path in (run / "config.yaml", run / "checkpoints" / "last.ckpt"):
+            os.utime(path, (time.time() - age, time.time() - age))
+    return runs
+
+
+def test_resume_last_with_a_model_means_that_networks_newest_run(two_networks_runs, tmp_path):
+    """--model resnet50 (or a config naming it) with --resume last: the ResNet50 run, not the newer VGG16 one."""
+    from run.folder import find_resume
+
+    assert find_resume("last", two_networks_runs, "resnet50", None) == two_networks_runs / "resnet50/version_0/checkpoints/last.ckpt"
+    config = tmp_path / "mine.yaml"
+    config.write_text("model: resnet50\n")
+    result, _ = probe("train", "--config", str(config), "--resume", "last", "--output-dir", str(two_networks_runs),
+                      "--accelerator", "cpu")
+    # The stand-in checkpoint is refused once read: the one read is the ResNet50 run's.
+    assert "resnet50/version_0" in result.err and "vgg16" not in result.err, result.err
+
+
+def test_resume_last_without_a_model_says_which_run_before_any_work(two_networks_runs):
+    """Without --model the newest run of any network is continued, and the first line, before torch
+    loads, names it and how to take the other network's newest run."""
+    result, _ = probe("train", "--resume", "last", "--output-dir", str(two_networks_runs), "--accelerator", "cpu")
+    first = result.err.splitlines()[0]
+    assert first.startswith("--resume last: continuing ") and "vgg16/version_0" in first, result.err
+    assert "add --model resnet50" in first
+    alone, imported = probe("train", "--resume", "last", "--output-dir", str(two_networks_runs), "--model", "vgg16",
+                            "--accelerator", "cpu")
+    assert "continuing" not in alone.err
+
+
+def test_resume_last_of_a_run_killed_while_writing_last_ckpt_names_what_it_has(two_networks_runs):
+    """A newest run with best.ckpt but no last.ckpt did not stop 'before its first epoch ended': its checkpoints are named."""
+    run = two_networks_runs / "vgg16" / "version_0" / "checkpoints"
+    (run / "last.ckpt").rename(run / "best.ckpt")
+    result, imported = probe("train", "--resume", "last", "--output-dir", str(two_networks_runs), "--accelerator", "cpu")
+    assert_one_line_error(result, "has no last.ckpt, only best.ckpt", "--resume ")
+    assert "first epoch" not in result.err and imported == "IMPORTED: none"
