@@ -403,3 +403,52 @@ def test_resume_last_of_a_run_killed_while_writing_last_ckpt_names_what_it_has(t
     result, imported = probe("train", "--resume", "last", "--output-dir", str(two_networks_runs), "--accelerator", "cpu")
     assert_one_line_error(result, "has no last.ckpt, only best.ckpt", "--resume ")
     assert "first epoch" not in result.err and imported == "IMPORTED: none"
+
+
+# --- a mid-epoch resume: the time left, the epoch's metrics --------------------------------------
+
+
+def test_the_epoch_a_resume_came_into_counts_as_a_whole_epoch_in_the_eta(monkeypatch):
+    """Resumed at batch 75 of 100 (6 s a batch, 10 s of validation): the next ETA paces epochs at
+    610 s, not at the 160 s that the partial epoch took (4x too low)."""
+    from types import SimpleNamespace
+
+    from callbacks import progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    trainer = SimpleNamespace(num_training_batches=100, max_epochs=10, current_epoch=2, is_global_zero=True,
+                              sanity_checking=False, strategy=SimpleNamespace(root_device=SimpleNamespace(type="cuda")),
+                              precision="32-true")
+    clock = progress.RunClock()
+    clock.on_train_start(trainer, None)
+    for batch_idx in range(75, 100):
+        now[0] += 6
+        clock.on_train_batch_end(trainer, None, None, None, batch_idx)
+    clock.on_validation_start(trainer, None)
+    now[0] += 10
+    clock.on_train_epoch_end(trainer, None)
+    assert clock.epoch_seconds == [pytest.approx(610)]
+    trainer.current_epoch = 3
+    clock.on_train_epoch_start(trainer, None)
+    assert clock.eta_seconds(trainer) == pytest.approx(7 * 610)
+    # A whole epoch after it is timed as it is.
+    for batch_idx in range(100):
+        now[0] += 6
+        clock.on_train_batch_end(trainer, None, None, None, batch_idx)
+    now[0] += 10
+    clock.on_train_epoch_end(trainer, None)
+    assert clock.epoch_seconds[-1] == pytest.approx(610)
+
+
+def test_the_progress_bar_shows_accuracies_as_percentages(monkeypatch):
+    """acc/val 0.342 on the bar reads 34.20 %, as the epoch lines and the summary say it; losses stay numbers."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from callbacks.progress import ThrottledProgressBar
+
+    monkeypatch.setattr(RichProgressBar, "get_metrics",
+                        lambda self, trainer, module: {"acc/val": 0.342, "acc/train": 0.1586, "loss/val": 2.045, "v_num": 0})
+    bar = ThrottledProgressBar()
+    shown = bar.get_metrics(type("T", (), {"training": False})(), None)
+    assert shown == {"acc/val": "34.20 %", "acc/train": "15.86 %", "loss/val": 2.045}
