@@ -452,3 +452,36 @@ def test_the_progress_bar_shows_accuracies_as_percentages(monkeypatch):
     bar = ThrottledProgressBar()
     shown = bar.get_metrics(type("T", (), {"training": False})(), None)
     assert shown == {"acc/val": "34.20 %", "acc/train": "15.86 %", "loss/val": 2.045}
+
+
+# --- the disk a run's checkpoints take ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("free_mib", "expected"), [(2048, "nothing"), (500, "heads-up"), (100, "refused")])
+def test_checkpoint_disk_use_is_announced_when_large_against_the_free_disk(tmp_path, monkeypatch, capsys, free_mib,
+                                                                            expected):
+    """A 250-epoch run keeps 15 checkpoints (best, last, a temporary one, one every 20 epochs) of 12 MiB
+    here: said before the run with 500 MiB free (36 %), refused with 100, nothing said with 2 GiB."""
+    import shutil
+    from collections import namedtuple
+
+    from torch import nn
+
+    from base.errors import UserError
+    from cli.train import parse_run_config
+    from run.training import check_outputs
+
+    config = parse_run_config(["--accelerator", "cpu", "--output-dir", str(tmp_path / "runs")])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 0, free_mib * 2**20))
+    module = nn.Linear(1024, 1024, bias=False)  # 4 MiB of weights, 12 MiB with Adam's two moments
+    if expected == "refused":
+        with pytest.raises(UserError, match="0.2 GiB of checkpoints"):
+            check_outputs(config, module)
+        return
+    check_outputs(config, module)
+    said = capsys.readouterr().err
+    if expected == "nothing":
+        assert said == ""
+    else:
+        assert said.startswith("heads-up: this run keeps about 0.2 GiB of checkpoints (15 of 12 MiB") and "36 %" in said
