@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -28,10 +29,12 @@ from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
 from callbacks.recipes import TimeToAccuracy, recipe_callbacks
 from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG, SameData
 from datamodules import ImageDataModule
+from datamodules.device_batches import resolve_data_path
 from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.checkpoints import build_backbone
 from run.config import RunConfig
+from run.hardware import check_shared_memory
 from run.start import FromWeights, Resume, Start
 from run.loggers import build_loggers
 
@@ -71,6 +74,10 @@ def build_datamodule(config: RunConfig, dataset_info: DatasetInfo | None = None)
         config.group(DataOptions), seed=config.seed, channels_last=config.channels_last, dataset_info=dataset_info
     )
     check_batch_limits(config, datamodule)
+    device = {"gpu": "cuda"}.get(config.accelerator, config.accelerator)
+    if device in ("cpu", "cuda", "mps") and resolve_data_path(config.data_path, torch.device(device)) == "loader":
+        # Worker processes hand their batches over in shared memory: float32 3x32x32 images.
+        check_shared_memory(config.workers, max(config.batch_size, config.eval_batch_size) * 3 * 32 * 32 * 4)
     return datamodule
 
 

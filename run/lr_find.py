@@ -27,6 +27,7 @@ from base.errors import UserError, ctrl_c_raises
 from base.files import atomic_write, atomic_write_text
 from run.build import build_data_and_module, build_trainer, check_batch_limits
 from run.config import RunConfig
+from run.hardware import worker_failures_explained
 
 MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
 
@@ -91,7 +92,8 @@ def find_lr(config: RunConfig) -> LrFinding:
         trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal)
         # Lightning ends a Ctrl-C inside the Trainer with exit code 1 and a message about missing
         # callbacks; the range test keeps nothing, so a Ctrl-C simply ends it (exit 130).
-        with ctrl_c_raises("stopped by Ctrl-C during the learning-rate range test; nothing was trained or saved"):
+        with ctrl_c_raises("stopped by Ctrl-C during the learning-rate range test; nothing was trained or saved"), \
+                worker_failures_explained(config.workers):
             finder = Tuner(trainer).lr_find(
                 module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR, num_training=STEPS, update_attr=False,
                 # The whole sweep, always: Lightning's default stops once the loss is 4x its best, which

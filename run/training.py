@@ -40,6 +40,7 @@ from run.folder import (
     joins_run,
     withdraw_announcement,
 )
+from run.hardware import worker_failures_explained
 from run.history import check_resumed_data, record_final_test, rewind
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
@@ -224,7 +225,8 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: St
         try:
             # From the first training step to the last, Ctrl-C saves last.ckpt (PreemptionCheckpoint);
             # before and after them (setup, sanity check, teardown) Lightning would end with exit code 1.
-            with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"):
+            with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"), \
+                    worker_failures_explained(config.workers):
                 trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
         finally:
             os.environ.pop(RUN_DIR_ENV, None)
@@ -257,7 +259,7 @@ def _test_and_record(
     epochs_trained, last_step, test_started = trainer.current_epoch, trainer.global_step, time.perf_counter()
     kept = f"the run is saved ({outcome.best or outcome.last}); test it with: python test.py --ckpt {shlex.quote(str(outcome.best))}"
     try:
-        with ctrl_c_raises(f"stopped by Ctrl-C during the final test; {kept}"):
+        with ctrl_c_raises(f"stopped by Ctrl-C during the final test; {kept}"), worker_failures_explained(config.workers):
             results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
     except SIGTERMException:
         if trainer.is_global_zero:

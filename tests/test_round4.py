@@ -485,3 +485,40 @@ def test_checkpoint_disk_use_is_announced_when_large_against_the_free_disk(tmp_p
         assert said == ""
     else:
         assert said.startswith("heads-up: this run keeps about 0.2 GiB of checkpoints (15 of 12 MiB") and "36 %" in said
+
+
+# --- a small /dev/shm with loader workers ------------------------------------------------------------
+
+
+def test_loader_workers_that_dev_shm_cannot_take_are_refused_before_the_run(cli, registered, tiny_data, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    """Docker's 64 MB /dev/shm, nearly full, with --data-path loader --workers 2: one line naming
+    the shared memory, --workers 0 and --shm-size, before any run folder (also for test.py's loader)."""
+    from run import hardware
+
+    monkeypatch.setattr(hardware, "_shared_memory", lambda: (64 * 2**20, 2**20))
+    result = cli("train", *TINY, "--workers", "2", "--train-limit", "40", "--epochs", "1", "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "runs"))
+    assert_one_line_error(result, "--workers 2", "shared memory", "--workers 0", "--shm-size", "64 MiB")
+    assert not (tmp_path / "runs" / "tiny_cnn").exists()
+    # The device path has no workers, hence needs none.
+    fine = cli("train", *TINY, "--data-path", "device", "--workers", "2", "--train-limit", "40", "--epochs", "1",
+               "--limit-test-batches", "1", "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "runs"))
+    assert fine.code == 0, fine.err[-2000:]
+
+
+def test_a_worker_that_runs_out_of_shared_memory_is_one_line(cli, registered, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """The estimate may fall short (other processes fill /dev/shm): torch's 'unable to allocate shared
+    memory' from a worker process becomes the same one line, and the run folder goes."""
+    from datamodules.cifar10 import TransformedTensorDataset
+
+    def full(self, index):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_4242_1_0>: Success (28)")
+
+    monkeypatch.setattr(TransformedTensorDataset, "__getitem__", full)
+    result = cli("train", *TINY, "--workers", "1", "--train-limit", "40", "--epochs", "1", "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "runs"))
+    lines = [line for line in result.err.strip().splitlines() if "error:" in line]
+    assert result.code == 2 and len(lines) == 1 and "Traceback" not in result.err, result.err[-3000:]
+    assert "ran out of shared memory" in lines[0] and "--workers 0" in lines[0]
+    assert not list((tmp_path / "runs").glob("tiny_cnn/version_*"))
