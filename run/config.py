@@ -31,7 +31,7 @@ from base.values import logger_list
 from datamodules.layout import check_data_dir
 from models.catalog import CATALOG, entry
 from run.loggers import check_loggers
-from run.hardware import Hardware, Machine, check_hardware_request, resolve_hardware, use_channels_last
+from run.hardware import Hardware, Machine, check_compiler, check_hardware_request, resolve_hardware, use_channels_last
 from run.paths import RUN_FOLDER_INSIDE, check_name_lengths
 
 G = TypeVar("G")
@@ -172,6 +172,8 @@ def complete(settled: Mapping[str, Any], machine: Machine | None = None) -> RunC
     values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision,
                   precision_reason=hardware.precision_reason)
     values["channels_last"] = use_channels_last(values["channels_last"], hardware)
+    if values["compile"]:
+        check_compiler(hardware.accelerator)  # found now, not as a traceback at the first step
     return RunConfig(**values)
 
 

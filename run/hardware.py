@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,3 +288,29 @@ def worker_failures_explained(workers: int) -> Iterator[None]:
         if error is None:
             raise
         raise error from None
+
+
+def check_compiler(accelerator: str, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``--compile`` where the compiler its code generator calls is missing, before any work.
+
+    TorchInductor writes C++ for the CPU, built with ``$CXX`` (default ``g++``, ``clang++`` on
+    macOS), and Triton kernels for CUDA GPUs, whose launchers it builds with ``$CC`` (else ``gcc``
+    or ``clang``). Without one the first training step fails after the data is read, with a long
+    ``InvalidCxxCompiler`` (or Triton "Failed to find C compiler") traceback. Other accelerators
+    (MPS) are not checked. Raises UserError naming the compiler looked for and what to do.
+    """
+    environ = os.environ if environ is None else environ
+    if accelerator == "cpu":
+        variable, wanted = "CXX", [environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")]
+        what = "a C++ compiler"
+    elif accelerator == "gpu":
+        variable, wanted = "CC", [environ["CC"]] if environ.get("CC") else ["gcc", "clang"]
+        what = "a C compiler (for Triton's kernels)"
+    else:
+        return
+    found = [name for name in wanted if name.split() and shutil.which(name.split()[0], path=environ.get("PATH"))]
+    if not found:
+        raise UserError(
+            f"--compile needs {what} and none was found ({' or '.join(wanted)} on PATH, ${variable} to name another); "
+            "install one (Debian/Ubuntu: apt install g++), or run without --compile"
+        )

@@ -522,3 +522,33 @@ def test_a_worker_that_runs_out_of_shared_memory_is_one_line(cli, registered, ti
     assert result.code == 2 and len(lines) == 1 and "Traceback" not in result.err, result.err[-3000:]
     assert "ran out of shared memory" in lines[0] and "--workers 0" in lines[0]
     assert not list((tmp_path / "runs").glob("tiny_cnn/version_*"))
+
+
+# --- --compile without a compiler ------------------------------------------------------------------
+
+
+def test_compile_without_a_compiler_is_refused_before_training(cli, registered, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """--compile on a machine without g++ (or $CXX): one line naming the compiler and the fix,
+    before the data is read or a run folder made, not a 150-line InvalidCxxCompiler at the first step."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CXX", raising=False)
+    result = cli("train", *TINY, "--compile", "--epochs", "1", "--train-limit", "40", "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "runs"))
+    assert_one_line_error(result, "--compile needs a C++ compiler", "g++", "without --compile")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_compiler_looked_for_is_torchs_own_choice(tmp_path):
+    """$CXX names the C++ compiler (as TorchInductor reads it), $CC Triton's C compiler; found on PATH, nothing is said."""
+    from base.errors import UserError
+    from run.hardware import check_compiler
+
+    (tmp_path / "my-g++").write_text("#!/bin/sh\n")
+    (tmp_path / "my-g++").chmod(0o755)
+    check_compiler("cpu", {"PATH": str(tmp_path), "CXX": "my-g++"})
+    with pytest.raises(UserError, match=r"\$CC"):
+        check_compiler("gpu", {"PATH": str(tmp_path)})
+    check_compiler("gpu", {"PATH": str(tmp_path), "CC": "my-g++ -O2"})
+    check_compiler("mps", {"PATH": str(tmp_path)})
