@@ -552,3 +552,60 @@ def test_the_compiler_looked_for_is_torchs_own_choice(tmp_path):
         check_compiler("gpu", {"PATH": str(tmp_path)})
     check_compiler("gpu", {"PATH": str(tmp_path), "CC": "my-g++ -O2"})
     check_compiler("mps", {"PATH": str(tmp_path)})
+
+
+# --- curves after a crash and its resume ------------------------------------------------------------
+
+
+class _CrashAt(Callback):
+    """Raises at training step ``step`` as a kill -9 would end the process: nothing saved on the way out."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            from base.errors import UserError
+
+            raise UserError("crash")  # ends the command at once (exit 2), saving nothing
+
+
+def _curves(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve of ``run`` as TensorBoard shows it: all its events files read as one, purges applied."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_curves_after_a_crash_and_a_resume_show_each_step_once(cli, registered, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """A crash in epoch 3 of a run whose last.ckpt is epoch 1's (written at most once a minute),
+    then --resume last: every curve has one point per step, the steps of the same run uninterrupted."""
+    from run import build as run_build
+
+    args = [*TINY, "--train-limit", "40", "--epochs", "3", "--limit-test-batches", "1", "--data-dir", str(tiny_data)]
+    straight = cli("train", *args, "--output-dir", str(tmp_path / "straight"))
+    assert straight.code == 0, straight.err[-2000:]
+    expected = {tag: [step for step, _ in points] for tag, points in _curves(tmp_path / "straight/tiny_cnn/version_0").items()}
+
+    real = run_build.build_callbacks
+
+    def build_callbacks(*a, **k):
+        callbacks = real(*a, **k)
+        callbacks.all.append(_CrashAt(5))
+        return callbacks
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_build, "build_callbacks", build_callbacks)
+        crashed = cli("train", *args, "--output-dir", str(tmp_path / "runs"))
+    assert crashed.code != 0
+    run = tmp_path / "runs" / "tiny_cnn" / "version_0"
+    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    resumed = cli("train", *CPU, "--resume", "last", "--output-dir", str(tmp_path / "runs"))
+    assert resumed.code == 0, resumed.err[-2000:]
+    curves = _curves(run)
+    for tag, steps in expected.items():
+        got = [step for step, _ in curves[tag]]
+        assert got == steps, (tag, got, steps)
+    record_runs("a run crashed (kill -9) after last.ckpt, resumed: its curves", 1, 0)
