@@ -609,3 +609,28 @@ def test_curves_after_a_crash_and_a_resume_show_each_step_once(cli, registered, 
         got = [step for step, _ in curves[tag]]
         assert got == steps, (tag, got, steps)
     record_runs("a run crashed (kill -9) after last.ckpt, resumed: its curves", 1, 0)
+
+
+def test_the_epoch_a_run_was_stopped_in_reports_the_training_metrics_of_all_its_batches(
+        cli, registered, tiny_data, tmp_path, sigterm_at):  # noqa: F811
+    """Stopped after the first of epoch 2's three batches and resumed: that epoch's loss/train_epoch and
+    acc/train, in the console and the curves, are those of the run without the stop (not of its last two batches)."""
+    args = [*TINY, "--train-limit", "60", "--epochs", "2", "--limit-test-batches", "1", "--data-dir", str(tiny_data)]
+    sigterm_at()
+    straight = cli("train", *args, "--output-dir", str(tmp_path / "straight"))
+    assert straight.code == 0, straight.err[-2000:]
+    sigterm_at(step=4)
+    stopped = cli("train", *args, "--output-dir", str(tmp_path / "runs"))
+    assert stopped.code == 143, stopped.err[-2000:]
+    sigterm_at()
+    resumed = cli("train", *CPU, "--resume", "last", "--output-dir", str(tmp_path / "runs"))
+    assert resumed.code == 0, resumed.err[-2000:]
+    expected = _curves(tmp_path / "straight/tiny_cnn/version_0")
+    got = _curves(tmp_path / "runs/tiny_cnn/version_0")
+    for tag in ("loss/train_epoch", "acc/train"):
+        assert [step for step, _ in got[tag]] == [step for step, _ in expected[tag]], tag
+        assert [value for _, value in got[tag]] == pytest.approx([value for _, value in expected[tag]], abs=1e-5), tag
+    epoch_2 = [line for line in resumed.out.splitlines() if line.startswith("epoch 2/2")]
+    assert epoch_2 and epoch_2[0].split(" | ")[1] == next(
+        line for line in straight.out.splitlines() if line.startswith("epoch 2/2")).split(" | ")[1]
+    record_runs("a run stopped mid-epoch and resumed: the epoch's training metrics", 1, 0)
