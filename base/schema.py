@@ -182,7 +182,8 @@ class RunOptions:
     """The run itself: its folder, seed, checkpoints, logs, and what one command asks of it."""
 
     config: Path | None = option(
-        None, "YAML file of option defaults, e.g. configs/vgg16.yaml (flags typed win over it)",
+        None, "YAML file of option defaults, e.g. configs/vgg16.yaml, or a shipped recipe by name (resnet50_fast); "
+        "flags typed win over it",
         path=True, per_invocation=True,
     )
     output_dir: Path = option("runs", "runs go to OUTPUT_DIR/MODEL/RUN_NAME", path=True)
