@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,18 +104,20 @@ def newest_run(output_dir: Path, model: str | None) -> Path | None:
 
 
 def announce_choice(run: Path, output_dir: Path) -> None:
-    """Say on stderr, before any work, which run ``--resume last`` without ``--model`` took: the newest
-    of any network, which may not be the one meant (a stray run started by a typo minutes before),
-    and how to take another network's newest instead."""
+    """Say, before any work, which run ``--resume last`` without ``--model`` took when runs of other
+    networks are there too: the newest of any network, which may not be the one meant (a stray run
+    started by a typo minutes before), and how to take another network's newest instead. On
+    standard output, as the run's other news: an error that may follow stays one line on stderr."""
     newest = {}
     for config in output_dir.glob(f"*/*/{CONFIG_NAME}"):
         other = config.parent
         if other.parent.name != run.parent.name and (other.parent.name not in newest
                                                       or _last_activity(other) > _last_activity(newest[other.parent.name])):
             newest[other.parent.name] = other
+    if not newest:
+        return  # one network's runs only: nothing to mistake
     others = "; ".join(f"for the newest {model} run ({path.name}) add --model {model}" for model, path in sorted(newest.items()))
-    print(f"--resume last: continuing {run}, the newest run of any network ({run.parent.name})"
-          + (f"; {others}" if others else ""), file=sys.stderr, flush=True)
+    print(f"--resume last: continuing {run}, the newest run of any network ({run.parent.name}); {others}", flush=True)
 
 
 def _last_activity(run: Path) -> float:

@@ -385,15 +385,17 @@ def test_resume_last_with_a_model_means_that_networks_newest_run(two_networks_ru
 
 
 def test_resume_last_without_a_model_says_which_run_before_any_work(two_networks_runs):
-    """Without --model the newest run of any network is continued, and the first line, before torch
-    loads, names it and how to take the other network's newest run."""
+    """Without --model the newest run of any network is continued, and where another network has runs
+    too the first line, before torch loads, names it and how to take the other network's newest run."""
     result, _ = probe("train", "--resume", "last", "--output-dir", str(two_networks_runs), "--accelerator", "cpu")
-    first = result.err.splitlines()[0]
-    assert first.startswith("--resume last: continuing ") and "vgg16/version_0" in first, result.err
+    first = result.out.splitlines()[0]
+    assert first.startswith("--resume last: continuing ") and "vgg16/version_0" in first, result.out
     assert "add --model resnet50" in first
+    # The stand-in checkpoint is then refused: still one line on stderr.
+    assert len(result.err.strip().splitlines()) == 1 and "error:" in result.err
     alone, imported = probe("train", "--resume", "last", "--output-dir", str(two_networks_runs), "--model", "vgg16",
                             "--accelerator", "cpu")
-    assert "continuing" not in alone.err
+    assert "continuing" not in alone.out
 
 
 def test_resume_last_of_a_run_killed_while_writing_last_ckpt_names_what_it_has(two_networks_runs):
