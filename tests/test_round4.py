@@ -636,3 +636,22 @@ def test_the_epoch_a_run_was_stopped_in_reports_the_training_metrics_of_all_its_
     assert epoch_2 and epoch_2[0].split(" | ")[1] == next(
         line for line in straight.out.splitlines() if line.startswith("epoch 2/2")).split(" | ")[1]
     record_runs("a run stopped mid-epoch and resumed: the epoch's training metrics", 1, 0)
+
+
+@pytest.mark.parametrize("where", [{"during": "validation", "epoch": 2}, {"step": 4}, {"epoch": 1}])
+def test_a_resume_after_a_stop_keeps_every_point_of_the_curves(cli, registered, tiny_data, tmp_path, sigterm_at,  # noqa: F811
+                                                               where):
+    """The purge of a resume's first step never hides a point that the resume does not log again: a stop
+    during validation, in an epoch's last batch or at its end, resumed, shows the uninterrupted run's curves."""
+    args = [*TINY, "--train-limit", "40", "--epochs", "3", "--limit-test-batches", "1", "--data-dir", str(tiny_data)]
+    sigterm_at()
+    assert cli("train", *args, "--output-dir", str(tmp_path / "straight")).code == 0
+    sigterm_at(**where)
+    stopped = cli("train", *args, "--output-dir", str(tmp_path / "runs"))
+    assert stopped.code == 143, stopped.err[-2000:]
+    sigterm_at()
+    assert cli("train", *CPU, "--resume", "last", "--output-dir", str(tmp_path / "runs")).code == 0
+    expected = _curves(tmp_path / "straight/tiny_cnn/version_0")
+    got = _curves(tmp_path / "runs/tiny_cnn/version_0")
+    for tag in ("acc/val", "loss/val", "acc/train", "loss/train_epoch", "loss/train_step", "lr", "acc/test"):
+        assert [step for step, _ in got[tag]] == [step for step, _ in expected[tag]], (tag, got[tag], expected[tag])
