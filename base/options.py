@@ -28,6 +28,11 @@ PRECISION_HELP = "auto: bf16-mixed on GPUs and CPUs with native bfloat16 (AMX, A
 EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 # Signals that --requeue-signal may name; SLURM's ``--signal=USR1@90`` style warnings.
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+# Signals whose default action would end a run on the spot, which a run takes as SIGTERM instead
+# (saving last.ckpt after the current batch): a closed SSH session or terminal (SIGHUP, which
+# nohup would have ignored) and a CPU-time limit about to be reached (SIGXCPU, sent by ulimit -t
+# and batch systems before they kill).
+STOP_SIGNALS = ("SIGHUP", "SIGXCPU")
 
 
 # Image files that a folder is searched for (training data in image folders, predict.py's inputs).

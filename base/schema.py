@@ -196,7 +196,8 @@ class RunOptions:
     """The run itself: its folder, seed, checkpoints, logs, and what one command asks of it."""
 
     config: Path | None = option(
-        None, "YAML file of option defaults, e.g. configs/vgg16.yaml (flags typed win over it)",
+        None, "YAML file of option defaults, e.g. configs/vgg16.yaml, or a shipped recipe by name (resnet50_fast); "
+        "flags typed win over it",
         path=True, per_invocation=True,
     )
     output_dir: Path = option("runs", "runs go to OUTPUT_DIR/MODEL/RUN_NAME", path=True)
@@ -205,7 +206,7 @@ class RunOptions:
         "the run's folder name (default: the next free version_N); with --resume last, continue this run "
         "if it has a checkpoint, else start it: one command for a job's first start and its requeues",
     )
-    seed: int = option(0, "seeds weights, split, shuffling, augmentation", parse=values.non_negative_int, fixed=TRAINING)
+    seed: int = option(0, "seeds weights, split, shuffling, augmentation (0 to 2**32 - 1)", parse=values.seed, fixed=TRAINING)
     resume: Path | None = option(
         None, "continue a run: its folder, a checkpoint in it, or last (the newest run, or --run-name's)",
         metavar="PATH|last", path=True, per_invocation=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -113,3 +114,21 @@ def requeue(job_id: str) -> str:
         said = " ".join((done.stderr or done.stdout).split())[:200] or f"exit code {done.returncode}"
         return f"not requeued: scontrol requeue {job_id} failed ({said}); {by_hand}"
     return f"requeued SLURM job {job_id} (scontrol requeue {job_id})"
+
+
+def process_rank() -> int:
+    """This process's global rank in a multi-process run, 0 when alone (for what only one process says).
+
+    Lightning's own once it has set it (``rank_zero_only.rank``, when Lightning is loaded: it is
+    not imported here, or every command would wait for it), else the launchers' variables
+    (torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, Lightning's ``LOCAL_RANK`` and ``NODE_RANK``
+    of the processes it starts).
+    """
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    rank = getattr(getattr(rank_zero, "rank_zero_only", None), "rank", None)
+    if isinstance(rank, int):
+        return rank
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1 if any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK")) else 0

@@ -23,12 +23,33 @@ def _number(text: str, kind: type, accept: Callable[[float], bool], expected: st
     return value
 
 
+# The largest count torch takes (int64): a larger one would overflow in a tensor, a sampler or a
+# loop counter after torch has loaded, with a traceback instead of this one line.
+INT_MAX = 2**63 - 1
+# The seeds numpy takes (and Lightning's seed_everything with it): 0 to 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
 def positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 1, "a positive integer", "must be a positive integer")
+    value = _number(text, int, lambda v: v >= 1, "a positive integer", "must be a positive integer")
+    return _at_most(value, INT_MAX, text)
 
 
 def non_negative_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, INT_MAX, text)
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer from 0 to 2**32 - 1, the range numpy (hence Lightning) seeds from."""
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, SEED_MAX, text, "the seeds numpy and Lightning take")
+
+
+def _at_most(value: int, limit: int, text: str, what: str = "the largest count torch takes") -> int:
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"must be at most {limit:,} ({what}), got {text.strip()}")
+    return value
 
 
 def positive_float(text: str) -> float:

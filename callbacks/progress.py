@@ -22,7 +22,9 @@ class RunClock(L.Callback):
     """How long the rest of the run will take, from the pace so far; one heads-up when that is long.
 
     The pace is the median time of the finished epochs (training, validation and checkpoints),
-    or, within the first epoch, the time per training batch so far times the epoch's batches.
+    or, within the first epoch, the time per training batch so far times the epoch's batches. The
+    epoch a mid-epoch resume came into counts as a whole one: its training time scaled up to all
+    its batches, not the few it had left.
     After ``probe_batches`` batches of the first epoch, or at its last batch when it has fewer
     (a short epoch, or the end of one a resume came into), a run projected to last more than
     ``heads_up_hours`` on the CPU prints one line saying so and what shortens it.
@@ -37,16 +39,22 @@ class RunClock(L.Callback):
         self._batches_left = 0  # of the epoch in progress, after the latest batch
         self._in_epoch = False
         self._warned = False
+        self._skipped = 0
+        self._trained_until: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.on_train_epoch_start(trainer, pl_module)  # a mid-epoch resume starts without that hook
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_started, self._batches, self._in_epoch = time.monotonic(), 0, True
+        self._skipped = 0  # batches of this epoch trained before a resume came into it
+        self._trained_until = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._batches == 0:
+            self._skipped = batch_idx
         self._batches += 1
         total = trainer.num_training_batches
         self._batches_left = max(0, total - batch_idx - 1) if total not in (0, float("inf")) else 0
@@ -70,8 +78,20 @@ class RunClock(L.Callback):
                     flush=True,
                 )
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self._in_epoch and self._trained_until is None:
+            self._trained_until = time.monotonic()
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epoch_seconds.append(time.monotonic() - self._epoch_started)
+        ended = time.monotonic()
+        seconds = ended - self._epoch_started
+        if self._skipped and self._batches:
+            # The epoch a resume came into trained only its last batches: as a pace it stands for
+            # the whole epoch's training (its batches' time scaled up) and its validation as timed.
+            trained_until = self._trained_until or ended
+            seconds = (trained_until - self._epoch_started) * (self._skipped + self._batches) / self._batches
+            seconds += ended - trained_until
+        self.epoch_seconds.append(seconds)
         self._in_epoch = False
 
     def eta_seconds(self, trainer: L.Trainer) -> float | None:
@@ -162,6 +182,10 @@ class ThrottledProgressBar(RichProgressBar):
             return self._metrics
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        for name, value in metrics.items():
+            # Accuracies as everything else prints them (the epoch lines, the summary, test.py).
+            if name.startswith("acc") and isinstance(value, (int, float)):
+                metrics[name] = f"{100 * value:.2f} %"
         reading = getattr(self.loss_guard, "reading", None)
         if self._in_train_batch_end and reading is not None:
             metrics["loss"] = f"{reading.loss:.4g}"

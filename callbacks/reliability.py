@@ -5,8 +5,8 @@
 * :class:`ResumableRNG` puts the torch / numpy / python RNG states into each checkpoint and puts
   them back before the resumed epoch's data iterator is built, so shuffling, augmentation and
   dropout continue exactly where they stopped.
-* :class:`PreemptionCheckpoint` saves ``last.ckpt`` when Lightning stops on SIGTERM, Ctrl-C or a
-  requeue signal such as SIGUSR1; ``cli.flags.run_main`` then exits with 143 (130 for Ctrl-C).
+* :class:`PreemptionCheckpoint` saves ``last.ckpt`` when Lightning stops on SIGTERM, Ctrl-C, a
+  hang-up (SIGHUP), a CPU-time limit (SIGXCPU) or a requeue signal such as SIGUSR1; ``cli.flags.run_main`` then exits with 143 (130 for Ctrl-C).
 * :class:`FiniteLossGuard` stops training with a one-line error as soon as the loss is NaN or
   infinite, before any checkpoint of the diverged weights is written.
 """
@@ -38,7 +38,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import UserError
-from base.options import REQUEUE_SIGNALS
+from base.options import REQUEUE_SIGNALS, STOP_SIGNALS
 from base.slurm import requeue, slurm_task
 from base.files import TEMP_SUFFIX, atomic_write, temp_prefix
 
@@ -266,14 +266,16 @@ class SameData(Callback):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM, Ctrl-C and ``requeue_signal``, save ``path`` so that ``--resume`` continues the run.
+    """On SIGTERM, Ctrl-C, a hang-up (``base.options.STOP_SIGNALS``) and ``requeue_signal``, save ``path``
+    so that ``--resume`` continues the run.
 
     Lightning's ``_SignalConnector`` already catches SIGTERM during ``fit``: it sets
     ``trainer.received_sigterm``, and the loops raise ``SIGTERMException`` at the next safe
     point (after the current batch), which reaches every callback's ``on_exception``. This
-    callback writes the checkpoint there, through the Trainer, hence atomically. A requeue
-    signal is forwarded to the process as SIGTERM, so it follows the very same path, and so is
-    the first Ctrl-C (SIGINT); ``received`` names the signal, and a second Ctrl-C exits at once
+    callback writes the checkpoint there, through the Trainer, hence atomically, and waits until
+    it and every checkpoint queued before it are on disk. A requeue signal, SIGHUP and SIGXCPU
+    are forwarded to the process as SIGTERM, so they follow the very same path, and so is the
+    first Ctrl-C (SIGINT); ``received`` names the signal, and a second Ctrl-C exits at once
     with code 130.
 
     A stop that arrives during validation (or the sanity check) takes effect when that validation
@@ -312,6 +314,7 @@ class PreemptionCheckpoint(Callback):
         self._agree = False
         self._marked = 0
         self._requeued = False
+        self._rank = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Installed here, not in setup: Lightning's signal connector records every handler after
@@ -320,12 +323,19 @@ class PreemptionCheckpoint(Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         self._agree, self._marked = trainer.world_size > 1, 0
+        self._rank = trainer.global_rank
         if self._agree:
             # SIGTERM too is only marked (see the class docstring); Lightning's handler goes back afterwards.
             self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._forward_as_sigterm)
         # Ctrl-C: the first one stops like SIGTERM (after the batch, saving last.ckpt), a second
         # one aborts at once. Lightning's own handling of KeyboardInterrupt saves nothing.
         self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._stop_after_batch)
+        # A hang-up or a CPU-time limit would kill the process where it stands, the checkpoints
+        # queued to the background writer with it: they stop the run as SIGTERM does instead.
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous_handlers[signum] = signal.signal(signum, self._forward_as_sigterm)
         if self.requeue_signal is not None:
             signum = getattr(signal, self.requeue_signal, None)
             if signum is None:
@@ -356,11 +366,8 @@ class PreemptionCheckpoint(Callback):
 
     def _stop_after_batch(self, signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, _abort_now)
-        print(
-            "\ninterrupted: saving last.ckpt after the current batch (press Ctrl-C again to abort without saving)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self._rank == 0:  # once, not once per process: a terminal's Ctrl-C reaches every one
+            _say("\ninterrupted: saving last.ckpt after the current batch (press Ctrl-C again to abort without saving)")
         self._forward_as_sigterm(signum, frame)
 
     def _restore_handlers(self) -> None:
@@ -412,13 +419,19 @@ class PreemptionCheckpoint(Callback):
                     # At an epoch's end its count is complete already: the stop came between two epochs.
                     where = (f"after epoch {epochs.completed}" if epochs.completed == epochs.ready
                              else f"in epoch {trainer.current_epoch + 1}")
-                    print(
+                    _say(
                         f"stopped by {signal_name} {where}, after step "
                         f"{trainer.global_step}: saved {self.path}; continue with: python train.py --resume "
-                        f"{shlex.quote(str(self.path.parent.parent))}",
-                        file=sys.stderr,
+                        f"{shlex.quote(str(self.path.parent.parent))}"
                     )
                     self._requeue_if_asked()
+            else:
+                # Any other end: the checkpoints already queued are written before a signal's
+                # default action (a hang-up) could end the process with them in its queue.
+                try:
+                    getattr(trainer.strategy.checkpoint_io, "wait", lambda: None)()
+                except Exception:  # noqa: BLE001 - Lightning's teardown raises it again, after this exception
+                    pass
         finally:
             self._restore_handlers()
 
@@ -429,6 +442,15 @@ class PreemptionCheckpoint(Callback):
             return
         self._requeued = True
         print(requeue(task.job_id), file=sys.stderr, flush=True)
+
+
+def _say(line: str) -> None:
+    """A line on stderr that is never an error of its own: after a hang-up the terminal may be gone
+    (EIO), and the stop it reports has already been saved."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _abort_now(signum: int, frame: FrameType | None) -> None:

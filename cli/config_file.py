@@ -6,6 +6,7 @@ same type checks and error messages as a flag, and any flag typed on the command
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,50 @@ def config_to_argv(
         else:
             argv += [flag, str(value)]
     return argv
+
+
+# The shipped recipes (configs/*.yaml): beside the code in a checkout or an editable install, or
+# where a wheel installs them (pyproject.toml's data-files).
+SHIPPED_CONFIG_DIRS = (
+    Path(__file__).resolve().parents[1] / "configs",
+    Path(sys.prefix) / "share" / "cifar10-lightning" / "configs",
+)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The shipped recipes by name (``resnet50_fast``: its ``.yaml`` file), the first folder's first."""
+    found: dict[str, Path] = {}
+    for folder in SHIPPED_CONFIG_DIRS:
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+            found.setdefault(path.stem, path)
+    return found
+
+
+def find_config(given: str | Path) -> Path:
+    """The file ``--config given`` means: the file itself, else the shipped recipe it names, from any folder.
+
+    A shipped recipe is named by its name (``resnet50_fast``), its file name (``resnet50_fast.yaml``)
+    or its path in the project (``configs/resnet50_fast.yaml``, typed in another folder): a file of
+    that path in the current folder always wins, and the recipe used is said on stderr when the
+    path typed was not the file read. A UserError names the recipes when there is neither.
+    """
+    path = Path(given)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    parts = path.parts
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if name in shipped and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs")):
+        if len(parts) == 2:
+            print(f"--config {given}: not in {Path.cwd()}; using the shipped recipe {shipped[name]}", file=sys.stderr)
+        return shipped[name]
+    if len(parts) == 1 and not path.suffix:
+        hint = did_you_mean(name, shipped)
+        raise UserError(
+            f"--config {given}: no such file, nor a shipped recipe{hint}; the recipes are {', '.join(shipped) or 'none'}, "
+            "or give a YAML file's path"
+        )
+    return path  # not found: read_config refuses it with the message every config reader gives
 
 
 def parse_config_file(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:

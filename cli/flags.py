@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,11 +18,15 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from base.errors import Interrupted, UserError
+from base.slurm import process_rank
 from base.schema import DEFAULTS, GROUP_OF, TITLES, argparse_kwargs, flag_of, option_of, shown
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
 # "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
 PREEMPTED_EXIT_CODE = 143
+# What a shell reports for a process ended by SIGPIPE (128 + 13): its reader went away
+# (``predict.py --json | head -n 1``), as ``cat`` and ``grep`` end there.
+BROKEN_PIPE_EXIT_CODE = 141
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -217,12 +222,36 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         # every command (--help too) wait for it to load.
         if type(exc).__name__ != "SIGTERMException":
             raise
-        print(f"{prog}: stopped by a termination signal (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        _say_once(f"{prog}: stopped by a termination signal (exit code {PREEMPTED_EXIT_CODE})")
         sys.exit(PREEMPTED_EXIT_CODE)
     except Interrupted as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        _say_once(f"{prog}: {exc}")
         sys.exit(130)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _say_once(f"{prog}: interrupted")
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader of the output closed it (| head): nothing more can be shown, and that is no
+        # error. Output still buffered goes nowhere, so that the flush at exit cannot raise again.
+        _silence_stdout()
+        sys.exit(BROKEN_PIPE_EXIT_CODE)
     sys.exit(code)
+
+
+def _say_once(line: str) -> None:
+    """``line`` on stderr from the first process of a run only: a stop reaches every process of a
+    multi-process run (a terminal's Ctrl-C, SLURM's signals), and each would say the same."""
+    if process_rank() == 0:
+        try:
+            print(line, file=sys.stderr)
+        except (OSError, ValueError):  # the terminal went away with a hang-up
+            pass
+
+
+def _silence_stdout() -> None:
+    """Point standard output at the null device (Python's documented way out of a broken pipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream)
+        pass

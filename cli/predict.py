@@ -30,6 +30,9 @@ from run.paths import left_out_files
 from run.preflight import check_predict
 
 PROG = program("predict.py")
+# The top-k shown when --top-k is not given; a checkpoint of fewer classes shows them all: a default
+# never refuses a checkpoint (one of two classes).
+DEFAULT_TOP_K = 3
 # How many left-out file names the warning shows.
 _SHOWN = 5
 
@@ -40,7 +43,11 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--ckpt", required=True, help="a .ckpt written by train.py, a course state dict, or an exported .safetensors"
     )
-    parser.add_argument("--top-k", type=positive_int, default=3, help="how many of the most probable classes to show")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=None,
+        help=f"how many of the most probable classes to show (default: {DEFAULT_TOP_K}, or all the classes of a "
+        "checkpoint that has fewer)",
+    )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per image (JSON Lines) instead of a table"
     )
@@ -120,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--explain: {contents.model_name} has no Grad-CAM layer (its models/catalog.py entry names no "
             "cam_layer); run without --explain"
         )
-    if args.top_k > contents.num_classes:
+    if args.top_k is None:
+        args.top_k = min(DEFAULT_TOP_K, contents.num_classes)
+    elif args.top_k > contents.num_classes:
         raise UserError(
             f"--top-k {args.top_k}: {args.ckpt} has {contents.num_classes} classes; choose 1 to {contents.num_classes}"
         )

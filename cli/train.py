@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from base.schema import FIELDS, option_of
-from cli.config_file import parse_config_file
+from cli.config_file import find_config, parse_config_file
 from cli.flags import Parser, add_options
 from run.config import RunConfig
 from run.history import RunFinished
@@ -54,6 +54,8 @@ def _parse(argv: Sequence[str], prog: str | None = None, description: str | None
     print_config = typed.pop("print_config", False)
     if "config" in typed:
         check_input_name(Path(typed["config"]), "--config")
+        # A shipped recipe by name, from any folder; the run records the file read.
+        typed["config"] = find_config(typed["config"])
     config_file = parse_config_file(parser, typed["config"]) if "config" in typed else {}
     return (*resolve_run(config_file, typed), print_config)
 

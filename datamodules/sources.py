@@ -480,7 +480,13 @@ def _decode_image(data: BinaryIO, name: str) -> np.ndarray:
                     "resize or remove it"
                 )
             return np.asarray(to_rgb(image))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        # Pillow's guard against huge pictures fires before the size check above could.
+        raise UserError(
+            f"image {printable(name)} is larger than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, CIFAR-10 images are "
+            "32x32: resize or remove it"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"cannot decode image {printable(name)} ({_decode_reason(exc)}): replace or remove the file") from exc
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.aggregation import SumMetric
+from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from base.datasets import CIFAR10, DatasetInfo
@@ -82,6 +83,12 @@ class ImageClassifier(L.LightningModule):
         # every batch, and the labels come from the data sources, always in range of the classes
         # (a checkpoint's class count is checked against the data before testing).
         metric = {"average": "micro", "validate_args": False}
+        # The epoch's training loss and accuracy accumulate in metric objects, whose state a
+        # checkpoint written in the middle of an epoch keeps (on_save_checkpoint): resumed there,
+        # the epoch's values still cover all its batches. The loss is the mean over images, as
+        # Lightning's own epoch mean weighs batches by their size; never NaN-checked, which would
+        # read the value on the host (FiniteLossGuard watches the loss).
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_acc = MulticlassAccuracy(num_classes, **metric)
         self.val_acc = MulticlassAccuracy(num_classes, **metric)
         self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, **metric)
@@ -92,6 +99,7 @@ class ImageClassifier(L.LightningModule):
         # cannot be NaN, and the NaN check reads the value on the host.
         self.val_images = SumMetric(nan_strategy="disable")
         self.test_images = SumMetric(nan_strategy="disable")
+        self._resumed_epoch_metrics: dict[str, Any] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -115,12 +123,13 @@ class ImageClassifier(L.LightningModule):
         # update(), not a call: only the epoch value is logged, so the per-batch accuracy that a
         # call also computes would be wasted kernels.
         self.train_acc.update(logits, labels)
+        self.train_loss.update(loss.detach(), weight=_count(labels))
         # Epoch values only: they are read once, at the epoch's end (the mean over all processes,
         # synced then). The per-step curve, loss/train_step, is logged by callbacks.reliability's
         # FiniteLossGuard, which reads the loss on the host once per --log-every-n-steps steps
         # together with its divergence check; a step value logged here, and any prog_bar=True
         # step value, would be read by Lightning again, the latter at every step.
-        self.log("loss/train_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("loss/train_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("acc/train", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -158,6 +167,52 @@ class ImageClassifier(L.LightningModule):
             # warns about unsynced epoch values under DDP.
             self.log(f"acc_per_class/test/{name}", value, sync_dist=True)
         self.test_acc_per_class.reset()
+
+    def _epoch_metrics(self) -> dict[str, Metric]:
+        """The metrics that accumulate over a training epoch, by attribute name."""
+        return {"train_loss": self.train_loss, "train_acc": self.train_acc}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the training epoch's metric states in a checkpoint written in the middle of an epoch.
+
+        Stored under ``"epoch_metrics"``: ``{"train_loss": {state: tensor}, ...}``, or with several
+        processes ``{"ranks": [that of rank 0, of rank 1, ...]}`` (each process's share, gathered:
+        every process builds the checkpoint, rank 0 writes it). Nothing at an epoch's end, where
+        the next epoch starts its metrics afresh.
+        """
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if not 0 < done < trainer.num_training_batches:
+            return
+        state = {name: {key: value.detach().cpu().clone() for key, value in metric.metric_state.items()}
+                 for name, metric in self._epoch_metrics().items()}
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+            state = {"ranks": states}
+        checkpoint["epoch_metrics"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied when training starts (the module is on its device then), and only by a resumed fit.
+        self._resumed_epoch_metrics = checkpoint.get("epoch_metrics")
+
+    def on_train_start(self) -> None:
+        saved, self._resumed_epoch_metrics = self._resumed_epoch_metrics, None
+        if not saved:
+            return
+        if "ranks" in saved:
+            rank = self.trainer.global_rank
+            saved = saved["ranks"][rank] if rank < len(saved["ranks"]) else None
+        elif self.trainer.global_rank != 0:
+            saved = None  # one process's share, saved by a single-process run: counted once
+        for name, metric in self._epoch_metrics().items():
+            if saved and name in saved:
+                for key, value in saved[name].items():
+                    setattr(metric, key, value.to(self.device))
+                metric._update_count = max(metric._update_count, 1)  # its state holds updates: compute() may run
+                metric._computed = None
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

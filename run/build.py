@@ -10,9 +10,11 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -28,10 +30,12 @@ from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
 from callbacks.recipes import TimeToAccuracy, recipe_callbacks
 from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG, SameData
 from datamodules import ImageDataModule
+from datamodules.device_batches import resolve_data_path
 from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.checkpoints import build_backbone
 from run.config import RunConfig
+from run.hardware import check_shared_memory
 from run.start import FromWeights, Resume, Start
 from run.loggers import build_loggers
 
@@ -71,6 +75,10 @@ def build_datamodule(config: RunConfig, dataset_info: DatasetInfo | None = None)
         config.group(DataOptions), seed=config.seed, channels_last=config.channels_last, dataset_info=dataset_info
     )
     check_batch_limits(config, datamodule)
+    device = {"gpu": "cuda"}.get(config.accelerator, config.accelerator)
+    if device in ("cpu", "cuda", "mps") and resolve_data_path(config.data_path, torch.device(device)) == "loader":
+        # Worker processes hand their batches over in shared memory: float32 3x32x32 images.
+        check_shared_memory(config.workers, max(config.batch_size, config.eval_batch_size) * 3 * 32 * 32 * 4)
     return datamodule
 
 
@@ -292,11 +300,26 @@ def build_data_and_module(config: RunConfig, start: Start | None = None) -> tupl
     return datamodule, build_module(config, datamodule.dataset_info, start)
 
 
-def build_run_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
+def build_run_loggers(config: RunConfig, run_dir: Path, start: Start | None = None) -> list[Logger]:
     """The run's loggers, one of Lightning's per name of ``config.logger`` (``--logger tensorboard,csv,mlflow``),
-    all writing inside ``run_dir`` (layout: ``run.loggers``). A resumed run continues its MLflow run.
+    all writing inside ``run_dir`` (layout: ``run.loggers``). A resumed run continues its MLflow run,
+    and its TensorBoard curves from the resumed step (:func:`first_logged_step`).
     Raises ``UserError`` for a logger whose library is not installed."""
-    return build_loggers(config.logger, run_dir, config.model)
+    resumed_at = first_logged_step(start.checkpoint) if isinstance(start, Resume) else None
+    return build_loggers(config.logger, run_dir, config.model, purge_step=resumed_at)
+
+
+def first_logged_step(checkpoint: dict[str, Any]) -> int | None:
+    """The first step a run resumed from ``checkpoint`` logs at: Lightning's count of the batches
+    that stepped the optimiser, the x of every curve (None in a checkpoint without loop state).
+
+    Whatever an earlier process of the run logged at that step or later came after the checkpoint
+    and is trained again: a crash (``kill -9``, a power cut) after a ``last.ckpt`` leaves those
+    points in the events files, where TensorBoard would draw two per step.
+    """
+    state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    step = state.get("_batches_that_stepped") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, int) else None
 
 
 def build(
@@ -315,7 +338,7 @@ def build(
     callbacks = build_callbacks(config, run_dir, datamodule.dataset_info)
     has_bar = any(isinstance(callback, ThrottledProgressBar) for callback in callbacks.all)
     if loggers is None:
-        loggers = build_run_loggers(config, run_dir)
+        loggers = build_run_loggers(config, run_dir, start)
     trainer = build_trainer(config, logger=loggers, callbacks=callbacks.all, progress_bar=has_bar,
                             resume=start if isinstance(start, Resume) else None)
     return Assembly(datamodule, module, trainer, callbacks)

@@ -31,7 +31,7 @@ from base.values import logger_list
 from datamodules.layout import check_data_dir
 from models.catalog import CATALOG, entry
 from run.loggers import check_loggers
-from run.hardware import Hardware, Machine, check_hardware_request, resolve_hardware, use_channels_last
+from run.hardware import Hardware, Machine, check_compiler, check_hardware_request, resolve_hardware, use_channels_last
 from run.paths import RUN_FOLDER_INSIDE, check_name_lengths
 
 G = TypeVar("G")
@@ -93,7 +93,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}; see configs/ for the shipped recipes")
+        raise UserError(
+            f"config file not found: {path}; a shipped recipe is named without a path "
+            "(--config resnet50_fast, --config vgg16)"
+        )
     entries = read_mapping(path)
     return flatten_sections({entry.key: entry.value for entry in entries}, {entry.key: entry.line for entry in entries},
                             str(path))[0]
@@ -169,6 +172,8 @@ def complete(settled: Mapping[str, Any], machine: Machine | None = None) -> RunC
     values.update(accelerator=hardware.accelerator, devices=hardware.devices, precision=hardware.precision,
                   precision_reason=hardware.precision_reason)
     values["channels_last"] = use_channels_last(values["channels_last"], hardware)
+    if values["compile"]:
+        check_compiler(hardware.accelerator)  # found now, not as a traceback at the first step
     return RunConfig(**values)
 
 

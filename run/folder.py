@@ -23,7 +23,7 @@ from pathlib import Path
 
 from base.errors import UserError
 from base.files import atomic_write_text
-from base.slurm import SlurmTask, slurm_task
+from base.slurm import SlurmTask, process_rank, slurm_task
 from run.paths import check_checkpoint_file
 
 CONFIG_NAME = "config.yaml"
@@ -103,6 +103,23 @@ def newest_run(output_dir: Path, model: str | None) -> Path | None:
     return max(runs, key=_last_activity, default=None)
 
 
+def announce_choice(run: Path, output_dir: Path) -> None:
+    """Say, before any work, which run ``--resume last`` without ``--model`` took when runs of other
+    networks are there too: the newest of any network, which may not be the one meant (a stray run
+    started by a typo minutes before), and how to take another network's newest instead. On
+    standard output, as the run's other news: an error that may follow stays one line on stderr."""
+    newest = {}
+    for config in output_dir.glob(f"*/*/{CONFIG_NAME}"):
+        other = config.parent
+        if other.parent.name != run.parent.name and (other.parent.name not in newest
+                                                      or _last_activity(other) > _last_activity(newest[other.parent.name])):
+            newest[other.parent.name] = other
+    if not newest:
+        return  # one network's runs only: nothing to mistake
+    others = "; ".join(f"for the newest {model} run ({path.name}) add --model {model}" for model, path in sorted(newest.items()))
+    print(f"--resume last: continuing {run}, the newest run of any network ({run.parent.name}); {others}", flush=True)
+
+
 def _last_activity(run: Path) -> float:
     files = [run / CONFIG_NAME, run / RESUMED_CONFIG_NAME, run / "checkpoints" / LAST_NAME]
     return max(path.stat().st_mtime for path in files if path.exists())
@@ -139,10 +156,19 @@ def find_resume(resume: str | Path, output_dir: Path, model: str | None, run_nam
             raise UserError(f"--resume last: no {runs} under {output_dir}; start without --resume, or pass a checkpoint path")
         last = run / "checkpoints" / LAST_NAME
         if not last.is_file():
+            others = sorted(path.name for path in (run / "checkpoints").glob("*.ckpt"))
+            if others:
+                # A run killed while its last.ckpt was being written may have others: not "no epoch".
+                raise UserError(
+                    f"--resume last: the newest run, {run}, has no {LAST_NAME}, only {', '.join(others)}; resume from "
+                    f"one of them with --resume {shlex.quote(str(run / 'checkpoints' / others[-1]))}"
+                )
             raise UserError(
                 f"--resume last: the newest run, {run}, has no {LAST_NAME} (stopped before its first epoch ended); "
                 "start it again without --resume, or name an older run's checkpoint with --resume PATH"
             )
+        if model is None and process_rank() == 0:
+            announce_choice(run, output_dir)
         return check_resumable(last)
     path = Path(resume)
     if path.is_dir():

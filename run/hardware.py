@@ -10,8 +10,13 @@ answer is already certain, so that such a flag error takes a fraction of a secon
 from __future__ import annotations
 
 import glob
+import os
+import shutil
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from base.errors import UserError
 from base.options import ACCELERATORS, DEVICES_HELP, PRECISIONS
@@ -208,3 +213,104 @@ def use_channels_last(requested: bool | None, hardware: Hardware) -> bool:
     if requested is not None:
         return requested
     return hardware.accelerator == "gpu" or (hardware.accelerator == "cpu" and hardware.precision.startswith("bf16"))
+
+
+# Where PyTorch's DataLoader workers hand their batches over (shared memory, a tmpfs on Linux).
+SHARED_MEMORY = Path("/dev/shm")
+# Batches each worker process keeps ready (torch's DataLoader default prefetch_factor).
+_PREFETCHED = 2
+# Torch's words for a worker that found shared memory full (an allocation failed, or the bus error
+# of a page it could not back), as its RuntimeErrors and the worker's own report put them.
+_SHM_WORDS = ("shared memory", "(shm)", "/torch_", "bus error")
+
+
+def _shared_memory() -> tuple[int, int] | None:
+    """(size, free bytes) of /dev/shm, or None where there is none (macOS, Windows)."""
+    try:
+        stats = os.statvfs(SHARED_MEMORY)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
+
+
+def _shm_advice(workers: int) -> str:
+    return (f"run with --workers 0 (or --data-path device), or give the machine more shared memory "
+            f"(Docker: docker run --shm-size=2g; now {_describe_shared_memory()})")
+
+
+def _describe_shared_memory() -> str:
+    found = _shared_memory()
+    if found is None:
+        return "no /dev/shm"
+    size, free = found
+    return f"/dev/shm {size / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free"
+
+
+def check_shared_memory(workers: int, batch_bytes: int) -> None:
+    """Refuse, before any work, loader workers that /dev/shm cannot take the batches of.
+
+    ``batch_bytes``: the largest batch the workers hand over (training or evaluation), in bytes.
+    Each of the ``workers`` processes keeps ``_PREFETCHED`` batches in shared memory; with less
+    free than twice that (what else a step holds there), the first batch would fail in a worker
+    with a traceback (Docker gives containers 64 MiB). Raises UserError naming the sizes and the fix.
+    """
+    found = _shared_memory()
+    if workers == 0 or found is None:
+        return
+    needed = 2 * workers * _PREFETCHED * batch_bytes
+    if found[1] < needed:
+        raise UserError(
+            f"--workers {workers}: the loader's worker processes need about {needed / 2**20:,.0f} MiB of shared "
+            f"memory for their batches; {_shm_advice(workers)}"
+        )
+
+
+def shared_memory_error(exc: BaseException, workers: int) -> UserError | None:
+    """The one-line error for ``exc`` when it is a DataLoader worker's failure for want of shared
+    memory (a ``RuntimeError`` of torch, however deep in the causes), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if isinstance(seen, RuntimeError) and any(word in text for word in _SHM_WORDS):
+            return UserError(f"a DataLoader worker ran out of shared memory (--workers {workers}); {_shm_advice(workers)}")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def worker_failures_explained(workers: int) -> Iterator[None]:
+    """Within the block, a DataLoader worker's failure for want of shared memory is one UserError
+    (:func:`shared_memory_error`) instead of torch's traceback; anything else passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        error = shared_memory_error(exc, workers) if workers else None
+        if error is None:
+            raise
+        raise error from None
+
+
+def check_compiler(accelerator: str, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``--compile`` where the compiler its code generator calls is missing, before any work.
+
+    TorchInductor writes C++ for the CPU, built with ``$CXX`` (default ``g++``, ``clang++`` on
+    macOS), and Triton kernels for CUDA GPUs, whose launchers it builds with ``$CC`` (else ``gcc``
+    or ``clang``). Without one the first training step fails after the data is read, with a long
+    ``InvalidCxxCompiler`` (or Triton "Failed to find C compiler") traceback. Other accelerators
+    (MPS) are not checked. Raises UserError naming the compiler looked for and what to do.
+    """
+    environ = os.environ if environ is None else environ
+    if accelerator == "cpu":
+        variable, wanted = "CXX", [environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")]
+        what = "a C++ compiler"
+    elif accelerator == "gpu":
+        variable, wanted = "CC", [environ["CC"]] if environ.get("CC") else ["gcc", "clang"]
+        what = "a C compiler (for Triton's kernels)"
+    else:
+        return
+    found = [name for name in wanted if name.split() and shutil.which(name.split()[0], path=environ.get("PATH"))]
+    if not found:
+        raise UserError(
+            f"--compile needs {what} and none was found ({' or '.join(wanted)} on PATH, ${variable} to name another); "
+            "install one (Debian/Ubuntu: apt install g++), or run without --compile"
+        )

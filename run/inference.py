@@ -18,7 +18,9 @@ Any picture becomes one 3x32x32 image the way the training data looks:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +44,30 @@ IMAGE_SIZE = 32
 _resize = v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)
 
 
+# Pictures of more pixels than this are decoded at reduced size where the format allows (JPEG), to
+# at least _DRAFT_SIDE pixels a side: plenty for a 32x32 input, at a fraction of the memory.
+_DRAFT_PIXELS = 16_000_000
+_DRAFT_SIDE = 1024
+
+
+@contextmanager
+def any_size() -> Iterator[None]:
+    """Within the block, Pillow opens pictures of any size, as predict.py promises.
+
+    Pillow warns above 89 megapixels and refuses above 179 ("decompression bomb"), a guard for
+    servers decoding strangers' uploads; here the user names their own pictures (a panorama, a
+    scan). Pillow's limit is a module global: set for the block only, on predict.py's one thread.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 class UnreadableImageError(UserError):
     """An image file that exists but cannot be decoded; predict.py skips these with a warning."""
 
@@ -52,7 +78,11 @@ def load_image(path: str | Path) -> torch.Tensor:
     Raises UnreadableImageError, naming the file, when it cannot be decoded.
     """
     try:
-        with Image.open(path) as image:
+        with any_size(), Image.open(path) as image:
+            if image.width * image.height > _DRAFT_PIXELS:
+                # A JPEG that large is decoded at a fraction of its size (1/2 to 1/8, by the
+                # decoder's own scaling), still far above 32x32: a panorama needs no gigabytes.
+                image.draft("RGB", (_DRAFT_SIDE, _DRAFT_SIDE))
             # Animated GIF/WebP: the first frame, which is what Image.open positions on.
             rgb = to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -140,7 +170,7 @@ def explanation_picture(path: str | Path, heat_map: torch.Tensor) -> Image.Image
     """
     from matplotlib import colormaps
 
-    with Image.open(path) as image:
+    with any_size(), Image.open(path) as image:
         picture = to_rgb(ImageOps.exif_transpose(image))
     width, height = picture.size
     side = min(width, height)

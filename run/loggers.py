@@ -90,11 +90,14 @@ def saved_mlflow_run_id(run_dir: Path) -> str | None:
     return run_id if isinstance(run_id, str) and run_id else None
 
 
-def build_loggers(names: Sequence[str], run_dir: Path, model: str) -> list[Logger]:
+def build_loggers(names: Sequence[str], run_dir: Path, model: str, purge_step: int | None = None) -> list[Logger]:
     """One Lightning logger per name of ``names`` (``tensorboard``, ``csv``, ``mlflow``), writing into ``run_dir``.
 
     A run folder that logged to MLflow before (a resume) continues its MLflow run
-    (:data:`MLFLOW_RUN_NAME`). Raises ``UserError`` for a logger whose library is missing.
+    (:data:`MLFLOW_RUN_NAME`). ``purge_step``: a resume's first step; TensorBoard then hides the
+    points the run's earlier processes logged from it on (SummaryWriter's ``purge_step``), which a
+    crash left behind and the resume logs again. A CSV logger writes a file per start, and MLflow
+    cannot take points back: theirs stay. Raises ``UserError`` for a logger whose library is missing.
     """
     check_loggers(names)
     loggers: list[Logger] = []
@@ -102,7 +105,7 @@ def build_loggers(names: Sequence[str], run_dir: Path, model: str) -> list[Logge
         if name == "tensorboard":
             from run.tensorboard import run_logger
 
-            loggers.append(run_logger(run_dir))
+            loggers.append(run_logger(run_dir, purge_step=purge_step))
         elif name == "csv":
             loggers.append(csv_logger(run_dir))
         elif name == "mlflow":

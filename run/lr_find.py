@@ -23,10 +23,11 @@ from typing import Any
 
 from lightning.pytorch.tuner import Tuner, lr_finder
 
-from base.errors import UserError
+from base.errors import UserError, ctrl_c_raises
 from base.files import atomic_write, atomic_write_text
 from run.build import build_data_and_module, build_trainer, check_batch_limits
 from run.config import RunConfig
+from run.hardware import worker_failures_explained
 
 MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
 
@@ -89,12 +90,16 @@ def find_lr(config: RunConfig) -> LrFinding:
     in_terminal = sys.stdout.isatty() and sys.stderr.isatty()
     with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch, sweep_bar(in_terminal):
         trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal)
-        finder = Tuner(trainer).lr_find(
-            module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR, num_training=STEPS, update_attr=False,
-            # The whole sweep, always: Lightning's default stops once the loss is 4x its best, which
-            # a noisy first few batches can trigger before there is a curve to suggest from.
-            early_stop_threshold=None,
-        )
+        # Lightning ends a Ctrl-C inside the Trainer with exit code 1 and a message about missing
+        # callbacks; the range test keeps nothing, so a Ctrl-C simply ends it (exit 130).
+        with ctrl_c_raises("stopped by Ctrl-C during the learning-rate range test; nothing was trained or saved"), \
+                worker_failures_explained(config.workers):
+            finder = Tuner(trainer).lr_find(
+                module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR, num_training=STEPS, update_attr=False,
+                # The whole sweep, always: Lightning's default stops once the loss is 4x its best, which
+                # a noisy first few batches can trigger before there is a curve to suggest from.
+                early_stop_threshold=None,
+            )
     suggestion = finder.suggestion() if finder is not None else None
     if suggestion is None:
         raise UserError(

@@ -17,14 +17,18 @@ from callbacks.dashboards import Dashboards
 from run.checkpoints import CheckpointContents
 
 
-def run_logger(run_dir: Path) -> TensorBoardLogger:
+def run_logger(run_dir: Path, purge_step: int | None = None) -> TensorBoardLogger:
     """The TensorBoard logger that writes into ``run_dir``, new or existing.
 
     No ``hp_metric`` placeholder: the HParams tab gets the run's real results at its end
-    (:func:`run.loggers.log_final_hparams`).
+    (:func:`run.loggers.log_final_hparams`). ``purge_step`` (a resume's first step): its events
+    file starts with TensorBoard's purge marker, so the points of the run's earlier files at that
+    step and later are not shown; the resume's own are.
     """
+    extra = {"purge_step": purge_step} if purge_step is not None else {}
     return TensorBoardLogger(
-        save_dir=run_dir.parent.parent, name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
+        save_dir=run_dir.parent.parent, name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False,
+        **extra,
     )
 
 

@@ -20,7 +20,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from base.errors import Interrupted, UserError, ctrl_c_raises
-from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, slurm_task
+from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, process_rank, slurm_task
 from callbacks.pictures import log_figure
 from callbacks.reliability import PreemptionCheckpoint, SameData, check_same_data, data_fingerprint
 from datamodules import describe_source
@@ -40,6 +40,7 @@ from run.folder import (
     joins_run,
     withdraw_announcement,
 )
+from run.hardware import worker_failures_explained
 from run.history import check_resumed_data, record_final_test, rewind
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
@@ -64,8 +65,13 @@ class RunOutcome:
     test_error: str | None = None  # the final test failed; the run's checkpoints are kept
 
 
+# The share of the free disk above which the checkpoints a run will keep are announced before it starts.
+DISK_HEADS_UP = 0.25
+
+
 def check_outputs(config: RunConfig, module: LightningModule) -> None:
-    """Refuse, before any heavy work, a disk too full for the checkpoints this run keeps.
+    """Refuse, before any heavy work, a disk too full for the checkpoints this run keeps, and say
+    so on stderr when they will take more than ``DISK_HEADS_UP`` of the free space.
 
     Those are best, last and one every ``--checkpoint-every`` epochs, each with the optimiser's
     state, plus one temporary file while saving. (Whether the paths can be written at all was
@@ -78,12 +84,17 @@ def check_outputs(config: RunConfig, module: LightningModule) -> None:
     kept = 3 + config.epochs // config.checkpoint_every
     needed = weights * copies * kept
     free = shutil.disk_usage(existing_ancestor(config.output_dir)).free
+    keeps = (f"this run keeps about {needed / 2**30:.1f} GiB of checkpoints ({kept} of {weights * copies / 2**20:.0f} "
+             f"MiB: best, last, one every {config.checkpoint_every} epochs)")
     if free < needed:
         raise UserError(
-            f"--output-dir {config.output_dir}: {free / 2**30:.1f} GiB free, and this run keeps about "
-            f"{needed / 2**30:.1f} GiB of checkpoints ({kept} of {weights * copies / 2**20:.0f} MiB); free space, "
+            f"--output-dir {config.output_dir}: {free / 2**30:.1f} GiB free, and {keeps}; free space, "
             "choose another --output-dir, or keep fewer with a larger --checkpoint-every"
         )
+    if needed > DISK_HEADS_UP * free and process_rank() == 0:
+        # Before the run, not when the disk fills hours into it.
+        print(f"heads-up: {keeps}, {100 * needed / free:.0f} % of the {free / 2**30:.1f} GiB free under "
+              f"{config.output_dir}; a larger --checkpoint-every keeps fewer", file=sys.stderr, flush=True)
 
 
 def open_run_dir(config: RunConfig) -> tuple[Path, bool]:
@@ -212,7 +223,11 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: St
         os.environ[RUN_DIR_ENV] = str(run_dir)
         fit_started = time.perf_counter()
         try:
-            trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
+            # From the first training step to the last, Ctrl-C saves last.ckpt (PreemptionCheckpoint);
+            # before and after them (setup, sanity check, teardown) Lightning would end with exit code 1.
+            with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"), \
+                    worker_failures_explained(config.workers):
+                trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
         finally:
             os.environ.pop(RUN_DIR_ENV, None)
     except SIGTERMException:
@@ -244,7 +259,7 @@ def _test_and_record(
     epochs_trained, last_step, test_started = trainer.current_epoch, trainer.global_step, time.perf_counter()
     kept = f"the run is saved ({outcome.best or outcome.last}); test it with: python test.py --ckpt {shlex.quote(str(outcome.best))}"
     try:
-        with ctrl_c_raises(f"stopped by Ctrl-C during the final test; {kept}"):
+        with ctrl_c_raises(f"stopped by Ctrl-C during the final test; {kept}"), worker_failures_explained(config.workers):
             results = trainer.test(assembly.module, datamodule=assembly.datamodule, ckpt_path=outcome.best, weights_only=True, verbose=False)
     except SIGTERMException:
         if trainer.is_global_zero:
