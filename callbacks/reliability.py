@@ -45,17 +45,22 @@ from base.files import TEMP_SUFFIX, atomic_write, temp_prefix
 
 
 def non_finite_keys(tensors: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
-    # One host sync per tensor, but only when a checkpoint is written, which copies every
-    # tensor to the host anyway.
-    return [
-        key
-        for key, value in tensors.items()
-        if isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and value.device.type != "meta"
-        and not bool(torch.isfinite(value).all())
-    ]
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity.
+
+    One host read per device, not one per tensor: each tensor's check stays on its device, the
+    answers are stacked there, and only the stack is read (a ResNet50's ~320 tensors would
+    otherwise make the host wait ~320 times at every save, on the default stream).
+    """
+    checked: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta":
+            checked.setdefault(value.device, []).append((key, value))
+    bad = []
+    for pairs in checked.values():
+        finite = torch.stack([torch.isfinite(value).all() for _, value in pairs]).tolist()
+        bad += [key for (key, _), ok in zip(pairs, finite) if not ok]
+    order = {key: index for index, key in enumerate(tensors)}
+    return sorted(bad, key=order.__getitem__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
