@@ -96,27 +96,40 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     last and periodic checkpoint): a further save first waits for the oldest, so memory stays
     bounded when saves come faster than the disk takes them, and an error of a save (a full
     disk) is raised at the next save rather than lost. :meth:`wait` blocks until every queued
-    file is whole; Lightning's teardown calls it before ``fit`` returns or raises.
+    file is whole; Lightning's teardown calls it before ``fit`` returns or raises. A load or a
+    removal of a file still queued first waits for its write (Lightning's ``Tuner.lr_find``
+    restores the checkpoint it has just saved; read early, it would not exist yet).
     """
 
     def __init__(self, checkpoint_io: CheckpointIO | None = None, max_pending: int = 3) -> None:
         super().__init__(checkpoint_io)
         self.max_pending = max_pending
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Path, Future]] = deque()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         while len(self._pending) >= self.max_pending:
-            self._pending.popleft().result()
+            self._pending.popleft()[1].result()
         self._ensure_setup()
         assert self._executor is not None and self.checkpoint_io is not None
         # A point-in-time copy, taken on this thread: the tensors change as soon as training goes on.
         snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().clone())
-        self._pending.append(self._executor.submit(self.checkpoint_io.save_checkpoint, snapshot, path, storage_options))
+        future = self._executor.submit(self.checkpoint_io.save_checkpoint, snapshot, path, storage_options)
+        self._pending.append((Path(path), future))
 
-    def wait(self) -> None:
-        """Block until every queued save is on disk; raise the first error if one failed."""
-        while self._pending:
-            self._pending.popleft().result()
+    def wait(self, path: Any = None) -> None:
+        """Block until every queued save is on disk, or (``path`` given) the saves queued up to the
+        last one of ``path``; raise the first error if one failed."""
+        target = None if path is None else Path(path)
+        while self._pending and (target is None or any(queued == target for queued, _ in self._pending)):
+            self._pending.popleft()[1].result()
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait(path)
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.wait(path)
+        super().remove_checkpoint(path)
 
     def teardown(self) -> None:
         try:

@@ -219,10 +219,13 @@ def build_trainer(
     root_dir: Path | None = None,
     progress_bar: bool = True,
     resume: Resume | None = None,
+    background_saves: bool = True,
 ) -> L.Trainer:
     """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
     add its progress bar as the caller needs them. ``resume``: the checkpoint a resumed run continues,
     as ``run.start`` read it; Lightning is handed that read instead of reading the file again.
+    ``background_saves``: checkpoints written by a thread while training goes on (a run's), or
+    whole when ``save_checkpoint`` returns (a Trainer that reads back what it saved on every rank).
 
     Under SLURM it runs in Lightning's SLURM environment without Lightning's requeue handling
     (``auto_requeue=False``: on SIGUSR1 Lightning would write ``hpc_ckpt_N.ckpt`` into the working
@@ -233,6 +236,7 @@ def build_trainer(
     check_layout(config.hardware.device_count, config.num_nodes)
     devices = list(config.devices) if isinstance(config.devices, tuple) else config.devices
     cluster = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    writer = AtomicCheckpointIO(preloaded=(resume.path, resume.checkpoint) if resume else None)
     trainer = L.Trainer(
         accelerator=config.accelerator,
         devices=devices,
@@ -242,8 +246,7 @@ def build_trainer(
         max_epochs=config.epochs,
         logger=logger,
         callbacks=callbacks,
-        plugins=[BackgroundCheckpointIO(AtomicCheckpointIO(preloaded=(resume.path, resume.checkpoint) if resume else None)),
-                 *cluster],
+        plugins=[BackgroundCheckpointIO(writer) if background_saves else writer, *cluster],
         fast_dev_run=config.fast_dev_run,
         limit_train_batches=config.limit_train_batches,
         limit_val_batches=config.limit_val_batches,

@@ -88,7 +88,10 @@ def find_lr(config: RunConfig) -> LrFinding:
     # Lightning's own bars for the test in a terminal; in a log file they would print every step.
     in_terminal = sys.stdout.isatty() and sys.stderr.isatty()
     with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch, sweep_bar(in_terminal):
-        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal)
+        # Lightning saves the weights before the test and every rank reads them back after it: written
+        # whole before the save returns, since only rank 0 would know to wait for a background write.
+        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal,
+                                background_saves=False)
         finder = Tuner(trainer).lr_find(
             module, datamodule=datamodule, min_lr=MIN_LR, max_lr=MAX_LR, num_training=STEPS, update_attr=False,
             # The whole sweep, always: Lightning's default stops once the loss is 4x its best, which
