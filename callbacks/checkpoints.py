@@ -46,17 +46,38 @@ class NamedCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
         """``min_interval_s``: skip an epoch's save when the previous one of this callback is more
         recent than that, except at the last epoch (the ``last`` checkpoint of a run whose epochs
-        take seconds, where writing it every epoch would cost as much as training)."""
+        take seconds, where writing it every epoch would cost as much as training).
+
+        Under DDP a save is a collective (every rank builds the checkpoint: the RNG states are
+        gathered, then a barrier), so the ranks must agree on it: rank 0 decides from its clock
+        and broadcasts the decision, as Lightning's ``train_time_interval`` does. Decided once
+        per epoch-end hook, never at a training step (Lightning asks ``_should_skip_saving_checkpoint``
+        at every step; a broadcast there would make the host wait at every step)."""
         super().__init__(*args, **kwargs)
         self.min_interval_s = min_interval_s
         self._saved_at: float | None = None
+        self._too_recent = False
+
+    def _decide_too_recent(self, trainer: L.Trainer) -> None:
+        if self.min_interval_s <= 0:
+            return
+        recent = self._saved_at is not None and time.monotonic() - self._saved_at < self.min_interval_s
+        # Every rank reaches this hook, whatever the rest of the decision: the broadcast always matches.
+        self._too_recent = bool(trainer.strategy.broadcast(recent, src=0))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._decide_too_recent(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._decide_too_recent(trainer)
+        super().on_validation_end(trainer, pl_module)
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         if super()._should_skip_saving_checkpoint(trainer):
             return True
         final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        recent = self._saved_at is not None and time.monotonic() - self._saved_at < self.min_interval_s
-        return recent and not final and not trainer.should_stop
+        return self._too_recent and not final and not trainer.should_stop
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from lightning.pytorch.trainer.connectors.checkpoint_connector import _Checkpoin
 from base.datasets import DatasetInfo
 from base.errors import UserError
 from base.schema import DataOptions, NetworkOptions, OptimOptions
-from base.slurm import check_layout
+from base.slurm import check_layout, slurm_task
 from callbacks.checkpoints import BackgroundCheckpointIO, NamedCheckpoint
 from callbacks.dashboards import Dashboards
 from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
@@ -32,6 +33,7 @@ from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.checkpoints import build_backbone
 from run.config import RunConfig
+from run.folder import CONSOLE_ENV
 from run.start import FromWeights, Resume, Start
 from run.loggers import build_loggers
 
@@ -156,6 +158,24 @@ class RunCallbacks:
 LAST_EVERY_S = 60.0
 
 
+def console_kind() -> str:
+    """``bar`` (a live progress bar) or ``lines`` (one line per epoch), the same on every process.
+
+    The two run different collectives at an epoch's end (the lines read the synced epoch metrics on
+    every rank), so the ranks must not choose by their own terminals: DDP workers started by
+    Lightning's launcher take rank 0's choice (``run.folder.CONSOLE_ENV``, set by ``run.training``).
+    Tasks that SLURM starts (several per job) cannot be told, and under ``srun --pty`` only task 0
+    has a terminal: they all print lines. Otherwise a bar where standard output is a terminal.
+    """
+    handed = os.environ.get(CONSOLE_ENV)
+    if handed in ("bar", "lines"):
+        return handed
+    task = slurm_task()
+    if task is not None and task.ntasks > 1:
+        return "lines"
+    return "bar" if sys.stdout.isatty() else "lines"
+
+
 def build_callbacks(config: RunConfig, run_dir: Path, dataset: DatasetInfo) -> RunCallbacks:
     checkpoint_dir = run_dir / "checkpoints"
     best = NamedCheckpoint(
@@ -182,13 +202,13 @@ def build_callbacks(config: RunConfig, run_dir: Path, dataset: DatasetInfo) -> R
     )
     clock = RunClock()  # the run's ETA, for the bar and the epoch lines
     # In a terminal a live bar; in a log file (nohup, SLURM, CI) one line per epoch, since a
-    # live bar draws nothing there until its last frame.
+    # live bar draws nothing there until its last frame (console_kind: the same on every rank).
     # Lightning's rich model summary is drawn 80 columns wide where there is no terminal: plain text there.
     loss_guard = FiniteLossGuard()  # logs loss/train_step too: the bar shows what it read
-    if sys.stdout.isatty():
+    if console_kind() == "bar":
         console = [ThrottledProgressBar(clock=clock, loss_guard=loss_guard), RichModelSummary()]
     else:
-        console = [EpochLines(clock=clock), ModelSummary()]
+        console = [EpochLines(enabled=True, clock=clock), ModelSummary()]
     # Fast recipes: EMA of the weights, time-to-accuracy benchmark (callbacks/recipes.py).
     extras = recipe_callbacks(config.ema_decay, config.time_to_accuracy)
     callbacks: list[Callback] = [

@@ -25,7 +25,7 @@ from lightning.pytorch.tuner import Tuner, lr_finder
 
 from base.errors import UserError
 from base.files import atomic_write, atomic_write_text
-from run.build import build_data_and_module, build_trainer, check_batch_limits
+from run.build import build_data_and_module, build_trainer, check_batch_limits, console_kind
 from run.config import RunConfig
 
 MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
@@ -39,6 +39,8 @@ class LrFinding:
     lrs: list[float]
     losses: list[float]
     figure: Any  # matplotlib Figure of loss against learning rate, the suggestion marked
+    # Whether this process is rank 0 of the test's processes (the one that reports and writes it).
+    is_global_zero: bool = True
 
     def describe(self) -> str:
         return (f"learning-rate range test: suggested lr {self.suggestion:.3g} (swept {MIN_LR:g} to {MAX_LR:g} "
@@ -86,8 +88,9 @@ def find_lr(config: RunConfig) -> LrFinding:
         check_batch_limits(config, datamodule)
     datamodule.prepare_data()
     # Lightning's own bars for the test in a terminal; in a log file they would print every step.
-    in_terminal = sys.stdout.isatty() and sys.stderr.isatty()
-    with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch, sweep_bar(in_terminal):
+    # Decided as the run's console is (once, by rank 0): the Trainer's bar is a callback of every rank.
+    in_terminal = console_kind() == "bar"
+    with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch, sweep_bar(in_terminal and sys.stderr.isatty()):
         # Lightning saves the weights before the test and every rank reads them back after it: written
         # whole before the save returns, since only rank 0 would know to wait for a background write.
         trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal,
@@ -107,4 +110,4 @@ def find_lr(config: RunConfig) -> LrFinding:
     figure = finder.plot(suggest=True)
     figure.axes[0].set_title(f"{config.model}, {config.optimizer}, batch {config.batch_size}: suggested lr {suggestion:.3g}")
     return LrFinding(float(suggestion), [float(x) for x in finder.results["lr"]],
-                     [float(x) for x in finder.results["loss"]], figure)
+                     [float(x) for x in finder.results["loss"]], figure, trainer.is_global_zero)
