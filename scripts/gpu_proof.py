@@ -192,8 +192,10 @@ def build_items(parts: Sequence[str], sizes: Sizes, paths: dict[str, Path], seed
     results, runs, data = paths["results"], paths["runs"], paths["data"]
     items: list[Item] = []
     if "cuda-tests" in parts:
+        # On the GPU its CUDA tests; in a dry run on the CPU the same bodies, as their CPU rehearsals.
+        selected = "rehearsal" if sizes.accelerator == "cpu" else "not rehearsal"
         items.append(Item("cuda-tests", "cuda-tests", [
-            py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--basetemp={runs / 'pytest'}",
+            py, "-m", "pytest", "-m", "gpu", "-k", selected, "-v", "-p", "no:cacheprovider", f"--basetemp={runs / 'pytest'}",
             f"--junitxml={results / 'cuda-tests.xml'}", "--durations=0", "tests/test_gpu.py"],
             cap_s=TESTS_SHARE * budget_s))
     if "throughput" in parts:
