@@ -15,7 +15,7 @@ import functools
 import json
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +75,12 @@ def sweep_bar(shown: bool) -> Iterator[None]:
         lr_finder.tqdm = bar
 
 
-def find_lr(config: RunConfig) -> LrFinding:
-    """Run the range test for ``config`` (its ``lr`` is ignored); a UserError when it suggests nothing."""
+def find_lr(config: RunConfig, before_launch: Callable[[], None] | None = None) -> LrFinding:
+    """Run the range test for ``config`` (its ``lr`` is ignored); a UserError when it suggests nothing.
+
+    ``before_launch``: called once the data and the limits are checked, before the test's Trainer
+    starts the other DDP processes (Lightning's launcher, ``--devices N``): what they must inherit,
+    such as the run folder, is made there, and nothing is made for a refused command."""
     # Any number will do for building: the test sets the optimiser's rate at every step.
     # Enough epochs for STEPS steps however small the data: Lightning's test stops at max_epochs too.
     # No test limit: the range test never tests.
@@ -87,6 +91,8 @@ def find_lr(config: RunConfig) -> LrFinding:
         # --lr find: a run follows, whose validation and test limits are refused now, not after the test.
         check_batch_limits(config, datamodule)
     datamodule.prepare_data()
+    if before_launch is not None:
+        before_launch()
     # Lightning's own bars for the test in a terminal; in a log file they would print every step.
     # Decided as the run's console is (once, by rank 0): the Trainer's bar is a callback of every rank.
     in_terminal = console_kind() == "bar"

@@ -130,15 +130,24 @@ def find_lr_only(config: RunConfig) -> Path:
         return Path(inherited)
     print(f"learning-rate range test: {config.model}, {config.optimizer}, batch {config.batch_size}, rate from "
           f"{MIN_LR:g} to {MAX_LR:g} over {STEPS} steps", flush=True)
-    # Made before the test's Trainer starts the other DDP processes (Lightning's launcher), which
-    # inherit it: each would otherwise make a folder of its own.
-    folder = create_run_dir(config.output_dir / config.model, "lr_find", None)
+    made: list[Path] = []
+
+    def make_folder() -> None:
+        # Made before the test's Trainer starts the other DDP processes (Lightning's launcher), which
+        # inherit it: each would otherwise make a folder of its own.
+        made.append(create_run_dir(config.output_dir / config.model, "lr_find", None))
+        os.environ[RUN_DIR_ENV] = str(made[0])
+
     try:
-        with handed_down(**{RUN_DIR_ENV: str(folder), CONSOLE_ENV: console_kind()}):
-            finding = find_lr(config)
+        with handed_down(**{CONSOLE_ENV: console_kind()}):
+            finding = find_lr(config, make_folder)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # nothing of the test was written
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)  # nothing of the test was written
         raise
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    folder = made[0]
     picture = finding.save(folder)
     # The plot, to the loggers of --logger that take pictures (a CSV logger has no number to take).
     takers = [name for name in config.logger if name != "csv"]
@@ -208,10 +217,14 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: St
     run_dir, created, assembly = None, False, None
     try:
         if config.lr == "find":
-            # The range test's Trainer starts the other DDP processes: the run folder is opened first,
-            # so that they inherit it (each would otherwise make one of its own).
-            run_dir, created = _open_run(config, held)
-            finding = find_lr(config)
+            def open_first() -> None:
+                # The range test's Trainer starts the other DDP processes: the run folder is opened
+                # before, once the test's checks passed, so that they inherit it (each would
+                # otherwise make one of its own).
+                nonlocal run_dir, created
+                run_dir, created = _open_run(config, held)
+
+            finding = find_lr(config, open_first)
             if finding.is_global_zero:
                 print(finding.describe(), flush=True)
             config = dataclasses.replace(config, lr=finding.suggestion)  # what the run records is what it uses
