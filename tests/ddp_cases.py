@@ -82,8 +82,8 @@ def _install() -> None:
         lr_find.STEPS = 30
         real_find = training.find_lr
 
-        def find_lr(config):
-            finding = real_find(config)
+        def find_lr(config, *args):
+            finding = real_find(config, *args)
             return dataclasses.replace(finding, suggestion=min(finding.suggestion, 0.01))
 
         training.find_lr = find_lr
