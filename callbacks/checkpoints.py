@@ -46,17 +46,38 @@ class NamedCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
         """``min_interval_s``: skip an epoch's save when the previous one of this callback is more
         recent than that, except at the last epoch (the ``last`` checkpoint of a run whose epochs
-        take seconds, where writing it every epoch would cost as much as training)."""
+        take seconds, where writing it every epoch would cost as much as training).
+
+        Under DDP a save is a collective (every rank builds the checkpoint: the RNG states are
+        gathered, then a barrier), so the ranks must agree on it: rank 0 decides from its clock
+        and broadcasts the decision, as Lightning's ``train_time_interval`` does. Decided once
+        per epoch-end hook, never at a training step (Lightning asks ``_should_skip_saving_checkpoint``
+        at every step; a broadcast there would make the host wait at every step)."""
         super().__init__(*args, **kwargs)
         self.min_interval_s = min_interval_s
         self._saved_at: float | None = None
+        self._too_recent = False
+
+    def _decide_too_recent(self, trainer: L.Trainer) -> None:
+        if self.min_interval_s <= 0:
+            return
+        recent = self._saved_at is not None and time.monotonic() - self._saved_at < self.min_interval_s
+        # Every rank reaches this hook, whatever the rest of the decision: the broadcast always matches.
+        self._too_recent = bool(trainer.strategy.broadcast(recent, src=0))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._decide_too_recent(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._decide_too_recent(trainer)
+        super().on_validation_end(trainer, pl_module)
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         if super()._should_skip_saving_checkpoint(trainer):
             return True
         final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        recent = self._saved_at is not None and time.monotonic() - self._saved_at < self.min_interval_s
-        return recent and not final and not trainer.should_stop
+        return self._too_recent and not final and not trainer.should_stop
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -96,27 +117,40 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     last and periodic checkpoint): a further save first waits for the oldest, so memory stays
     bounded when saves come faster than the disk takes them, and an error of a save (a full
     disk) is raised at the next save rather than lost. :meth:`wait` blocks until every queued
-    file is whole; Lightning's teardown calls it before ``fit`` returns or raises.
+    file is whole; Lightning's teardown calls it before ``fit`` returns or raises. A load or a
+    removal of a file still queued first waits for its write (Lightning's ``Tuner.lr_find``
+    restores the checkpoint it has just saved; read early, it would not exist yet).
     """
 
     def __init__(self, checkpoint_io: CheckpointIO | None = None, max_pending: int = 3) -> None:
         super().__init__(checkpoint_io)
         self.max_pending = max_pending
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Path, Future]] = deque()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         while len(self._pending) >= self.max_pending:
-            self._pending.popleft().result()
+            self._pending.popleft()[1].result()
         self._ensure_setup()
         assert self._executor is not None and self.checkpoint_io is not None
         # A point-in-time copy, taken on this thread: the tensors change as soon as training goes on.
         snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().clone())
-        self._pending.append(self._executor.submit(self.checkpoint_io.save_checkpoint, snapshot, path, storage_options))
+        future = self._executor.submit(self.checkpoint_io.save_checkpoint, snapshot, path, storage_options)
+        self._pending.append((Path(path), future))
 
-    def wait(self) -> None:
-        """Block until every queued save is on disk; raise the first error if one failed."""
-        while self._pending:
-            self._pending.popleft().result()
+    def wait(self, path: Any = None) -> None:
+        """Block until every queued save is on disk, or (``path`` given) the saves queued up to the
+        last one of ``path``; raise the first error if one failed."""
+        target = None if path is None else Path(path)
+        while self._pending and (target is None or any(queued == target for queued, _ in self._pending)):
+            self._pending.popleft()[1].result()
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait(path)
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.wait(path)
+        super().remove_checkpoint(path)
 
     def teardown(self) -> None:
         try:

@@ -45,17 +45,22 @@ from base.files import TEMP_SUFFIX, atomic_write, temp_prefix
 
 
 def non_finite_keys(tensors: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
-    # One host sync per tensor, but only when a checkpoint is written, which copies every
-    # tensor to the host anyway.
-    return [
-        key
-        for key, value in tensors.items()
-        if isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and value.device.type != "meta"
-        and not bool(torch.isfinite(value).all())
-    ]
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity.
+
+    One host read per device, not one per tensor: each tensor's check stays on its device, the
+    answers are stacked there, and only the stack is read (a ResNet50's ~320 tensors would
+    otherwise make the host wait ~320 times at every save, on the default stream).
+    """
+    checked: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta":
+            checked.setdefault(value.device, []).append((key, value))
+    bad = []
+    for pairs in checked.values():
+        finite = torch.stack([torch.isfinite(value).all() for _, value in pairs]).tolist()
+        bad += [key for (key, _), ok in zip(pairs, finite) if not ok]
+    order = {key: index for index, key in enumerate(tensors)}
+    return sorted(bad, key=order.__getitem__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -292,6 +297,10 @@ class PreemptionCheckpoint(Callback):
     got, and at the same steps on every process (each ``log_every_n_steps``-th step and each
     epoch's last batch) they take the largest mark (one all-reduce): if any process got a signal,
     all stop after that same batch, through Lightning's flag, so all of them save together.
+    Lightning's own per-step broadcast of its flag is then turned off (a host wait at every step;
+    :meth:`_stop_lightning_broadcast`). After the save every process waits at a barrier until
+    rank 0's write of ``path`` (queued in the background) is whole: a process that exited first
+    would make Lightning's launcher kill the others, rank 0 in the middle of that write.
 
     Under SLURM (``base.slurm``), a stop on the requeue signal then asks SLURM to requeue the job:
     once ``last.ckpt`` is whole, global rank 0 runs ``scontrol requeue $SLURM_JOB_ID``, once, and
@@ -299,6 +308,10 @@ class PreemptionCheckpoint(Callback):
     run (``--run-name NAME --resume last``). SIGTERM and Ctrl-C never requeue: SLURM sends SIGTERM
     for ``scancel`` and for a preemption that requeues by itself.
     """
+
+    # Lightning's own per-step SIGTERM broadcast off under DDP (False only to measure what it costs:
+    # benchmarks/ddp_host_waits.py).
+    silence_lightning_broadcast = True
 
     def __init__(self, path: Path, requeue_signal: str | None = None) -> None:
         if requeue_signal is not None and requeue_signal not in REQUEUE_SIGNALS:
@@ -327,6 +340,7 @@ class PreemptionCheckpoint(Callback):
         if self._agree:
             # SIGTERM too is only marked (see the class docstring); Lightning's handler goes back afterwards.
             self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._forward_as_sigterm)
+            self._stop_lightning_broadcast(trainer, self.silence_lightning_broadcast)
         # Ctrl-C: the first one stops like SIGTERM (after the batch, saving last.ckpt), a second
         # one aborts at once. Lightning's own handling of KeyboardInterrupt saves nothing.
         self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._stop_after_batch)
@@ -341,6 +355,25 @@ class PreemptionCheckpoint(Callback):
             if signum is None:
                 raise UserError(f"--requeue-signal {self.requeue_signal}: this platform has no such signal")
             self._previous_handlers[signum] = signal.signal(signum, self._forward_as_sigterm)
+
+    @staticmethod
+    def _stop_lightning_broadcast(trainer: L.Trainer, silenced: bool) -> None:
+        """Turn Lightning's per-step SIGTERM broadcast off (``silenced``) or back on.
+
+        Under DDP, Lightning 2.6's training epoch loop broadcasts rank 0's SIGTERM flag before every
+        training batch and reads it with ``.item()`` (``_TrainingEpochLoop._broadcast_sigterm_tensor``):
+        a host wait at every step on a GPU. Here the stop is agreed on instead (every rank's mark, at
+        the logging steps), and the agreement sets Lightning's flag on every rank at the same batch,
+        where its loop raises ``SIGTERMException`` after the batch anyway; the broadcast adds nothing.
+        Lightning offers no option for it, so the loop's method is shadowed on that loop alone.
+        """
+        loop = trainer.fit_loop.epoch_loop
+        if not hasattr(type(loop), "_broadcast_sigterm_tensor"):
+            return  # another Lightning: nothing to turn off
+        if silenced:
+            loop._broadcast_sigterm_tensor = _no_broadcast
+        else:
+            loop.__dict__.pop("_broadcast_sigterm_tensor", None)
 
     def _forward_as_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
@@ -377,6 +410,7 @@ class PreemptionCheckpoint(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
+        self._stop_lightning_broadcast(trainer, False)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The evaluation loop checks Lightning's flag after every batch. Until validation ends, a
@@ -408,8 +442,9 @@ class PreemptionCheckpoint(Callback):
         # Lightning calls no teardown hooks after an exception. The handlers go back only after the
         # save: a second Ctrl-C during it must abort (the previous last.ckpt stays whole), not raise
         # KeyboardInterrupt in the middle of torch.save.
+        stopping = isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING
         try:
-            if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            if stopping:
                 trainer.save_checkpoint(self.path, weights_only=False)  # full state: loops, callbacks, optimiser
                 # Checkpoints are written in the background (callbacks.checkpoints): whole before it is said.
                 getattr(trainer.strategy.checkpoint_io, "wait", lambda: None)()
@@ -434,6 +469,14 @@ class PreemptionCheckpoint(Callback):
                     pass
         finally:
             self._restore_handlers()
+            if stopping and trainer.world_size > 1:
+                # Only rank 0 writes, and its write may still be queued above while the other ranks
+                # are done: one of them exiting (143) makes Lightning's launcher SIGKILL every
+                # process (its child-process observer), rank 0's write and requeue included. No
+                # rank leaves before rank 0 has finished; on rank 0's error too, or the others
+                # would wait for it in a collective until their timeout.
+                trainer.strategy.barrier("PreemptionCheckpoint.saved")
+        self._stop_lightning_broadcast(trainer, False)
 
     def _requeue_if_asked(self) -> None:
         """Under SLURM, after a stop on the requeue signal: ``scontrol requeue`` the job, once."""
@@ -451,6 +494,10 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
+
+
+def _no_broadcast() -> None:
+    """In place of Lightning's per-step SIGTERM broadcast (:meth:`PreemptionCheckpoint._stop_lightning_broadcast`)."""
 
 
 def _abort_now(signum: int, frame: FrameType | None) -> None:

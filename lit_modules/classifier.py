@@ -94,7 +94,7 @@ class ImageClassifier(L.LightningModule):
         self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, **metric)
         self.test_acc = MulticlassAccuracy(num_classes, **metric)
         self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, **metric)
-        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None, validate_args=False)
+        self.test_acc_per_class = PerClassAccuracy(num_classes)
         # How many images each evaluation saw: a limited one (--limit-*-batches) says so. A count
         # cannot be NaN, and the NaN check reads the value on the host.
         self.val_images = SumMetric(nan_strategy="disable")
@@ -289,6 +289,34 @@ def _upgrade(flat: Mapping[str, Any], dataset: Any) -> tuple[dict[str, Any], dic
     if dataset is None and flat.get("class_names"):
         dataset = dataclasses.replace(CIFAR10, classes=tuple(flat["class_names"]))
     return groups["network"], groups["optim"], dataset
+
+
+class PerClassAccuracy(Metric):
+    """Each class's accuracy, shape ``(num_classes,)``: right predictions over images of that class
+    (0 for a class without images, as torchmetrics' ``MulticlassAccuracy(average=None)`` gives).
+
+    Counted with ``scatter_add_`` into tensors of fixed size: torchmetrics' own counts with
+    ``torch.bincount``, which on CUDA reads the largest value back to the host to size its
+    output, a wait at every test batch. The counts are summed over processes by torchmetrics.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("correct", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """``preds``: logits or probabilities ``(N, C)``, or class indices ``(N,)``; ``target``: ``(N,)``."""
+        if preds.ndim == target.ndim + 1:
+            preds = preds.argmax(dim=1)
+        self.correct.scatter_add_(0, target, (preds == target).long())
+        self.total.scatter_add_(0, target, torch.ones_like(target))
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()
 
 
 def _count(labels: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from lightning.pytorch.trainer.connectors.checkpoint_connector import _Checkpoin
 from base.datasets import DatasetInfo
 from base.errors import UserError
 from base.schema import DataOptions, NetworkOptions, OptimOptions
-from base.slurm import check_layout
+from base.slurm import check_layout, slurm_task
 from callbacks.checkpoints import BackgroundCheckpointIO, NamedCheckpoint
 from callbacks.dashboards import Dashboards
 from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
@@ -36,6 +37,7 @@ from models import prepare_backbone
 from run.checkpoints import build_backbone
 from run.config import RunConfig
 from run.hardware import check_shared_memory
+from run.folder import CONSOLE_ENV
 from run.start import FromWeights, Resume, Start
 from run.loggers import build_loggers
 
@@ -164,6 +166,24 @@ class RunCallbacks:
 LAST_EVERY_S = 60.0
 
 
+def console_kind() -> str:
+    """``bar`` (a live progress bar) or ``lines`` (one line per epoch), the same on every process.
+
+    The two run different collectives at an epoch's end (the lines read the synced epoch metrics on
+    every rank), so the ranks must not choose by their own terminals: DDP workers started by
+    Lightning's launcher take rank 0's choice (``run.folder.CONSOLE_ENV``, set by ``run.training``).
+    Tasks that SLURM starts (several per job) cannot be told, and under ``srun --pty`` only task 0
+    has a terminal: they all print lines. Otherwise a bar where standard output is a terminal.
+    """
+    handed = os.environ.get(CONSOLE_ENV)
+    if handed in ("bar", "lines"):
+        return handed
+    task = slurm_task()
+    if task is not None and task.ntasks > 1:
+        return "lines"
+    return "bar" if sys.stdout.isatty() else "lines"
+
+
 def build_callbacks(config: RunConfig, run_dir: Path, dataset: DatasetInfo) -> RunCallbacks:
     checkpoint_dir = run_dir / "checkpoints"
     best = NamedCheckpoint(
@@ -190,13 +210,13 @@ def build_callbacks(config: RunConfig, run_dir: Path, dataset: DatasetInfo) -> R
     )
     clock = RunClock()  # the run's ETA, for the bar and the epoch lines
     # In a terminal a live bar; in a log file (nohup, SLURM, CI) one line per epoch, since a
-    # live bar draws nothing there until its last frame.
+    # live bar draws nothing there until its last frame (console_kind: the same on every rank).
     # Lightning's rich model summary is drawn 80 columns wide where there is no terminal: plain text there.
     loss_guard = FiniteLossGuard()  # logs loss/train_step too: the bar shows what it read
-    if sys.stdout.isatty():
+    if console_kind() == "bar":
         console = [ThrottledProgressBar(clock=clock, loss_guard=loss_guard), RichModelSummary()]
     else:
-        console = [EpochLines(clock=clock), ModelSummary()]
+        console = [EpochLines(enabled=True, clock=clock), ModelSummary()]
     # Fast recipes: EMA of the weights, time-to-accuracy benchmark (callbacks/recipes.py).
     extras = recipe_callbacks(config.ema_decay, config.time_to_accuracy)
     callbacks: list[Callback] = [
@@ -227,10 +247,13 @@ def build_trainer(
     root_dir: Path | None = None,
     progress_bar: bool = True,
     resume: Resume | None = None,
+    background_saves: bool = True,
 ) -> L.Trainer:
     """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
     add its progress bar as the caller needs them. ``resume``: the checkpoint a resumed run continues,
     as ``run.start`` read it; Lightning is handed that read instead of reading the file again.
+    ``background_saves``: checkpoints written by a thread while training goes on (a run's), or
+    whole when ``save_checkpoint`` returns (a Trainer that reads back what it saved on every rank).
 
     Under SLURM it runs in Lightning's SLURM environment without Lightning's requeue handling
     (``auto_requeue=False``: on SIGUSR1 Lightning would write ``hpc_ckpt_N.ckpt`` into the working
@@ -241,6 +264,7 @@ def build_trainer(
     check_layout(config.hardware.device_count, config.num_nodes)
     devices = list(config.devices) if isinstance(config.devices, tuple) else config.devices
     cluster = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    writer = AtomicCheckpointIO(preloaded=(resume.path, resume.checkpoint) if resume else None)
     trainer = L.Trainer(
         accelerator=config.accelerator,
         devices=devices,
@@ -250,8 +274,7 @@ def build_trainer(
         max_epochs=config.epochs,
         logger=logger,
         callbacks=callbacks,
-        plugins=[BackgroundCheckpointIO(AtomicCheckpointIO(preloaded=(resume.path, resume.checkpoint) if resume else None)),
-                 *cluster],
+        plugins=[BackgroundCheckpointIO(writer) if background_saves else writer, *cluster],
         fast_dev_run=config.fast_dev_run,
         limit_train_batches=config.limit_train_batches,
         limit_val_batches=config.limit_val_batches,

@@ -34,6 +34,11 @@ LOCK_NAME = ".train.lock"
 # DDP workers re-run the entry point after rank 0 opened the run's folder: they inherit it, and
 # rank 0 holds its lock.
 RUN_DIR_ENV = "CIFAR10_LIGHTNING_RUN_DIR"
+# What else rank 0 decides once and DDP workers inherit, rather than each deciding again: the
+# checkpoint ``--resume`` resolved to ("" for a new run; ``last`` could name another run by the time
+# a worker starts), and the console display (``run.build.console_kind``).
+RESUME_ENV = "CIFAR10_LIGHTNING_RESUME"
+CONSOLE_ENV = "CIFAR10_LIGHTNING_CONSOLE"
 # How long a SLURM task waits for its job's task 0 to name the run folder. Every task loads the
 # data first, so they normally arrive together; a shared file system may show a new file late.
 JOIN_TIMEOUT_S = 600.0
@@ -47,6 +52,30 @@ def joins_run() -> bool:
         return True
     task = slurm_task()
     return task is not None and task.global_rank != 0
+
+
+@contextmanager
+def handed_down(**values: str) -> Iterator[None]:
+    """Within the block, environment variables (name=value) that processes started from this one
+    inherit, as Lightning's launcher starts the DDP workers: each set unless this process inherited
+    it (a worker keeps rank 0's), and removed afterwards by the process that set it."""
+    mine = [name for name in values if name not in os.environ]
+    for name in mine:
+        os.environ[name] = values[name]
+    try:
+        yield
+    finally:
+        for name in mine:
+            os.environ.pop(name, None)
+
+
+def inherited_resume() -> tuple[bool, Path | None]:
+    """(whether this process inherited rank 0's resolved ``--resume``, that checkpoint or None for a
+    new run): a DDP worker started by Lightning takes it rather than resolving the flag again."""
+    if RESUME_ENV not in os.environ:
+        return False, None
+    value = os.environ[RESUME_ENV]
+    return True, (Path(value) if value else None)
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:

@@ -30,12 +30,14 @@ _GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kf
 class Machine:
     """What this machine offers to a run, as PyTorch reports it.
 
-    ``cuda_devices``: visible CUDA (or ROCm) GPUs; ``cpu_bf16``: the CPU's native bfloat16
-    instructions (``AMX``, ``AVX512-BF16``) or None.
+    ``cuda_devices``: visible CUDA (or ROCm) GPUs; ``cuda_bf16``: they run bfloat16 natively
+    (Ampere and later); ``cuda_bf16_emulated``: they only emulate it (T4, V100: slower than fp32);
+    ``cpu_bf16``: the CPU's native bfloat16 instructions (``AMX``, ``AVX512-BF16``) or None.
     """
 
     cuda_devices: int = 0
     cuda_bf16: bool = False
+    cuda_bf16_emulated: bool = False
     mps: bool = False
     cpu_bf16: str | None = None
 
@@ -45,12 +47,26 @@ class Machine:
         import torch
 
         cuda = torch.cuda.is_available()
+        native = cuda and cuda_bf16_native()
         return cls(
             cuda_devices=torch.cuda.device_count() if cuda else 0,
-            cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+            cuda_bf16=native,
+            cuda_bf16_emulated=cuda and not native and torch.cuda.is_bf16_supported(),
             mps=torch.backends.mps.is_available(),
             cpu_bf16=cpu_has_native_bf16(),
         )
+
+
+def cuda_bf16_native() -> bool:
+    """Whether the current CUDA GPU runs bfloat16 natively. ``torch.cuda.is_bf16_supported()`` also
+    says yes for GPUs that emulate it (T4, V100), where bf16 is slower than fp32; torch before 2.3
+    had no ``including_emulation``, and its answer there was native support already."""
+    import torch
+
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:
+        return bool(torch.cuda.is_bf16_supported())
 
 
 def certainly_without_gpu() -> bool:
@@ -190,14 +206,19 @@ def _resolve_precision(accelerator: str, precision: str, machine: Machine) -> tu
         native = machine.cpu_bf16 if accelerator == "cpu" else None
         if native:
             return "bf16-mixed", f"auto: the CPU has native bfloat16 ({native})"
-        where = "the CPU has no native bfloat16" if accelerator == "cpu" else f"auto on {accelerator}"
+        if accelerator == "cpu":
+            where = "the CPU has no native bfloat16"
+        elif accelerator == "gpu" and machine.cuda_bf16_emulated:
+            where = "the GPU only emulates bfloat16"
+        else:
+            where = f"auto on {accelerator}"
         return "32-true", f"auto: {where}"
     if precision == "16-mixed" and accelerator == "cpu":
         raise UserError(
             "--precision 16-mixed: float16 autocast needs a GPU (on the CPU Lightning would silently run bf16); "
             "use --precision bf16-mixed or 32-true"
         )
-    if precision.startswith("bf16") and accelerator == "gpu" and not bf16_gpu:
+    if precision.startswith("bf16") and accelerator == "gpu" and not (bf16_gpu or machine.cuda_bf16_emulated):
         raise UserError(f"--precision {precision}: this GPU has no bfloat16 support; use --precision 16-mixed or 32-true")
     return precision, "asked for"
 

@@ -15,7 +15,7 @@ import functools
 import json
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from lightning.pytorch.tuner import Tuner, lr_finder
 
 from base.errors import UserError, ctrl_c_raises
 from base.files import atomic_write, atomic_write_text
-from run.build import build_data_and_module, build_trainer, check_batch_limits
+from run.build import build_data_and_module, build_trainer, check_batch_limits, console_kind
 from run.config import RunConfig
 from run.hardware import worker_failures_explained
 
@@ -40,6 +40,8 @@ class LrFinding:
     lrs: list[float]
     losses: list[float]
     figure: Any  # matplotlib Figure of loss against learning rate, the suggestion marked
+    # Whether this process is rank 0 of the test's processes (the one that reports and writes it).
+    is_global_zero: bool = True
 
     def describe(self) -> str:
         return (f"learning-rate range test: suggested lr {self.suggestion:.3g} (swept {MIN_LR:g} to {MAX_LR:g} "
@@ -74,8 +76,12 @@ def sweep_bar(shown: bool) -> Iterator[None]:
         lr_finder.tqdm = bar
 
 
-def find_lr(config: RunConfig) -> LrFinding:
-    """Run the range test for ``config`` (its ``lr`` is ignored); a UserError when it suggests nothing."""
+def find_lr(config: RunConfig, before_launch: Callable[[], None] | None = None) -> LrFinding:
+    """Run the range test for ``config`` (its ``lr`` is ignored); a UserError when it suggests nothing.
+
+    ``before_launch``: called once the data and the limits are checked, before the test's Trainer
+    starts the other DDP processes (Lightning's launcher, ``--devices N``): what they must inherit,
+    such as the run folder, is made there, and nothing is made for a refused command."""
     # Any number will do for building: the test sets the optimiser's rate at every step.
     # Enough epochs for STEPS steps however small the data: Lightning's test stops at max_epochs too.
     # No test limit: the range test never tests.
@@ -86,10 +92,16 @@ def find_lr(config: RunConfig) -> LrFinding:
         # --lr find: a run follows, whose validation and test limits are refused now, not after the test.
         check_batch_limits(config, datamodule)
     datamodule.prepare_data()
+    if before_launch is not None:
+        before_launch()
     # Lightning's own bars for the test in a terminal; in a log file they would print every step.
-    in_terminal = sys.stdout.isatty() and sys.stderr.isatty()
-    with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch, sweep_bar(in_terminal):
-        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal)
+    # Decided as the run's console is (once, by rank 0): the Trainer's bar is a callback of every rank.
+    in_terminal = console_kind() == "bar"
+    with tempfile.TemporaryDirectory(prefix="lr-find-") as scratch, sweep_bar(in_terminal and sys.stderr.isatty()):
+        # Lightning saves the weights before the test and every rank reads them back after it: written
+        # whole before the save returns, since only rank 0 would know to wait for a background write.
+        trainer = build_trainer(probe, logger=False, callbacks=[], root_dir=Path(scratch), progress_bar=in_terminal,
+                                background_saves=False)
         # Lightning ends a Ctrl-C inside the Trainer with exit code 1 and a message about missing
         # callbacks; the range test keeps nothing, so a Ctrl-C simply ends it (exit 130).
         with ctrl_c_raises("stopped by Ctrl-C during the learning-rate range test; nothing was trained or saved"), \
@@ -109,4 +121,4 @@ def find_lr(config: RunConfig) -> LrFinding:
     figure = finder.plot(suggest=True)
     figure.axes[0].set_title(f"{config.model}, {config.optimizer}, batch {config.batch_size}: suggested lr {suggestion:.3g}")
     return LrFinding(float(suggestion), [float(x) for x in finder.results["lr"]],
-                     [float(x) for x in finder.results["loss"]], figure)
+                     [float(x) for x in finder.results["loss"]], figure, trainer.is_global_zero)

@@ -26,7 +26,7 @@ from run.config import (
     read_config,
     settle,
 )
-from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, find_resume
+from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, check_resumable, find_resume, inherited_resume
 from run.hardware import Machine, certainly_without_gpu
 from run.history import check_resume
 from run.start import NewRun, Start
@@ -65,7 +65,13 @@ def resolve_run(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> tup
     output_dir = absolute_path(asked["output_dir"])
     if asked["resume"] not in (None, "last"):
         check_input_name(absolute_path(asked["resume"]), "--resume")
-    resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
+    inherited, resume = inherited_resume()
+    if asked["resume"] and inherited:
+        # A DDP worker: the checkpoint rank 0 resolved. Resolved again, `last` could be another run
+        # that a job writing into the same output folder saved in between.
+        resume = check_resumable(resume) if resume is not None else None
+    else:
+        resume = find_resume(asked["resume"], output_dir, model, asked["run_name"]) if asked["resume"] else None
     if resume is None:
         values = {**asked, "resume": None}
         if asked["weights"] is None:

@@ -24,17 +24,20 @@ from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, process_rank, slurm
 from callbacks.pictures import log_figure
 from callbacks.reliability import PreemptionCheckpoint, SameData, check_same_data, data_fingerprint
 from datamodules import describe_source
-from run.build import Assembly, build, build_data_and_module
+from run.build import Assembly, build, build_data_and_module, console_kind
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig, write_config
 from run.start import Resume, Start, plan_start
 from run.folder import (
     CONFIG_NAME,
+    CONSOLE_ENV,
+    RESUME_ENV,
     RESUMED_CONFIG_NAME,
     RUN_DIR_ENV,
     announce_run_dir,
     create_run_dir,
     discard_if_unfinished,
+    handed_down,
     hold_run,
     join_run_dir,
     joins_run,
@@ -132,10 +135,30 @@ def describe(config: RunConfig) -> str:
 def find_lr_only(config: RunConfig) -> Path:
     """``--find-lr``: the range test alone, its plot and numbers in ``OUTPUT_DIR/MODEL/lr_find/version_N``."""
     check_loggers(config.logger)
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
+        find_lr(config)  # a DDP worker takes part in rank 0's test; rank 0 writes the results
+        return Path(inherited)
     print(f"learning-rate range test: {config.model}, {config.optimizer}, batch {config.batch_size}, rate from "
           f"{MIN_LR:g} to {MAX_LR:g} over {STEPS} steps", flush=True)
-    finding = find_lr(config)
-    folder = create_run_dir(config.output_dir / config.model, "lr_find", None)
+    made: list[Path] = []
+
+    def make_folder() -> None:
+        # Made before the test's Trainer starts the other DDP processes (Lightning's launcher), which
+        # inherit it: each would otherwise make a folder of its own.
+        made.append(create_run_dir(config.output_dir / config.model, "lr_find", None))
+        os.environ[RUN_DIR_ENV] = str(made[0])
+
+    try:
+        with handed_down(**{CONSOLE_ENV: console_kind()}):
+            finding = find_lr(config, make_folder)
+    except BaseException:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)  # nothing of the test was written
+        raise
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    folder = made[0]
     picture = finding.save(folder)
     # The plot, to the loggers of --logger that take pictures (a CSV logger has no number to take).
     takers = [name for name in config.logger if name != "csv"]
@@ -166,8 +189,13 @@ def train(config: RunConfig, argv: list[str] | None = None, start: Start | None 
     if config.requeue_signal is None and slurm_task() is not None:
         # Under SLURM the requeue signal defaults to Lightning's (SIGUSR1); the run's config records it.
         config = dataclasses.replace(config, requeue_signal=DEFAULT_REQUEUE_SIGNAL)
+    # Decided here, once, and inherited by the DDP workers that Lightning's launcher starts from
+    # this process: which checkpoint a resume continues, and the console display (whose kinds run
+    # different collectives at an epoch's end).
+    hand_down = {RESUME_ENV: str(config.resume or ""), CONSOLE_ENV: console_kind()}
     try:
         with ExitStack() as held:
+            held.enter_context(handed_down(**hand_down))
             if config.resume is not None and not joins_run():
                 # Refused at once when another process trains this run (DDP workers, the job's other
                 # SLURM tasks: rank 0 holds it).
@@ -180,24 +208,9 @@ def train(config: RunConfig, argv: list[str] | None = None, start: Start | None 
         raise
 
 
-def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: Start) -> RunOutcome:
-    started = time.perf_counter()
-    finding = None
-    if config.lr == "find":
-        finding = find_lr(config)
-        print(finding.describe(), flush=True)
-        config = dataclasses.replace(config, lr=finding.suggestion)  # what the run records is what it uses
-    if config.resume is not None:
-        check_resumed_data(config.resume.parent.parent, config.data_dir)  # not downloaded anew where it was
-    # Everything that can be checked before training is, and before the run folder exists: the
-    # data (downloaded if need be; both splits read, so a missing test split is found now, not
-    # after hours of training), the weights to start from, the output paths and free disk.
-    parts = build_data_and_module(config, start)
-    check_outputs(config, parts[1])
-    parts[0].prepare_data()
-    parts[0].setup()
-    if isinstance(start, Resume):
-        check_same_data(start.saved_callback_state(SameData.__qualname__), data_fingerprint(parts[0]))
+def _open_run(config: RunConfig, held: ExitStack) -> tuple[Path, bool]:
+    """``open_run_dir``, held when this process created it, announced to the job's other SLURM tasks,
+    and handed down to the DDP workers that Lightning's launcher starts from here on."""
     run_dir, created = open_run_dir(config)
     if created:
         # A named run's folder may be another process's that has not saved a checkpoint yet: refused
@@ -205,7 +218,40 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: St
         held.enter_context(hold_run(run_dir))
     # Under srun, SLURM task 0 tells the job's other tasks which folder this is (once it holds it).
     held.callback(withdraw_announcement, announce_run_dir(config.output_dir, run_dir, config.resume))
+    held.enter_context(handed_down(**{RUN_DIR_ENV: str(run_dir)}))
+    return run_dir, created
+
+
+def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: Start) -> RunOutcome:
+    started = time.perf_counter()
+    finding = None
+    run_dir, created, assembly = None, False, None
     try:
+        if config.lr == "find":
+            def open_first() -> None:
+                # The range test's Trainer starts the other DDP processes: the run folder is opened
+                # before, once the test's checks passed, so that they inherit it (each would
+                # otherwise make one of its own).
+                nonlocal run_dir, created
+                run_dir, created = _open_run(config, held)
+
+            finding = find_lr(config, open_first)
+            if finding.is_global_zero:
+                print(finding.describe(), flush=True)
+            config = dataclasses.replace(config, lr=finding.suggestion)  # what the run records is what it uses
+        if config.resume is not None:
+            check_resumed_data(config.resume.parent.parent, config.data_dir)  # not downloaded anew where it was
+        # Everything that can be checked before training is, and before the run folder exists: the
+        # data (downloaded if need be; both splits read, so a missing test split is found now, not
+        # after hours of training), the weights to start from, the output paths and free disk.
+        parts = build_data_and_module(config, start)
+        check_outputs(config, parts[1])
+        parts[0].prepare_data()
+        parts[0].setup()
+        if isinstance(start, Resume):
+            check_same_data(start.saved_callback_state(SameData.__qualname__), data_fingerprint(parts[0]))
+        if run_dir is None:
+            run_dir, created = _open_run(config, held)
         assembly = build(config, run_dir, parts=parts, start=start)
         trainer = assembly.trainer
         if trainer.is_global_zero:
@@ -220,20 +266,19 @@ def _train(config: RunConfig, argv: list[str] | None, held: ExitStack, start: St
             print(f"{verb}: {describe(config)}", flush=True)
         if trainer.is_global_zero and config.rewind and config.resume is not None:
             rewind(run_dir, config.resume, start.point if isinstance(start, Resume) else None)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
         fit_started = time.perf_counter()
-        try:
-            # From the first training step to the last, Ctrl-C saves last.ckpt (PreemptionCheckpoint);
-            # before and after them (setup, sanity check, teardown) Lightning would end with exit code 1.
-            with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"), \
-                    worker_failures_explained(config.workers):
-                trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
-        finally:
-            os.environ.pop(RUN_DIR_ENV, None)
+        # From the first training step to the last, Ctrl-C saves last.ckpt (PreemptionCheckpoint);
+        # before and after them (setup, sanity check, teardown) Lightning would end with exit code 1.
+        with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"), \
+                worker_failures_explained(config.workers):
+            trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume, weights_only=True)
     except SIGTERMException:
-        preemption = next(c for c in assembly.callbacks.all if isinstance(c, PreemptionCheckpoint))
-        if preemption.received == "SIGINT":
-            raise Interrupted("stopped by Ctrl-C (exit code 130)") from None
+        if assembly is not None:
+            preemption = next(c for c in assembly.callbacks.all if isinstance(c, PreemptionCheckpoint))
+            if preemption.received == "SIGINT":
+                raise Interrupted("stopped by Ctrl-C (exit code 130)") from None
+        elif created and discard_if_unfinished(run_dir):
+            print(f"removed the run folder {run_dir}: it stopped before writing any checkpoint", flush=True)
         raise
     except BaseException:
         if created and discard_if_unfinished(run_dir):

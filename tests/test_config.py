@@ -75,6 +75,8 @@ def test_auto_precision_on_the_cpu_follows_its_native_bf16(monkeypatch):
 
 H100S = Machine(cuda_devices=2, cuda_bf16=True, cpu_bf16="AMX")
 OLD_GPU = Machine(cuda_devices=1, cuda_bf16=False)
+# A T4 or V100: torch.cuda.is_bf16_supported() says yes, but only by emulation (slower than fp32).
+EMULATING_GPU = Machine(cuda_devices=1, cuda_bf16=False, cuda_bf16_emulated=True)
 
 
 @pytest.mark.parametrize(
@@ -85,6 +87,8 @@ OLD_GPU = Machine(cuda_devices=1, cuda_bf16=False)
         (H100S, ("cuda", "-1", "32-true"), ("gpu", 2, "32-true")),
         (H100S, ("cpu", "auto", "auto"), ("cpu", 1, "bf16-mixed")),
         (OLD_GPU, ("auto", "1", "auto"), ("gpu", 1, "32-true")),
+        (EMULATING_GPU, ("auto", "1", "auto"), ("gpu", 1, "32-true")),
+        (EMULATING_GPU, ("gpu", "1", "bf16-mixed"), ("gpu", 1, "bf16-mixed")),
         (Machine(), ("auto", "-1", "auto"), ("cpu", 1, "32-true")),
     ],
 )
@@ -128,3 +132,16 @@ def test_no_gpu_device_nodes_means_no_gpu_without_asking_torch(monkeypatch):
         hardware.check_hardware_request("cpu", "0,1", "auto")  # on the CPU whatever the GPUs
     monkeypatch.setattr(hardware.sys, "platform", "darwin")
     assert not hardware.certainly_without_gpu()  # MPS: ask PyTorch
+
+
+def test_probe_takes_only_native_gpu_bf16(monkeypatch):
+    """A GPU that emulates bfloat16 (torch's is_bf16_supported() is true by default there) is not
+    one that --precision auto runs bf16 on; an explicit bf16-mixed still may."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    machine = Machine.probe()
+    assert (machine.cuda_bf16, machine.cuda_bf16_emulated) == (False, True)
+    assert resolve_hardware("gpu", "1", "auto", machine=machine).precision == "32-true"

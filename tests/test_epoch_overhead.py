@@ -71,6 +71,22 @@ def test_at_most_max_pending_saves_are_queued_then_a_save_waits_for_the_oldest(t
     assert inner.written == ["1.ckpt", "2.ckpt", "3.ckpt"]
 
 
+def test_a_load_or_removal_of_a_queued_file_waits_for_its_write(tmp_path):
+    """Lightning's Tuner.lr_find saves its temporary checkpoint and restores it at once: the load waits
+    for that file's write (a slow disk made it a FileNotFoundError), a removal too."""
+    inner = _GatedIO()
+    io = BackgroundCheckpointIO(inner)
+    io.save_checkpoint({"n": torch.tensor(7)}, tmp_path / "a.ckpt")
+    threading.Timer(0.3, inner.gate.set).start()
+    assert int(io.load_checkpoint(tmp_path / "a.ckpt")["n"]) == 7
+    inner.gate.clear()
+    io.save_checkpoint({"n": torch.tensor(8)}, tmp_path / "b.ckpt")
+    threading.Timer(0.3, inner.gate.set).start()
+    io.remove_checkpoint(tmp_path / "b.ckpt")
+    assert not (tmp_path / "b.ckpt").exists()
+    io.teardown()
+
+
 def test_a_failed_background_save_is_raised_not_lost(tmp_path):
     """A full disk during a background save: the user's one-line error at the next save, the previous file intact."""
     target = tmp_path / "last.ckpt"

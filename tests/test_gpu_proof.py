@@ -310,3 +310,13 @@ def test_the_archive_after_every_part_holds_what_finished_and_no_checkpoint(tmp_
     assert costs["images_per_s"] == {"vgg16": 1e6, "resnet50": 1e6}
     # The run folders stayed in the work folder, outside $OUT.
     assert (tmp_path / "work" / "runs").is_dir()
+
+
+def test_the_gpu_runs_the_cuda_cases_and_the_dry_run_their_cpu_rehearsals(tmp_path):
+    """The same tests/test_gpu.py bodies: on the GPU its CUDA cases under a share of the budget, in a
+    dry run their CPU rehearsals under a cap of their own (measured on 2 CPU cores)."""
+    gpu = items_for(tmp_path, parts=["cuda-tests"])[0]
+    dry = items_for(tmp_path, parts=["cuda-tests"], sizes=proof.DRY)[0]
+    for item, selected in ((gpu, "not rehearsal"), (dry, "rehearsal")):
+        assert item.command[item.command.index("-k") + 1] == selected and item.command[-1] == "tests/test_gpu.py"
+    assert (gpu.cap_s, dry.cap_s) == (pytest.approx(proof.TESTS_SHARE * 360), proof.DRY.tests_cap_s)

@@ -138,3 +138,45 @@ def test_ema_update_reads_nothing_from_the_device(monkeypatch):
     monkeypatch.undo()
     assert reads == []
     assert ema._average_model.updates == 3 and int(ema._average_model.n_averaged) == 3
+
+
+def test_checkpoint_finite_check_reads_the_device_once(monkeypatch):
+    """The check on the way into a checkpoint reads one stacked answer per device, not one per tensor,
+    and still names every non-finite tensor, in the checkpoint's order."""
+    from callbacks.reliability import non_finite_keys
+
+    tensors = {f"layer{i}.weight": torch.randn(3) for i in range(50)}
+    tensors["layer7.weight"][1] = float("nan")
+    tensors["layer31.weight"][0] = float("inf")
+    tensors["steps"] = torch.tensor(3)  # not floating point: not checked
+    reads = []
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k: reads.append(_n) or _real(self, *a, **k))
+    bad = non_finite_keys(tensors)
+    monkeypatch.undo()
+    assert bad == ["layer7.weight", "layer31.weight"]
+    assert reads == ["tolist"]
+
+
+def test_per_class_test_accuracy_counts_without_reading_the_device(monkeypatch):
+    """Per-class test accuracy: no host read per batch (torchmetrics' counts use bincount, which waits
+    on CUDA), and the same values as torchmetrics' MulticlassAccuracy(average=None)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lit_modules.classifier import PerClassAccuracy
+
+    ours, theirs = PerClassAccuracy(10), MulticlassAccuracy(10, average=None)
+    batches = [(torch.randn(16, 10), torch.randint(0, 9, (16,))) for _ in range(3)]  # class 9 never seen
+    for logits, labels in batches:
+        theirs.update(logits, labels)
+    reads = []
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: reads.append("bincount"))
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k: reads.append(_n) or _real(self, *a, **k))
+    for logits, labels in batches:
+        ours.update(logits, labels)
+    monkeypatch.undo()
+    assert reads == []
+    assert torch.allclose(ours.compute(), theirs.compute())

@@ -59,3 +59,19 @@ def test_range_test_with_resume_is_refused(cli, tiny_data, tmp_path, flag):
     result = cli("train", *flag, "--resume", "last", "--output-dir", str(tmp_path / "runs"), "--data-dir", str(tiny_data))
     assert_one_line_error(result, "with --resume", "--weights")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_range_test_restores_its_weights_from_a_slow_disk(cli, tiny_data, tmp_path, monkeypatch):
+    """Lightning saves the weights before the sweep and loads them right after it: with every write
+    0.5 s late (a slow disk), the load still finds the file whole."""
+    import time
+
+    from callbacks.reliability import AtomicCheckpointIO
+
+    real = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, *a, **k: time.sleep(0.5) or real(self, *a, **k))
+    result = cli("train", *QUICK_VGG, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--find-lr",
+                 "--batch-size", "4")
+    assert result.code == 0, result.err
+    assert (tmp_path / "vgg16" / "lr_find" / "version_0" / "lr_find.json").is_file()
