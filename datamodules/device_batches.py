@@ -29,7 +29,7 @@ def resolve_data_path(requested: str, device: torch.device) -> str:
 
     ``auto`` takes the device path on CUDA, where it removes the per-image CPU work and the
     host-to-device copies that otherwise starve the GPU, and on the CPU, where it measured faster
-    than the worker-process loader for resnet50 at batch 100 (README, "Speed"). Elsewhere (MPS)
+    than the worker-process loader for resnet50 at batch 100 (docs/speed.md). Elsewhere (MPS)
     it keeps the classic loader, which is the path tested there.
     """
     if requested not in DATA_PATHS:

@@ -160,9 +160,9 @@ class RunCallbacks:
     clock: TimeToAccuracy | None
 
 
-# At most one last.ckpt per this many seconds, and always after the last epoch (README: Where outputs
-# go). Epochs of minutes (any CPU run) save it every epoch; a GPU run whose epochs take seconds would
-# otherwise spend as long writing it as training.
+# At most one last.ckpt per this many seconds, and always after the last epoch (docs/checkpoints.md:
+# Where outputs go). Epochs of minutes (any CPU run) save it every epoch; a GPU run whose epochs
+# take seconds would otherwise spend as long writing it as training.
 LAST_EVERY_S = 60.0
 
 

@@ -42,7 +42,7 @@ def test_tilde_in_output_dir_is_expanded_and_runs_are_not_overwritten(cli, tiny_
 
 @pytest.mark.slow
 def test_two_slurm_jobs_in_one_folder_each_resume_their_own_run(cli, tiny_data, tmp_path, sigterm_at):
-    """The README's SLURM recipe: two jobs of different seeds/lr, both preempted, each requeue resumes its own run."""
+    """The SLURM recipe of docs/multi-gpu.md: two jobs of different seeds/lr, both preempted, each requeue resumes its own run."""
     output = tmp_path / "runs"
 
     def job(job_id: str, seed: str, lr: str):

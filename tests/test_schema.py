@@ -91,7 +91,7 @@ def test_a_key_in_another_groups_section_is_refused_at_its_line(cli, tmp_path):
 
 @pytest.mark.slow
 def test_an_option_is_one_field_in_the_schema(tmp_path):
-    """README's recipe: a field added to a group of base/schema.py is a flag with its help, a YAML key of
+    """docs/development.md's recipe: a field added to a group of base/schema.py is a flag with its help, a YAML key of
     its section, a RunConfig field, a hyper-parameter of the checkpoints, and obeys its resume rule."""
     checkout = tmp_path / "checkout"
     checkout.mkdir()

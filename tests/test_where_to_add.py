@@ -1,4 +1,4 @@
-"""README's "Where to add things", the recipes that have no test of their own elsewhere."""
+"""docs/development.md's "Where to add things", the recipes that have no test of their own elsewhere."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import Callback
 
 
 class EpochCounter(Callback):
-    """A callback as README describes one: what it needs comes in as constructor arguments."""
+    """A callback as docs/development.md describes one: what it needs comes in as constructor arguments."""
 
     def __init__(self, every: int) -> None:
         self.every, self.epochs = every, []
