@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Accuracy of named recipes over several seeds: runs train.py for each, summarises, writes a table.
 
-For every config and seed it runs, one after the other, in its own process:
+For every config and seed it runs, one after the other (``--parallel N``: N at once, for small runs
+that share one GPU), each in its own process:
 
     python train.py --config CONFIG --seed SEED --data-dir DATA --output-dir RUNS --results-json OUT/NAME.json [FLAGS]
 
@@ -41,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 try:
-    from base.values import non_negative_int
+    from base.values import non_negative_int, positive_int
     from cli.flags import Parser, run_main
     from base.errors import UserError
     from base.files import atomic_write_text
@@ -70,6 +71,8 @@ def build_parser() -> Parser:
     parser.add_argument("--tag", default="", help="name suffix that tells apart runs of one config with other flags")
     parser.add_argument("--budget-s", type=float, default=None, help="start no run likely to end after this many seconds")
     parser.add_argument("--force", action="store_true", help="run again what OUT already holds")
+    parser.add_argument("--parallel", type=positive_int, default=1, metavar="N",
+                        help="train.py runs at once (several small runs share one GPU; each run's seconds are then its own wall time)")
     return parser
 
 
@@ -85,13 +88,51 @@ def train_command(config: str, seed: int, data_dir: str, runs_dir: str, results:
             "--output-dir", runs_dir, "--results-json", str(results), *extra]
 
 
-def run_one(command: list[str], log: Path) -> tuple[int, float]:
-    """Run ``command`` with its output in ``log``; (exit code, wall seconds from start to exit)."""
+def start_run(command: list[str], log: Path) -> subprocess.Popen:
+    """Start ``command`` with its output in ``log``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with log.open("w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
-    return code, time.perf_counter() - start
+    with log.open("w") as sink:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_any(running: list) -> tuple:
+    """Remove and return the first of ``running`` to end, with its wall seconds from start to exit."""
+    while True:
+        for entry in running:
+            if entry[1].poll() is not None:
+                running.remove(entry)
+                return (*entry, time.perf_counter() - entry[2])
+        time.sleep(0.5)
+
+
+def _finish(ended: tuple, args: Any, extra: list[str], out: Path, failed: list[str]) -> float:
+    """Record one ended run: its results JSON with the runner's record, or its failure; its wall seconds."""
+    name, process, _, results, log, command, config, seed, wall = ended
+    code = process.returncode
+    if code != 0 or not results.is_file():
+        failed.append(name)
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        print(f"    {name} FAILED (exit code {code}, {wall:.0f} s); end of {log}:\n{tail}", flush=True)
+        results.unlink(missing_ok=True)
+        return wall
+    data = json.loads(results.read_text())
+    data["runner"] = {
+        "config": config,
+        "seed": seed,
+        "tag": args.tag,
+        "extra": extra,
+        "data_dir": args.data_dir,
+        # As typed from the repository root.
+        "command": shlex.join(["python", "train.py", *command[2:]]),
+        "wall_s": wall,
+        "parallel": args.parallel,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(results, json.dumps(data, indent=2) + "\n")
+    print(f"    {name}: test accuracy {_percent(data['test_accuracy'])} % after {data['epochs_trained']} epochs, "
+          f"{wall:.0f} s", flush=True)
+    write_summary(out)
+    return wall
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -231,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     plan = [(config, seed) for config in args.configs for seed in args.seeds]
     started, longest, failed = time.perf_counter(), 0.0, []
+    running: list[tuple[str, subprocess.Popen, float, Path, Path, list[str], str, int]] = []
     for index, (config, seed) in enumerate(plan, 1):
         name = run_name(config, seed, args.tag)
         results, log = out / f"{name}.json", out / f"{name}.log"
@@ -243,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             print(f"[{index}/{len(plan)}] {name}: already in {out}, skipped")
             continue
+        while len(running) >= args.parallel:
+            longest = max(longest, _finish(_wait_any(running), args, extra, out, failed))
         elapsed = time.perf_counter() - started
         if args.budget_s is not None and elapsed + longest > args.budget_s:
             print(f"stopping: {len(plan) - index + 1} run(s) left would overrun --budget-s {args.budget_s:g}; "
@@ -251,30 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = train_command(config, seed, args.data_dir, args.runs_dir, results, extra)
         print(f"[{index}/{len(plan)}] {name}: {shlex.join(['python', 'train.py', *command[2:]])}", flush=True)
         results.unlink(missing_ok=True)
-        code, wall = run_one(command, log)
-        longest = max(longest, wall)
-        if code != 0 or not results.is_file():
-            failed.append(name)
-            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-            print(f"    FAILED (exit code {code}, {wall:.0f} s); end of {log}:\n{tail}", flush=True)
-            results.unlink(missing_ok=True)
-            continue
-        data = json.loads(results.read_text())
-        data["runner"] = {
-            "config": config,
-            "seed": seed,
-            "tag": args.tag,
-            "extra": extra,
-            "data_dir": args.data_dir,
-            # As typed from the repository root.
-            "command": shlex.join(["python", "train.py", *command[2:]]),
-            "wall_s": wall,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        atomic_write_text(results, json.dumps(data, indent=2) + "\n")
-        print(f"    test accuracy {_percent(data['test_accuracy'])} % after {data['epochs_trained']} epochs, "
-              f"{wall:.0f} s", flush=True)
-        write_summary(out)
+        running.append((name, start_run(command, log), time.perf_counter(), results, log, command, config, seed))
+    while running:
+        longest = max(longest, _finish(_wait_any(running), args, extra, out, failed))
 
     rows = write_summary(out)
     print(render_markdown(rows), end="")

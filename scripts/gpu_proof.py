@@ -12,19 +12,21 @@ needs only the standard library itself. In order:
 2. the parts, most valuable first, each started only if its estimated time still fits
    (``--budget-s``, default 6 minutes for everything) and stopped with all its processes at the
    deadline: ``cuda-tests`` (``pytest -m gpu``), ``throughput`` (``benchmarks/throughput.py``,
-   both models against the course loop), then single ``train.py`` runs through
-   ``benchmarks/accuracy.py``: vgg16 seed 0, resnet50 seed 0, vgg16 seeds 1 and 2, the
-   learning-rate sweep of ``configs/vgg16_fast.yaml``, resnet50 seeds 1 and 2. The estimates come
-   from what was measured: the throughput part's images/s on this GPU, then each finished run's
-   own seconds (``--costs`` starts from an earlier proof's ``costs.json``). A swept rate that
-   diverges (train.py's "training diverged", exit code 2) is a result, not a failure;
+   both course models against the course loop), then ``train.py`` runs through
+   ``benchmarks/accuracy.py``: the fast recipes' seed 0 (vgg16_bn, vgg16, resnet50), then the
+   recipe sweep (the screening candidates of ``benchmarks/screening/`` that the CPU could not
+   settle: peak rate x Cutout size, several runs at once on the one GPU), then seeds 1 and 2 of
+   each recipe. The estimates come from what was measured: the throughput part's images/s on this
+   GPU, then each finished run's own seconds (``--costs`` starts from an earlier proof's
+   ``costs.json``). A swept candidate that diverges (train.py's "training diverged", exit code 2)
+   is a result, not a failure;
 3. after every part, ``results.md`` (the table of parts with why any was skipped, the versions,
    the figures), ``costs.json``, the logs and JSON files are packed into ONE archive,
    ``$OUT/proof.tar.gz`` by default, so a run cut off still returns what finished. Checkpoints
    and run folders stay in ``--work-dir`` (the system's temporary folder), never in the archive.
 
     python3 scripts/gpu_proof.py          # reads .data/cifar10-jpeg.tar.gz and .data/seed_loop.py
-    python3 scripts/gpu_proof.py --parts vgg16-seeds lr-sweep --costs .data/costs.json
+    python3 scripts/gpu_proof.py --parts vgg16_bn-seeds recipe-sweep --costs .data/costs.json
     python scripts/gpu_proof.py --dry-run --archive /tmp/proof.tar.gz
 
 ``--dry-run`` runs the very same parts on the CPU with tiny sizes and generated data (one swept
@@ -56,7 +58,8 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "gpu_proof"
 TARGET = "0.93"
-PARTS = ("cuda-tests", "throughput", "vgg16-seeds", "resnet50-seeds", "lr-sweep")
+PARTS = ("cuda-tests", "throughput", "vgg16_bn-seeds", "vgg16-seeds", "resnet50-seeds", "recipe-sweep")
+MODELS = ("vgg16_bn", "vgg16", "resnet50")  # the fast recipes, most valuable first
 # The checkpoint kinds of .gitignore: never packed, whatever folder they end up in.
 HEAVY_SUFFIXES = {".ckpt", ".pt", ".pth", ".npz", ".safetensors", ".onnx"}
 # Kept back from the budget for stopping a cut-off part (TERM, then KILL) and packing the archive.
@@ -76,8 +79,10 @@ class Sizes:
     repeats: int
     train_flags: tuple[str, ...]  # every train.py run
     seeds: dict[str, tuple[int, ...]]  # per model
-    sweep_lrs: tuple[str, ...]  # one-cycle peaks tried besides the config's own
-    diverging_lr: str | None  # a rate that must diverge (the dry run's check of that path)
+    # Groups of screening candidates (benchmarks/screening/*.yaml), each group trained at once on
+    # the one device, and the train.py flags of the group beyond train_flags.
+    sweep: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
+    diverging: str | None  # the flag value of a group that must diverge (the dry run's check of that path)
     # Per run, for estimates before one is measured: (epochs, training images, evaluated images
     # per epoch: validation + the time-to-accuracy test pass, twice with flip TTA).
     epochs: int
@@ -99,12 +104,16 @@ GPU = Sizes(
     bench=("--steps", "50", "--warmup", "15"),
     repeats=2,
     train_flags=("--time-to-accuracy", TARGET, "--accelerator", "gpu"),
-    seeds={"vgg16": (0, 1, 2), "resnet50": (0, 1, 2)},
-    sweep_lrs=("0.1", "0.2", "0.4"),
-    diverging_lr=None,
+    seeds={"vgg16_bn": (0, 1, 2), "vgg16": (0, 1, 2), "resnet50": (0, 1, 2)},
+    sweep=(
+        (("vgg16_bn-b512-lr0.2-cutout8", "vgg16_bn-b512-lr0.8-cutout8", "vgg16_bn-b512-lr0.4-cutout0"), ()),
+        (("vgg16_bn-b512-lr0.4-cutout12", "vgg16-b128-lr0.05-cutout8", "vgg16-b128-lr0.1"), ()),
+        (("resnet50-b128-lr0.1-cutout8", "resnet50-b512-lr0.05", "vgg16-b512-lr0.05"), ()),
+    ),
+    diverging=None,
     epochs=40, train_images=45_000, eval_images=5_000 + 2 * 10_000,
     tests_s=120.0, throughput_child_s=15.0, run_start_s=40.0, epoch_fixed_s=2.5,
-    unmeasured_images_per_s={"vgg16": 5_000.0, "resnet50": 2_000.0},
+    unmeasured_images_per_s={"vgg16_bn": 5_000.0, "vgg16": 5_000.0, "resnet50": 2_000.0},
 )
 DRY = Sizes(
     accelerator="cpu",
@@ -115,19 +124,25 @@ DRY = Sizes(
     train_flags=("--epochs", "1", "--train-limit", "40", "--val-size", "20", "--batch-size", "20",
                  "--eval-batch-size", "50", "--workers", "0", "--time-to-accuracy", TARGET, "--accelerator", "cpu"),
     # One run of each part: CI's time is short, and the planner's choices have unit tests.
-    seeds={"vgg16": (0,), "resnet50": (0,)},
-    # 1e30 makes the loss NaN within two steps (tests/test_reliability.py).
-    sweep_lrs=("1e30",),
-    diverging_lr="1e30",
+    seeds={"vgg16_bn": (0,), "vgg16": (0,), "resnet50": (0,)},
+    # Two candidates at once, then one made to diverge: --lr 1e30 makes the loss NaN within two
+    # steps (tests/test_reliability.py).
+    sweep=((("vgg16_bn-b512-lr0.2-cutout8", "vgg16_bn-b512-lr0.4-cutout0"), ()),
+           (("vgg16_bn-b512-lr0.8-cutout8",), ("--lr", "1e30"))),
+    diverging="1e30",
     epochs=1, train_images=40, eval_images=20 + 2 * 50,
     # The CPU rehearsals of tests/test_gpu.py took 320 s on 2 shared cores, 157 s of it the compiled
     # run's inductor compiles (benchmarks/results/gpu-tests-cpu-rehearsal.txt); the dry run's budget
     # grows by their cap, so that the parts after them still run.
     tests_s=320.0, tests_cap_s=480.0, throughput_child_s=15.0, run_start_s=15.0, epoch_fixed_s=1.0,
-    unmeasured_images_per_s={"vgg16": 20.0, "resnet50": 10.0},
+    unmeasured_images_per_s={"vgg16_bn": 20.0, "vgg16": 20.0, "resnet50": 10.0},
 )
 DEFAULT_BUDGET_S = 360.0
-CONFIGS = {"vgg16": "configs/vgg16_fast.yaml", "resnet50": "configs/resnet50_fast.yaml"}
+CONFIGS = {"vgg16_bn": "configs/vgg16_bn_fast.yaml", "vgg16": "configs/vgg16_fast.yaml",
+           "resnet50": "configs/resnet50_fast.yaml"}
+SCREENING = "benchmarks/screening"
+# A model the throughput part does not time is estimated at the speed of one it does.
+SPEED_OF = {"vgg16_bn": "vgg16"}
 # A forward pass (validation, test) is about three times faster per image than a training step.
 EVAL_SPEEDUP = 3.0
 MEASURED_MARGIN = 1.1  # on a measured cost repeated
@@ -152,7 +167,8 @@ class Run:
     model: str
     config: str
     seed: int
-    lr: str | None = None  # a swept one-cycle peak; None: the config's own
+    tag: str = ""  # benchmarks/accuracy.py's --tag, for flags beyond the config's
+    sweep: bool = False  # a candidate of the recipe sweep (a divergence is then a result)
     expect_diverge: bool = False
 
 
@@ -163,7 +179,7 @@ class Item:
     name: str
     part: str  # one of PARTS
     command: list[str]
-    run: Run | None = None
+    runs: list[Run] = field(default_factory=list)  # train.py runs, several at once in a sweep group
     cap_s: float | None = None  # at most this long, even with budget left
     estimate_s: float = 0.0
     basis: str = ""
@@ -213,42 +229,38 @@ def build_items(parts: Sequence[str], sizes: Sizes, paths: dict[str, Path], seed
             command += ["--seed-loop", str(seed_loop)]
         items.append(Item("throughput", "throughput", command))
 
-    def train(model: str, seed: int, lr: str | None = None) -> Item:
-        folder = "lr-sweep" if lr else "accuracy"
-        command = [py, "-m", "benchmarks.accuracy", "--configs", CONFIGS[model], "--seeds", str(seed),
-                   "--data-dir", str(data), "--runs-dir", str(runs / folder), "--out", str(results / folder)]
-        if lr:
-            command += ["--tag", f"lr{lr}"]
-        command += ["--", *sizes.train_flags, *(["--lr", lr] if lr else [])]
-        name = f"lr-{lr}" if lr else f"{model}-seed{seed}"
-        part = "lr-sweep" if lr else f"{model}-seeds"
-        return Item(name, part, command, run=Run(model, CONFIGS[model], seed, lr, lr is not None and lr == sizes.diverging_lr))
+    def accuracy(folder: str, configs: Sequence[str], seed: int, flags: Sequence[str] = (), tag: str = "") -> list[str]:
+        command = [py, "-m", "benchmarks.accuracy", "--configs", *configs, "--seeds", str(seed), "--data-dir", str(data),
+                   "--runs-dir", str(runs / folder), "--out", str(results / folder)]
+        if len(configs) > 1:
+            command += ["--parallel", str(len(configs))]
+        return command + (["--tag", tag] if tag else []) + ["--", *sizes.train_flags, *flags]
 
-    first = [train(model, sizes.seeds[model][0]) for model in ("vgg16", "resnet50") if f"{model}-seeds" in parts]
-    more_vgg = [train("vgg16", seed) for seed in sizes.seeds["vgg16"][1:]] if "vgg16-seeds" in parts else []
-    sweep = [train("vgg16", 0, lr) for lr in sizes.sweep_lrs] if "lr-sweep" in parts else []
-    more_resnet = [train("resnet50", seed) for seed in sizes.seeds["resnet50"][1:]] if "resnet50-seeds" in parts else []
-    return items + first + more_vgg + sweep + more_resnet
+    def seed_run(model: str, seed: int) -> Item:
+        run = Run(model, CONFIGS[model], seed)
+        return Item(f"{model}-seed{seed}", f"{model}-seeds", accuracy("accuracy", [CONFIGS[model]], seed), [run])
+
+    def sweep_group(number: int, names: Sequence[str], flags: Sequence[str]) -> Item:
+        configs = [f"{SCREENING}/{name}.yaml" for name in names]
+        tag = "".join(flags).lstrip("-").replace("--", "-") if flags else ""
+        diverges = bool(flags) and sizes.diverging in flags
+        group = [Run(name.split("-", 1)[0], config, 0, tag, sweep=True, expect_diverge=diverges)
+                 for name, config in zip(names, configs)]
+        return Item(f"sweep-{number}", "recipe-sweep", accuracy("recipe-sweep", configs, 0, flags, tag), group)
+
+    first = [seed_run(model, sizes.seeds[model][0]) for model in MODELS if f"{model}-seeds" in parts]
+    sweep = [sweep_group(n, names, flags) for n, (names, flags) in enumerate(sizes.sweep, 1)] if "recipe-sweep" in parts else []
+    more = [seed_run(model, seed) for model in MODELS if f"{model}-seeds" in parts for seed in sizes.seeds[model][1:]]
+    return items + first + sweep + more
 
 
-def estimate(item: Item, costs: Costs, sizes: Sizes) -> tuple[float, str]:
-    """Seconds ``item`` will likely take, and what that figure rests on (for the table)."""
-    if item.name in costs.seconds:
-        return MEASURED_MARGIN * costs.seconds[item.name], f"measured {costs.seconds[item.name]:.0f} s before"
-    if item.part == "cuda-tests":
-        return sizes.tests_s, "a guess: not measured yet"
-    if item.part == "throughput":
-        children = len(sizes.bench_models) * (3 if "seed_loop" in item.command else 2) * sizes.repeats
-        if costs.throughput_child_s is not None:
-            return (MEASURED_MARGIN * children * costs.throughput_child_s,
-                    f"{children} processes at {costs.throughput_child_s:.0f} s measured")
-        return children * sizes.throughput_child_s, f"a guess: {children} processes at {sizes.throughput_child_s:.0f} s"
-    assert item.run is not None
-    run = item.run
+def _run_estimate(run: Run, costs: Costs, sizes: Sizes) -> tuple[float, str]:
+    """Seconds one train.py run of ``run`` will likely take alone, and what that rests on."""
     same = [r["seconds"] for r in costs.runs if r["config"] == run.config]
     if same:
         return MEASURED_MARGIN * max(same), f"{run.config} measured {max(same):.0f} s"
-    images_per_s, measured = costs.images_per_s.get(run.model), True
+    speed_model = run.model if run.model in costs.images_per_s else SPEED_OF.get(run.model, run.model)
+    images_per_s, measured = costs.images_per_s.get(speed_model), True
     if images_per_s is None:
         images_per_s, measured = sizes.unmeasured_images_per_s[run.model], False
     compute = sizes.epochs * (sizes.train_images + sizes.eval_images / EVAL_SPEEDUP) / images_per_s
@@ -269,26 +281,55 @@ def estimate(item: Item, costs: Costs, sizes: Sizes) -> tuple[float, str]:
     return FORMULA_MARGIN * (compute + overhead), f"{epochs} at {speed}, {source}"
 
 
-def classify(item: Item, returncode: int | None, cut_off: bool, output: str, train_log: str) -> str:
-    """The outcome of a finished command: done, diverged at lr X (a result), failed, or cut off."""
+def estimate(item: Item, costs: Costs, sizes: Sizes) -> tuple[float, str]:
+    """Seconds ``item`` will likely take, and what that figure rests on (for the table)."""
+    if item.name in costs.seconds:
+        return MEASURED_MARGIN * costs.seconds[item.name], f"measured {costs.seconds[item.name]:.0f} s before"
+    if item.part == "cuda-tests":
+        return sizes.tests_s, "a guess: not measured yet"
+    if item.part == "throughput":
+        children = len(sizes.bench_models) * (3 if "seed_loop" in item.command else 2) * sizes.repeats
+        if costs.throughput_child_s is not None:
+            return (MEASURED_MARGIN * children * costs.throughput_child_s,
+                    f"{children} processes at {costs.throughput_child_s:.0f} s measured")
+        return children * sizes.throughput_child_s, f"a guess: {children} processes at {sizes.throughput_child_s:.0f} s"
+    estimates = [_run_estimate(run, costs, sizes) for run in item.runs]
+    if len(estimates) == 1:
+        return estimates[0]
+    # Runs at once share the device: as long as one after the other until a group was measured.
+    return sum(seconds for seconds, _ in estimates), f"{len(estimates)} runs at once, no faster than in turn: " + (
+        "; ".join(basis for _, basis in estimates))
+
+
+def classify(item: Item, returncode: int | None, cut_off: bool, output: str, train_logs: dict[str, str]) -> str:
+    """The outcome of a finished command: done, diverged (a sweep's result), failed, or cut off.
+
+    ``train_logs``: each run's train.py log by config. A sweep candidate that diverged
+    (train.py's exit code 2, "training diverged") is a result; any other failure fails the item.
+    """
     if cut_off:
         return "cut off at the deadline (all its processes stopped)"
-    diverged = "training diverged" in train_log and re.search(r"FAILED \(exit code 2\b", output)
-    if item.run is not None and item.run.lr is not None and diverged:
-        line = next((line for line in train_log.splitlines() if "training diverged" in line), "")
-        # "...: error: training diverged: the loss became NaN ... (epoch 0); stopped without ...": the what.
-        what = line.split("training diverged", 1)[-1].lstrip(": ").split(";", 1)[0].strip()
-        return f"diverged at lr {item.run.lr}" + (f" ({what})" if what else "")
-    if returncode != 0:
+    diverged = []
+    for run in item.runs:
+        log = train_logs.get(run.config, "")
+        name = run_files(run, Path())[0].stem
+        if run.sweep and "training diverged" in log and re.search(rf"{re.escape(name)} FAILED \(exit code 2\b", output):
+            line = next((line for line in log.splitlines() if "training diverged" in line), "")
+            # "...: error: training diverged: the loss became NaN ... (epoch 0); stopped without ...": the what.
+            what = line.split("training diverged", 1)[-1].lstrip(": ").split(";", 1)[0].strip()
+            diverged.append(f"{Path(run.config).stem}" + (f" ({what})" if what else ""))
+    failures = len(re.findall(r" FAILED \(exit code", output))
+    if returncode != 0 and (not diverged or failures > len(diverged)):
         return f"failed (exit code {returncode})"
-    if item.run is not None and item.run.expect_diverge:
-        return f"failed: lr {item.run.lr} was expected to diverge (the dry run's check of that path)"
-    return "done"
+    expected = [Path(run.config).stem for run in item.runs if run.expect_diverge]
+    if expected and not diverged:
+        return f"failed: {', '.join(expected)} was expected to diverge (the dry run's check of that path)"
+    return "diverged: " + "; ".join(diverged) if diverged else "done"
 
 
 def learn(item: Item, results: Path, costs: Costs) -> None:
     """Add what a finished item measured to ``costs``."""
-    if item.outcome != "done":
+    if item.outcome != "done" and not item.outcome.startswith("diverged"):
         return
     costs.seconds[item.name] = item.seconds
     if item.part == "throughput":
@@ -300,18 +341,21 @@ def learn(item: Item, results: Path, costs: Costs) -> None:
         children = sum(len([v for v in variants if v not in ("ratios", "ratios_per_round")])
                        for variants in report.get("models", {}).values()) * int(report.get("settings", {}).get("repeats", 1))
         costs.throughput_child_s = item.seconds / max(children, 1)
-    elif item.run is not None:
-        results_json, _ = run_files(item.run, results)
+    for run in item.runs:
+        results_json, _ = run_files(run, results)
         data = json.loads(results_json.read_text()) if results_json.is_file() else {}
-        costs.runs.append({"item": item.name, "model": item.run.model, "config": item.run.config,
-                           "epochs": data.get("epochs_trained") or 1, "seconds": round(item.seconds, 1)})
+        if data:
+            # Each run's own wall time (under --parallel, shared with the others of its group).
+            costs.runs.append({"item": item.name, "model": run.model, "config": run.config,
+                               "epochs": data.get("epochs_trained") or 1,
+                               "seconds": round(data.get("runner", {}).get("wall_s", item.seconds), 1)})
 
 
 def run_files(run: Run, results: Path) -> tuple[Path, Path]:
     """The JSON and train.py log that benchmarks/accuracy.py writes for ``run`` (its run_name)."""
-    folder = results / ("lr-sweep" if run.lr else "accuracy")
+    folder = results / ("recipe-sweep" if run.sweep else "accuracy")
     clean = lambda text: "".join(c if c.isalnum() or c in "-_." else "_" for c in text)  # noqa: E731
-    name = f"{clean(Path(run.config).stem)}-" + (f"{clean('lr' + run.lr)}-" if run.lr else "") + f"seed{run.seed}"
+    name = f"{clean(Path(run.config).stem)}-" + (f"{clean(run.tag)}-" if run.tag else "") + f"seed{run.seed}"
     return folder / f"{name}.json", folder / f"{name}.log"
 
 
@@ -532,7 +576,7 @@ def table(items: Sequence[Item], info: dict[str, Any], results: Path, budget_s: 
                     lines.append(f"| {model} | {variant} | {result['images_per_s']:.0f} | "
                                  f"{result.get('images_per_s_min', 0):.0f} | {result.get('images_per_s_max', 0):.0f} |")
             lines += [f"| {model} | {name} | {value} | | |" for name, value in results_of.get("ratios", {}).items()]
-    for folder in ("accuracy", "lr-sweep"):
+    for folder in ("accuracy", "recipe-sweep"):
         summary = results / folder / "results.md"
         if summary.is_file():
             lines += ["", f"## {folder} (from {folder}/summary.json)", "", summary.read_text().strip()]
@@ -666,11 +710,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             item.seconds = time.monotonic() - started
         output = log.read_text(errors="replace")
-        train_log = ""
-        if item.run is not None:
-            run_log = run_files(item.run, results)[1]
-            train_log = run_log.read_text(errors="replace") if run_log.is_file() else ""
-        item.outcome = classify(item, code, cut_off, output, train_log)
+        train_logs = {}
+        for run in item.runs:
+            run_log = run_files(run, results)[1]
+            train_logs[run.config] = run_log.read_text(errors="replace") if run_log.is_file() else ""
+        item.outcome = classify(item, code, cut_off, output, train_logs)
         learn(item, results, costs)
 
     def write_report() -> None:

@@ -52,8 +52,8 @@ class Clock:
 def test_items_come_most_valuable_first_and_import_the_checkout(tmp_path):
     items = items_for(tmp_path)
     assert [item.name for item in items] == [
-        "cuda-tests", "throughput", "vgg16-seed0", "resnet50-seed0", "vgg16-seed1", "vgg16-seed2",
-        "lr-0.1", "lr-0.2", "lr-0.4", "resnet50-seed1", "resnet50-seed2"]
+        "cuda-tests", "throughput", "vgg16_bn-seed0", "vgg16-seed0", "resnet50-seed0", "sweep-1", "sweep-2", "sweep-3",
+        "vgg16_bn-seed1", "vgg16_bn-seed2", "vgg16-seed1", "vgg16-seed2", "resnet50-seed1", "resnet50-seed2"]
     throughput = items[1].command
     assert throughput[1:3] == ["-m", "benchmarks.throughput"] and "seed_loop" in throughput
     run = items[2].command
@@ -61,8 +61,15 @@ def test_items_come_most_valuable_first_and_import_the_checkout(tmp_path):
     # Checkpoints go to the run folders, never into the results that are packed.
     assert run[run.index("--runs-dir") + 1] == str(tmp_path / "runs" / "accuracy")
     assert items[0].cap_s == pytest.approx(proof.TESTS_SHARE * 360)
-    assert [item.name for item in items_for(tmp_path, parts=["lr-sweep", "cuda-tests"])] == [
-        "cuda-tests", "lr-0.1", "lr-0.2", "lr-0.4"]
+    assert [item.name for item in items_for(tmp_path, parts=["recipe-sweep", "cuda-tests"])] == [
+        "cuda-tests", "sweep-1", "sweep-2", "sweep-3"]
+    # A sweep group: its screening candidates trained at once, one accuracy.py over all of them.
+    group = {item.name: item for item in items}["sweep-1"].command
+    configs = group[group.index("--configs") + 1:group.index("--seeds")]
+    assert len(configs) == 3 and all(config.startswith("benchmarks/screening/vgg16_bn-") for config in configs)
+    assert all((ROOT / config).is_file() for item in items if item.part == "recipe-sweep" for config in
+               item.command[item.command.index("--configs") + 1:item.command.index("--seeds")])
+    assert group[group.index("--parallel") + 1] == "3"
     assert "seed_loop" not in items_for(tmp_path, seed_loop=False)[1].command
 
 
@@ -79,7 +86,13 @@ def test_estimates_come_from_measured_throughput_then_measured_runs(tmp_path):
     # A finished run: the same config costs what it took (with a margin) ...
     costs.runs.append({"item": "vgg16-seed0", "model": "vgg16", "config": "configs/vgg16_fast.yaml",
                        "epochs": 40, "seconds": 240.0})
-    assert proof.estimate(items["lr-0.2"], costs, proof.GPU)[0] == pytest.approx(240 * proof.MEASURED_MARGIN)
+    assert proof.estimate(items["vgg16-seed1"], costs, proof.GPU)[0] == pytest.approx(240 * proof.MEASURED_MARGIN)
+    # A sweep group: its runs one after the other, until a group was measured.
+    group = items["sweep-1"]
+    assert proof.estimate(group, costs, proof.GPU)[0] == pytest.approx(
+        sum(proof._run_estimate(run, costs, proof.GPU)[0] for run in group.runs))
+    # vgg16_bn, which the throughput part does not time, at vgg16's measured speed.
+    assert "30,000 img/s measured" in proof.estimate(items["vgg16_bn-seed0"], costs, proof.GPU)[1]
     # ... and another network's run its measured everything-else plus its own measured speed.
     seconds, basis = proof.estimate(items["resnet50-seed0"], costs, proof.GPU)
     per_image = 40 * (45_000 + 25_000 / proof.EVAL_SPEEDUP)
@@ -105,10 +118,10 @@ def fake_executor(clock: Clock, results: Path, took: dict[str, float], costs, ra
                               "bare": {"images_per_s": 31000}, "ratios": {}},
                     "resnet50": {"seed_loop": {"images_per_s": 2500}, "lightning": {"images_per_s": 9000},
                                  "bare": {"images_per_s": 9100}, "ratios": {}}}}))
-        elif item.run is not None:
-            path, _ = proof.run_files(item.run, results)
+        for run in item.runs:
+            path, _ = proof.run_files(run, results)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"epochs_trained": 40, "runner": {}}))
+            path.write_text(json.dumps({"epochs_trained": 40, "runner": {"wall_s": took[item.name]}}))
         proof.learn(item, results, costs)
     return execute
 
@@ -137,6 +150,8 @@ def test_a_cheaper_item_still_runs_after_a_dearer_one_is_skipped(tmp_path):
         {"item": "resnet50-seed0", "model": "resnet50", "config": "configs/resnet50_fast.yaml", "epochs": 40,
          "seconds": 300.0}])
     items = items_for(tmp_path, parts=["vgg16-seeds", "resnet50-seeds"])
+    assert [item.name for item in items] == ["vgg16-seed0", "resnet50-seed0", "vgg16-seed1", "vgg16-seed2",
+                                             "resnet50-seed1", "resnet50-seed2"]
     took = {name: 100.0 for name in ("vgg16-seed0", "vgg16-seed1", "vgg16-seed2")}
     proof.run_plan(items, costs, proof.GPU, 250.0, fake_executor(clock, tmp_path / "results", took, costs, ran),
                    lambda item: None, now=clock)
@@ -163,26 +178,34 @@ def test_cuda_tests_stop_at_their_cap_not_at_the_deadline(tmp_path):
 
 DIVERGED = ("train.py: error: training diverged: the loss became NaN or infinite at step 2 (epoch 0); "
             "stopped without saving the diverged weights; lower the learning rate (e.g. --lr 0.04, now 0.4)\n")
-ACCURACY_FAILED = "    FAILED (exit code 2, 31 s); end of lr-sweep/vgg16_fast-lr0.4-seed0.log:\n" + DIVERGED
+SWEPT = "vgg16_bn-b512-lr0.8-cutout8"
+ACCURACY_FAILED = (f"    {SWEPT}-seed0 FAILED (exit code 2, 31 s); end of recipe-sweep/{SWEPT}-seed0.log:\n"
+                   + DIVERGED)
 
 
-def test_a_diverged_rate_is_a_result_other_failures_are_not(tmp_path):
+def test_a_diverged_candidate_is_a_result_other_failures_are_not(tmp_path):
     items = {item.name: item for item in items_for(tmp_path)}
-    sweep, seed = items["lr-0.4"], items["vgg16-seed0"]
-    assert proof.classify(sweep, 1, False, ACCURACY_FAILED, DIVERGED) == (
-        "diverged at lr 0.4 (the loss became NaN or infinite at step 2 (epoch 0))")
-    # The config's own rate diverging is a failure of the recipe, not a sweep result.
-    assert proof.classify(seed, 1, False, ACCURACY_FAILED, DIVERGED) == "failed (exit code 1)"
-    # Another exit code of train.py (a crash) is a failure even in the sweep.
+    sweep, seed = items["sweep-1"], items["vgg16-seed0"]
+    logs = {run.config: "" for run in sweep.runs}
+    swept = f"benchmarks/screening/{SWEPT}.yaml"
+    assert proof.classify(sweep, 1, False, ACCURACY_FAILED, {**logs, swept: DIVERGED}) == (
+        f"diverged: {SWEPT} (the loss became NaN or infinite at step 2 (epoch 0))")
+    # A fast recipe diverging is a failure of the recipe, not a sweep result.
+    own = ACCURACY_FAILED.replace(f"{SWEPT}-seed0", "vgg16_fast-seed0")
+    assert proof.classify(seed, 1, False, own, {"configs/vgg16_fast.yaml": DIVERGED}) == "failed (exit code 1)"
+    # Another exit code of train.py (a crash) is a failure even in the sweep; so is a second failure.
     crashed = ACCURACY_FAILED.replace("exit code 2", "exit code 1")
-    assert proof.classify(sweep, 1, False, crashed, "Traceback ...\n") == "failed (exit code 1)"
-    assert proof.classify(sweep, 0, False, "", "") == "done"
-    assert proof.classify(sweep, -15, True, "", "").startswith("cut off")
-    # The dry run's rate that must diverge, and did not: its check of that path fails.
-    dry = {item.name: item for item in items_for(tmp_path, sizes=proof.DRY)}["lr-1e30"]
-    assert dry.run.expect_diverge
-    assert proof.classify(dry, 0, False, "", "").startswith("failed: lr 1e30 was expected to diverge")
-    assert proof.classify(dry, 1, False, ACCURACY_FAILED, DIVERGED).startswith("diverged at lr 1e30")
+    assert proof.classify(sweep, 1, False, crashed, {**logs, swept: "Traceback ...\n"}) == "failed (exit code 1)"
+    two = ACCURACY_FAILED + "    vgg16_bn-b512-lr0.2-cutout8-seed0 FAILED (exit code 1, 3 s); end of ...\n"
+    assert proof.classify(sweep, 1, False, two, {**logs, swept: DIVERGED}) == "failed (exit code 1)"
+    assert proof.classify(sweep, 0, False, "", logs) == "done"
+    assert proof.classify(sweep, -15, True, "", logs).startswith("cut off")
+    # The dry run's group that must diverge, and did not: its check of that path fails.
+    dry = {item.name: item for item in items_for(tmp_path, sizes=proof.DRY)}["sweep-2"]
+    assert dry.runs[0].expect_diverge and dry.command[-2:] == ["--lr", "1e30"]
+    failed = ACCURACY_FAILED.replace(f"{SWEPT}-seed0", f"{SWEPT}-lr1e30-seed0")
+    assert proof.classify(dry, 0, False, "", {swept: ""}).startswith(f"failed: {SWEPT} was expected to diverge")
+    assert proof.classify(dry, 1, False, failed, {swept: DIVERGED}).startswith(f"diverged: {SWEPT}")
 
 
 # --- child processes -----------------------------------------------------------------------------
@@ -285,16 +308,17 @@ def test_the_archive_after_every_part_holds_what_finished_and_no_checkpoint(tmp_
             folder = Path(command[command.index("--out") + 1])
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "best.ckpt").write_bytes(b"0" * 1000)  # must never be packed
-            if "0.4" in command:
+            if f"benchmarks/screening/{SWEPT}.yaml" in command:
                 log.write_text(ACCURACY_FAILED)
-                (folder / "vgg16_fast-lr0.4-seed0.log").write_text(DIVERGED)
+                (folder / f"{SWEPT}-seed0.log").write_text(DIVERGED)
                 return 1, False, 0.1
         return 0, False, 0.1
 
     monkeypatch.setattr(proof, "run_command", fake_run)
-    code = proof.main(["--data", str(data), "--no-seed-loop", "--work-dir", str(tmp_path / "work")])
+    # A budget that fits every item's conservative estimate (a sweep group counts its runs in turn).
+    code = proof.main(["--data", str(data), "--no-seed-loop", "--work-dir", str(tmp_path / "work"), "--budget-s", "3000"])
     assert code == 0
-    assert len(seen_in_archive) == 10  # before items 2..11: each saw its predecessors' outcomes
+    assert len(seen_in_archive) == 13  # before items 2..14: each saw its predecessors' outcomes
     assert "| cuda-tests | done |" in seen_in_archive[0] and "| throughput | not run |" in seen_in_archive[0]
     assert "| throughput | done |" in seen_in_archive[1]
     assert list(out.iterdir()) == [out / "proof.tar.gz"]  # one file comes back, no partial one
@@ -303,9 +327,9 @@ def test_the_archive_after_every_part_holds_what_finished_and_no_checkpoint(tmp_
         table = tar.extractfile("proof/results.md").read().decode()
         costs = json.loads(tar.extractfile("proof/costs.json").read())
     assert {"proof/results.md", "proof/costs.json", "proof/throughput.json", "proof/logs/cuda-tests.log",
-            "proof/logs/lr-0.4.log"} <= names
+            "proof/logs/sweep-1.log"} <= names
     assert not [name for name in names if name.endswith(".ckpt")]
-    assert "| lr-0.4 | diverged at lr 0.4 (the loss became NaN or infinite at step 2 (epoch 0)) |" in table
+    assert f"| sweep-1 | diverged: {SWEPT} (the loss became NaN or infinite at step 2 (epoch 0)) |" in table
     assert "torch 2.11.0" in table and "NVIDIA H200" in table and "captum absent" in table
     assert costs["images_per_s"] == {"vgg16": 1e6, "resnet50": 1e6}
     # The run folders stayed in the work folder, outside $OUT.
