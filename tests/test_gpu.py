@@ -39,7 +39,7 @@ def on(device: str) -> list[str]:
     return ["--accelerator", "gpu" if device == "cuda" else "cpu", "--devices", "1"]
 
 
-FAST = ["--config", "configs/vgg16_fast.yaml", "--time-to-accuracy", "0.5", "--workers", "0", "--val-size", "50",
+FAST = ["--config", "configs/vgg16_bn_fast.yaml", "--time-to-accuracy", "0.5", "--workers", "0", "--val-size", "50",
         "--eval-batch-size", "500", "--epochs", "2"]
 
 
@@ -54,7 +54,8 @@ def gpu_data(tmp_path_factory):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_recipe_with_a_short_last_batch(cli, gpu_data, tmp_path, device):
-    """configs/vgg16_fast.yaml (batch 512, EMA, flip TTA, one-cycle) with time to accuracy: trains,
+    """configs/vgg16_bn_fast.yaml (batch 512, Cutout, reflected shifts, EMA, flip-translate TTA, one-cycle)
+    with time to accuracy: trains,
     tests, and its results record the averaged model and the time-to-accuracy epochs."""
     report = tmp_path / "results.json"
     result = cli("train", *FAST, *on(device), "--data-dir", str(gpu_data), "--output-dir", str(tmp_path),
@@ -66,11 +67,12 @@ def test_fast_recipe_with_a_short_last_batch(cli, gpu_data, tmp_path, device):
 def _check_fast_recipe(report, output) -> dict:
     results = json.loads(report.read_text())
     assert results["epochs_trained"] == 2 and len(results["time_to_accuracy"]["epochs"]) == 2
-    assert results["test_accuracy"] is not None and results["tta"] == "flip" and results["ema_decay"] == 0.998
-    best = torch.load(output / "vgg16" / "version_0" / "checkpoints" / "best.ckpt", map_location="cpu",
+    assert results["test_accuracy"] is not None and results["tta"] == "flip-translate" and results["ema_decay"] == 0.998
+    best = torch.load(output / "vgg16_bn" / "version_0" / "checkpoints" / "best.ckpt", map_location="cpu",
                       weights_only=True)
     # The options are saved grouped (base.schema): the network's with its test-time augmentation.
-    assert "current_model_state" in best and best["hyper_parameters"]["network"]["tta"] == "flip"
+    assert "current_model_state" in best and best["hyper_parameters"]["network"]["tta"] == "flip-translate"
+    assert best["datamodule_hyper_parameters"]["augmentation"] == {"translate": 4, "padding": "reflect", "cutout": 8}
     return best
 
 
@@ -277,5 +279,5 @@ def test_compiled_fast_recipe_writes_checkpoints_that_load_uncompiled(cli, gpu_d
                  "--results-json", str(report))
     assert result.code == 0, result.err
     best = _check_fast_recipe(report, tmp_path)
-    model = build_model("vgg16")
+    model = build_model("vgg16_bn")
     model.load_state_dict({k.removeprefix("backbone."): v for k, v in best["state_dict"].items() if k.startswith("backbone.")})
