@@ -1,4 +1,4 @@
-"""The fast recipes of issue 4: EMA of the weights, flip TTA, the *_fast configs, the accuracy runner."""
+"""The fast recipes (configs/*_fast.yaml): EMA of the weights, flip TTA, the *_fast configs, the accuracy runner."""
 from __future__ import annotations
 
 import json
