@@ -309,26 +309,35 @@ def shown(value: Any) -> str:
     return str(value)
 
 
-# The hyper-parameters of checkpoints written before the groups (flat, ``model_name`` and
-# ``model_options``), read by :func:`hparams_of`.
+# The hyper-parameters of checkpoints written before the groups: flat, the network as ``model_name``
+# and ``model_options``, the classes as ``class_names`` (those runs all trained on CIFAR-10).
 _FLAT_NETWORK = ("label_smoothing", "tta")
 _FLAT_OPTIM = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "step_size", "gamma")
+_FLAT = {"model_name", "model_options", "num_classes", "class_names", *_FLAT_NETWORK, *_FLAT_OPTIM}
 
 
-def hparams_of(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint's hyper-parameters as ``{"network": {...}, "optim": {...}, "dataset": ... or None}``.
+def hparams_of(saved: Mapping[str, Any], strict: bool = False) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters as ``{"network": {...}, "optim": {...}, "dataset": ... or None,
+    "class_names": [...] or None}``: the one reader of old checkpoints' hyper-parameters.
 
     Reads both layouts: the grouped one ``ImageClassifier`` saves, and the flat one of checkpoints
     written before it (``model_name``, ``model_options``, ``lr``, ...), so that old runs still
-    resume, test and export. Raises ``KeyError`` when ``saved`` names no network at all.
+    resume, test and export. ``dataset`` is the recorded ``DatasetInfo.to_dict``, None where the
+    checkpoint records none (the flat ones: CIFAR-10, with their ``class_names``). Raises
+    ``KeyError`` when ``saved`` names no network at all; ``strict`` (the module's constructor, given
+    the flat ones as keywords): ``TypeError`` for that and for a key the flat layout never had.
     """
     if "network" in saved:
-        network, optim = dict(saved["network"]), dict(saved.get("optim") or {})
-    else:
-        network = {"model": saved["model_name"], **dict(saved.get("model_options") or {})}
-        network.update({name: saved[name] for name in _FLAT_NETWORK if name in saved})
-        optim = {name: saved[name] for name in _FLAT_OPTIM if name in saved}
-    return {"network": network, "optim": optim, "dataset": saved.get("dataset")}
+        dataset = saved.get("dataset")
+        return {"network": dict(saved["network"]), "optim": dict(saved.get("optim") or {}), "dataset": dataset,
+                "class_names": list(dataset["classes"]) if dataset else saved.get("class_names")}
+    unknown = sorted(set(saved) - _FLAT)
+    if strict and (unknown or "model_name" not in saved):
+        raise TypeError(f"ImageClassifier got unexpected keyword(s) {', '.join(unknown or ['without model_name'])}")
+    network = {"model": saved["model_name"], **dict(saved.get("model_options") or {})}
+    network.update({name: saved[name] for name in _FLAT_NETWORK if name in saved})
+    optim = {name: saved[name] for name in _FLAT_OPTIM if name in saved}
+    return {"network": network, "optim": optim, "dataset": None, "class_names": saved.get("class_names")}
 
 
 def flatten_sections(config: dict[Any, Any], lines: dict[Any, int], source: str) -> tuple[dict[Any, Any], dict[Any, int]]:

@@ -274,20 +274,12 @@ def _plain(group: Any) -> dict[str, Any]:
     return {name: plain(value) for name, value in dataclasses.asdict(group).items()}
 
 
-# The flat hyper-parameters of checkpoints written before the option groups.
-_FLAT = {"model_name", "model_options", "num_classes", "class_names", "label_smoothing", "tta", "optimizer", "lr",
-         "momentum", "nesterov", "weight_decay", "scheduler", "step_size", "gamma"}
-
-
 def _upgrade(flat: Mapping[str, Any], dataset: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """``(network, optim, dataset)`` of a checkpoint's flat hyper-parameters (``base.schema.hparams_of``);
     such a checkpoint was trained on CIFAR-10, with its ``class_names``."""
-    unknown = sorted(set(flat) - _FLAT)
-    if unknown or "model_name" not in flat:
-        raise TypeError(f"ImageClassifier got unexpected keyword(s) {', '.join(unknown or ['without model_name'])}")
-    groups = hparams_of(flat)
-    if dataset is None and flat.get("class_names"):
-        dataset = dataclasses.replace(CIFAR10, classes=tuple(flat["class_names"]))
+    groups = hparams_of(flat, strict=True)
+    if dataset is None and groups["class_names"]:
+        dataset = dataclasses.replace(CIFAR10, classes=tuple(groups["class_names"]))
     return groups["network"], groups["optim"], dataset
 
 

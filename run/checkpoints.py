@@ -203,8 +203,7 @@ def _described_by(saved: dict[str, Any]) -> dict[str, Any]:
     network = dict(groups["network"])
     model_name = network.pop("model")
     options = {"identity_shortcut": True} if network.pop("identity_shortcut", False) else {}
-    dataset = groups["dataset"]
-    class_names = list(dataset["classes"]) if dataset else saved.get("class_names")
+    dataset, class_names = groups["dataset"], groups["class_names"]
     num_classes = len(class_names) if class_names else int(saved.get("num_classes", 10))
     flat = {**network, **groups["optim"], "class_names": class_names, "dataset": dataset}
     return {"model_name": model_name, "num_classes": num_classes, "model_options": options,
