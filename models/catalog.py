@@ -18,7 +18,6 @@ outside the project (a plugin, a test), ``register(ModelEntry(...))``.
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib
 import re
@@ -86,19 +85,9 @@ class ModelOption:
             raise ValueError(f"model option {self.name!r}: type bool, int, float or str, and a default of it")
 
     def schema_option(self, takers: Sequence[str]) -> Option:
-        """Its ``base.schema.Option``: parser, help and resume rule."""
-        parse = None if self.type in (bool, str) else _parse_as(self.type)
-        return Option(f"{', '.join(takers)}: {self.help}", parse=parse, choices=self.choices, switch=self.type is bool,
-                      fixed=TRAINING)
-
-
-def _parse_as(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a{'n' if kind is int else ''} {kind.__name__}: {text!r}") from None
-    return parse
+        """Its ``base.schema.Option``: parser (argparse's own for int and float), help and resume rule."""
+        return Option(f"{', '.join(takers)}: {self.help}", parse=self.type if self.type in (int, float) else None,
+                      choices=self.choices, switch=self.type is bool, fixed=TRAINING)
 
 
 @dataclass(frozen=True)
