@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train VGG16 or ResNet50 on CIFAR-10 (the course recipe by default), then test the best checkpoint.
+"""Train a network of the catalog (--model) on CIFAR-10, the course recipe by default, then test the best checkpoint.
 
     python train.py --model vgg16 --accelerator gpu
     python train.py --config configs/resnet50.yaml --epochs 30 --data-dir ~/data/cifar10-jpeg.tar.gz

@@ -14,6 +14,10 @@ change it. What derives from here, and nothing restates:
   group, :func:`hparams_of` also reads the flat ones of checkpoints written before the groups);
 - the rule of what a resume may change (``fixed``) and what belongs to one command only.
 
+The networks' own options (ResNet50's ``identity_shortcut``) are declared by their entries in
+``models.catalog``, which adds them here (:data:`NETWORK_OPTIONS`): from then on each is an option
+of the network group like the others.
+
 Importable without torch or Lightning: the command-line tools answer ``--help`` and refuse a
 mistyped flag before loading them. The choices of ``--model`` and ``--dataset`` come from their
 catalogs (``catalog=``), which the command-line layer reads.
@@ -79,15 +83,24 @@ def option(default: Any, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"option": Option(help, **spec)})
 
 
-@dataclass(frozen=True)
+# The options of the networks' own factories (ResNet50's identity_shortcut), by name: each catalog
+# entry declares those it takes (``models.catalog.ModelOption``) and the catalog adds them here
+# (:func:`set_network_options`), so that each is an option like the others, in the network section
+# after ``model``: a flag, a YAML key, a field of the run's config and a hyper-parameter.
+NETWORK_OPTIONS: dict[str, dataclasses.Field] = {}
+
+
+@dataclass(frozen=True, init=False)
 class NetworkOptions:
-    """The network and what the LightningModule computes with it (its loss, its evaluation)."""
+    """The network and what the LightningModule computes with it (its loss, its evaluation).
+
+    Besides its fields it holds the networks' own options (:data:`NETWORK_OPTIONS`) in ``options``,
+    each one's default where not given; they are given and read like fields:
+    ``NetworkOptions(model="resnet50", identity_shortcut=True).identity_shortcut``.
+    """
 
     model: str = option("vgg16", "network", catalog="models", fixed=TRAINING)
-    identity_shortcut: bool = option(
-        False, "resnet50: identity shortcut where shapes match, instead of the course's projection everywhere",
-        switch=True, fixed=TRAINING,
-    )
+    options: Mapping[str, Any] = field(default_factory=dict, metadata={"network_options": True})
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", parse=values.unit_fraction, fixed=TRAINING)
     tta: str = option(
         "none",
@@ -96,6 +109,23 @@ class NetworkOptions:
         "Saved in the checkpoints, where test.py takes it from unless given its own --tta",
         choices=TTA_MODES, fixed="the best checkpoint was chosen with it",
     )
+
+    def __init__(self, **given: Any) -> None:
+        chosen = dict(given.pop("options", None) or {})
+        for f in dataclasses.fields(self):
+            if f.name != "options":
+                object.__setattr__(self, f.name, given.pop(f.name, f.default))
+        chosen.update(given)
+        unknown = sorted(set(chosen) - set(NETWORK_OPTIONS))
+        if unknown:
+            raise TypeError(f"NetworkOptions has no option(s) {', '.join(unknown)}")
+        object.__setattr__(self, "options", {name: chosen.get(name, f.default) for name, f in NETWORK_OPTIONS.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"NetworkOptions has no option {name!r}")
 
 
 @dataclass(frozen=True)
@@ -267,9 +297,46 @@ TITLES = {
     "hardware": "hardware",
     "run": "run, checkpoints and logs",
 }
-FIELDS: dict[str, dataclasses.Field] = {f.name: f for group in GROUPS.values() for f in dataclasses.fields(group)}
-GROUP_OF: dict[str, str] = {f.name: section for section, group in GROUPS.items() for f in dataclasses.fields(group)}
-DEFAULTS: dict[str, Any] = {name: f.default for name, f in FIELDS.items()}
+# Every option by name, in the groups' order (a group's ``options`` field opened into the networks'
+# options), its section and its default; filled in place, so that the networks' options the catalog
+# adds (:func:`set_network_options`) are in every module's copy.
+FIELDS: dict[str, dataclasses.Field] = {}
+GROUP_OF: dict[str, str] = {}
+DEFAULTS: dict[str, Any] = {}
+
+
+def _index() -> None:
+    pairs = [
+        (section, inner)
+        for section, group in GROUPS.items()
+        for f in dataclasses.fields(group)
+        for inner in (NETWORK_OPTIONS.values() if f.metadata.get("network_options") else (f,))
+    ]
+    for table in (FIELDS, GROUP_OF, DEFAULTS):
+        table.clear()
+    FIELDS.update((f.name, f) for _, f in pairs)
+    GROUP_OF.update((f.name, section) for section, f in pairs)
+    DEFAULTS.update((f.name, f.default) for _, f in pairs)
+
+
+_index()
+
+
+def set_network_options(declared: Mapping[str, tuple[type, Any, Option]]) -> None:
+    """Make ``declared`` (name -> its type, default and :class:`Option`) the networks' own options.
+
+    Called by ``models.catalog``, which declares them, when it is imported and when a network is
+    registered. Raises ValueError for a name that is another option's.
+    """
+    taken = sorted(set(declared) & (set(FIELDS) - set(NETWORK_OPTIONS)))
+    if taken:
+        raise ValueError(f"network option(s) {', '.join(taken)}: the name of another option")
+    NETWORK_OPTIONS.clear()
+    for name, (kind, default, spec) in declared.items():
+        made = field(default=default, metadata={"option": spec})
+        made.name, made.type = name, kind
+        NETWORK_OPTIONS[name] = made
+    _index()
 
 
 def option_of(name: str) -> Option:
@@ -282,11 +349,23 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def group_names(group: type) -> list[str]:
+    """The names of the options of ``group``, in order (the networks' options in place of ``options``)."""
+    section = next(section for section, known in GROUPS.items() if known is group)
+    return [name for name in FIELDS if GROUP_OF[name] == section]
+
+
 def group_values(group: type, source: Mapping[str, Any] | Any) -> Any:
     """The ``group`` dataclass filled from ``source``: a mapping or an object (a ``RunConfig``) that
-    has every field of the group."""
+    has every option of the group."""
     get = source.get if isinstance(source, Mapping) else lambda name, default=None: getattr(source, name)
-    return group(**{f.name: get(f.name, f.default) for f in dataclasses.fields(group)})
+    return group(**{name: get(name, FIELDS[name].default) for name in group_names(group)})
+
+
+def group_dict(values: Any) -> dict[str, Any]:
+    """A group's values as a flat mapping of its options, plain (:func:`plain`), in order: what a
+    checkpoint's hyper-parameters hold of it."""
+    return {name: plain(getattr(values, name)) for name in group_names(type(values))}
 
 
 def plain(value: Any) -> Any:
@@ -309,26 +388,35 @@ def shown(value: Any) -> str:
     return str(value)
 
 
-# The hyper-parameters of checkpoints written before the groups (flat, ``model_name`` and
-# ``model_options``), read by :func:`hparams_of`.
+# The hyper-parameters of checkpoints written before the groups: flat, the network as ``model_name``
+# and ``model_options``, the classes as ``class_names`` (those runs all trained on CIFAR-10).
 _FLAT_NETWORK = ("label_smoothing", "tta")
 _FLAT_OPTIM = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "step_size", "gamma")
+_FLAT = {"model_name", "model_options", "num_classes", "class_names", *_FLAT_NETWORK, *_FLAT_OPTIM}
 
 
-def hparams_of(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint's hyper-parameters as ``{"network": {...}, "optim": {...}, "dataset": ... or None}``.
+def hparams_of(saved: Mapping[str, Any], strict: bool = False) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters as ``{"network": {...}, "optim": {...}, "dataset": ... or None,
+    "class_names": [...] or None}``: the one reader of old checkpoints' hyper-parameters.
 
     Reads both layouts: the grouped one ``ImageClassifier`` saves, and the flat one of checkpoints
     written before it (``model_name``, ``model_options``, ``lr``, ...), so that old runs still
-    resume, test and export. Raises ``KeyError`` when ``saved`` names no network at all.
+    resume, test and export. ``dataset`` is the recorded ``DatasetInfo.to_dict``, None where the
+    checkpoint records none (the flat ones: CIFAR-10, with their ``class_names``). Raises
+    ``KeyError`` when ``saved`` names no network at all; ``strict`` (the module's constructor, given
+    the flat ones as keywords): ``TypeError`` for that and for a key the flat layout never had.
     """
     if "network" in saved:
-        network, optim = dict(saved["network"]), dict(saved.get("optim") or {})
-    else:
-        network = {"model": saved["model_name"], **dict(saved.get("model_options") or {})}
-        network.update({name: saved[name] for name in _FLAT_NETWORK if name in saved})
-        optim = {name: saved[name] for name in _FLAT_OPTIM if name in saved}
-    return {"network": network, "optim": optim, "dataset": saved.get("dataset")}
+        dataset = saved.get("dataset")
+        return {"network": dict(saved["network"]), "optim": dict(saved.get("optim") or {}), "dataset": dataset,
+                "class_names": list(dataset["classes"]) if dataset else saved.get("class_names")}
+    unknown = sorted(set(saved) - _FLAT)
+    if strict and (unknown or "model_name" not in saved):
+        raise TypeError(f"ImageClassifier got unexpected keyword(s) {', '.join(unknown or ['without model_name'])}")
+    network = {"model": saved["model_name"], **dict(saved.get("model_options") or {})}
+    network.update({name: saved[name] for name in _FLAT_NETWORK if name in saved})
+    optim = {name: saved[name] for name in _FLAT_OPTIM if name in saved}
+    return {"network": network, "optim": optim, "dataset": None, "class_names": saved.get("class_names")}
 
 
 def flatten_sections(config: dict[Any, Any], lines: dict[Any, int], source: str) -> tuple[dict[Any, Any], dict[Any, int]]:

@@ -1,4 +1,4 @@
-"""Train VGG16 or ResNet50 on CIFAR-10 (the course recipe by default), then test the best checkpoint.
+"""Train a network of the catalog (--model) on CIFAR-10, the course recipe by default, then test the best checkpoint.
 
     python train.py --model vgg16 --accelerator gpu
     python train.py --config configs/resnet50.yaml --epochs 30 --data-dir ~/data/cifar10-jpeg.tar.gz
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import yaml
@@ -18,7 +19,8 @@ import yaml
 from base.schema import FIELDS, option_of
 from cli.config_file import find_config, parse_config_file
 from cli.flags import Parser, add_options
-from run.config import RunConfig
+from models.catalog import entry
+from run.config import NOT_RECIPE, RunConfig
 from run.history import RunFinished
 from run.paths import check_input_name
 from run.resolve import resolve_run
@@ -57,7 +59,19 @@ def _parse(argv: Sequence[str], prog: str | None = None, description: str | None
         # A shipped recipe by name, from any folder; the run records the file read.
         typed["config"] = find_config(typed["config"])
     config_file = parse_config_file(parser, typed["config"]) if "config" in typed else {}
-    return (*resolve_run(config_file, typed), print_config)
+    return (*resolve_run({**_network_recipe(parser, typed, config_file), **config_file}, typed), print_config)
+
+
+def _network_recipe(parser: Parser, typed: dict[str, Any], config_file: dict[str, Any]) -> dict[str, Any]:
+    """The options of the recipe of the network a new run names (its catalog entry's ``recipe``),
+    read as a config file: under the ``--config`` file and the flags. Nothing for a resume (the run
+    keeps its options) or where the network is not named (``--weights`` takes the checkpoint's)."""
+    model = typed.get("model", config_file.get("model"))
+    recipe = entry(model).recipe if model is not None else None
+    if recipe is None or "resume" in typed or "resume" in config_file:
+        return {}
+    options = parse_config_file(parser, find_config(recipe))
+    return {key: value for key, value in options.items() if key not in ("model", *NOT_RECIPE)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

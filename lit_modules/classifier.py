@@ -15,10 +15,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from base.datasets import CIFAR10, DatasetInfo
 from base.options import OPTIMIZERS, SCHEDULERS, TTA_MODES
-from base.schema import NetworkOptions, OptimOptions, group_values, hparams_of, plain
+from base.schema import NetworkOptions, OptimOptions, group_dict, group_names, group_values, hparams_of
 from datamodules.augment import tta_logits
 from models import build_model
-from models.catalog import entry
+from models.catalog import chosen_options
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -62,11 +62,11 @@ class ImageClassifier(L.LightningModule):
         if network.tta not in TTA_MODES:
             raise ValueError(f"unknown tta {network.tta!r}; choose one of {', '.join(TTA_MODES)}")
         self.save_hyperparameters(
-            {"network": _plain(network), "optim": _plain(optim), "dataset": dataset.to_dict()}
+            {"network": group_dict(network), "optim": group_dict(optim), "dataset": dataset.to_dict()}
         )
         self.network, self.optim, self.dataset = network, optim, dataset
         num_classes = dataset.num_classes
-        self.backbone = backbone if backbone is not None else build_model(network.model, num_classes, **network_options(network))
+        self.backbone = backbone if backbone is not None else build_model(network.model, num_classes, **chosen_options(network.options, network.model))
         # One CIFAR-10 image: Lightning's model summary then shows real shapes and FLOPs per image.
         self.example_input_array = torch.zeros(1, 3, 32, 32)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=network.label_smoothing)
@@ -254,40 +254,22 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}
 
 
-def network_options(network: NetworkOptions) -> dict[str, Any]:
-    """The factory keywords of ``network``'s catalog entry that its options set (resnet50's
-    ``identity_shortcut``); the course's defaults are left out, so a course network takes none."""
-    return {name: True for name in entry(network.model).options if getattr(network, name, False)}
-
-
 def _as_group(group: type, values: Any) -> Any:
     if isinstance(values, group):
         return values
     values = dict(values or {})
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(group)})
+    unknown = sorted(set(values) - set(group_names(group)))
     if unknown:
         raise TypeError(f"{group.__name__} has no option(s) {', '.join(unknown)}")
     return group_values(group, values)
 
 
-def _plain(group: Any) -> dict[str, Any]:
-    return {name: plain(value) for name, value in dataclasses.asdict(group).items()}
-
-
-# The flat hyper-parameters of checkpoints written before the option groups.
-_FLAT = {"model_name", "model_options", "num_classes", "class_names", "label_smoothing", "tta", "optimizer", "lr",
-         "momentum", "nesterov", "weight_decay", "scheduler", "step_size", "gamma"}
-
-
 def _upgrade(flat: Mapping[str, Any], dataset: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """``(network, optim, dataset)`` of a checkpoint's flat hyper-parameters (``base.schema.hparams_of``);
     such a checkpoint was trained on CIFAR-10, with its ``class_names``."""
-    unknown = sorted(set(flat) - _FLAT)
-    if unknown or "model_name" not in flat:
-        raise TypeError(f"ImageClassifier got unexpected keyword(s) {', '.join(unknown or ['without model_name'])}")
-    groups = hparams_of(flat)
-    if dataset is None and flat.get("class_names"):
-        dataset = dataclasses.replace(CIFAR10, classes=tuple(flat["class_names"]))
+    groups = hparams_of(flat, strict=True)
+    if dataset is None and groups["class_names"]:
+        dataset = dataclasses.replace(CIFAR10, classes=tuple(groups["class_names"]))
     return groups["network"], groups["optim"], dataset
 
 

@@ -1,11 +1,14 @@
 """The networks this project knows: one :class:`ModelEntry` per network, the only place one is described.
 
 An entry says how to build the network (a lazy ``"module:function"`` factory reference), the
-course's run length for it, which keyword options its factory takes, how a state dict of it is
+course's run length for it, the keyword options its factory takes (each a :class:`ModelOption`:
+name, type, default, help), the recipe a new run of it takes by default, how a state dict of it is
 recognised from its keys alone (its :class:`Signature`), and which submodule Grad-CAM explains.
 Everything else reads it: ``--model`` choices and the default epochs (:data:`MODEL_NAMES`,
-:data:`COURSE_EPOCHS`), :func:`build_model`, the checkpoint readers (:func:`recognise`), predict.py
-``--explain`` and the dashboards' heat maps (:attr:`ModelEntry.cam_layer`).
+:data:`COURSE_EPOCHS`), the networks' options (published into ``base.schema``, so each is a flag, a
+config key, a field of the run's config and a hyper-parameter), :func:`build_model`, the checkpoint
+readers (:func:`recognise`), predict.py ``--explain`` and the dashboards' heat maps
+(:attr:`ModelEntry.cam_layer`).
 
 This module imports neither torch nor the networks, so the command-line tools list the names and
 refuse a mistyped one before torch loads; a factory's module is imported when a model is built.
@@ -18,12 +21,13 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
 from base.errors import UserError
 from base.registry import Registry
+from base.schema import TRAINING, Option, flag_of, set_network_options
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,14 +59,49 @@ class Signature:
 
 
 @dataclass(frozen=True)
+class ModelOption:
+    """One keyword option of a network's factory, declared by the entries that take it.
+
+    It is an option of every command like those of ``base.schema``: the flag ``--NAME`` (with
+    dashes; ``--NAME/--no-NAME`` for a bool), the key ``NAME`` of config files, a field of the run's
+    config and a hyper-parameter of its checkpoints; a resume may not change it. ``type`` is
+    ``bool``, ``int``, ``float`` or ``str``; ``help`` says what it does (``--help`` puts the names
+    of the networks that take it in front); ``summary`` is how the run's one-line description
+    names a bool option that is on (default: ``NAME=VALUE``, as for the others). Entries declaring the same name
+    must agree on its type and default.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    summary: str | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"model option {self.name!r}: a lower-case identifier, as its flag and YAML key")
+        if self.type not in (bool, int, float, str) or not isinstance(self.default, self.type):
+            raise ValueError(f"model option {self.name!r}: type bool, int, float or str, and a default of it")
+
+    def schema_option(self, takers: Sequence[str]) -> Option:
+        """Its ``base.schema.Option``: parser (argparse's own for int and float), help and resume rule."""
+        return Option(f"{', '.join(takers)}: {self.help}", parse=self.type if self.type in (int, float) else None,
+                      choices=self.choices, switch=self.type is bool, fixed=TRAINING)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One network: its ``--model`` name and everything the tools need to know about it.
 
     ``factory`` is ``"package.module:function"``; the function takes ``num_classes`` and the
-    keywords named in ``options``, and returns the ``nn.Module``. ``course_epochs`` is the default
-    run length. ``cam_layer`` is the dotted path of the submodule Grad-CAM explains
-    (``nn.Module.get_submodule``: ``"layer4"``, ``"features.29"``), or None for a network without
-    one: predict.py ``--explain`` then refuses it and the dashboards draw no heat maps.
+    keywords that ``options`` declare (:class:`ModelOption`), and returns the ``nn.Module``.
+    ``course_epochs`` is the default run length. ``cam_layer`` is the dotted path of the submodule
+    Grad-CAM explains (``nn.Module.get_submodule``: ``"layer4"``, ``"features.29"``), or None for a
+    network without one: predict.py ``--explain`` then refuses it and the dashboards draw no heat
+    maps. ``recipe``, when given, is the config a new run of this network takes its options from
+    where neither ``--config`` nor the flags give them: a shipped recipe's name (``configs/NAME.yaml``)
+    or a YAML file's path; without one the schema's defaults are its recipe.
     """
 
     name: str
@@ -70,7 +109,8 @@ class ModelEntry:
     course_epochs: int
     signature: Signature
     cam_layer: str | None = None
-    options: tuple[str, ...] = ()
+    options: tuple[ModelOption, ...] = ()
+    recipe: str | None = None
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -79,8 +119,14 @@ class ModelEntry:
             raise ValueError(f"model entry {self.name!r}: factory must read 'package.module:function', got {self.factory!r}")
         if not isinstance(self.course_epochs, int) or self.course_epochs < 1:
             raise ValueError(f"model entry {self.name!r}: course_epochs must be a positive integer")
-        if "num_classes" in self.options:
+        if not all(isinstance(option, ModelOption) for option in self.options):
+            raise ValueError(f"model entry {self.name!r}: options must be ModelOption declarations")
+        if "num_classes" in self.option_names:
             raise ValueError(f"model entry {self.name!r}: num_classes is always passed; it is not an option")
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(option.name for option in self.options)
 
     def load_factory(self) -> Callable[..., nn.Module]:
         """The factory function itself (its module is imported now, torch with it)."""
@@ -128,13 +174,38 @@ _BUILT_IN = (
         course_epochs=285,
         signature=Signature(("layer1.0.weight",), "fc.weight", 1024, read_options=_resnet_options),
         cam_layer="layer4",  # the last bottleneck stage, 2x2 on 32x32 inputs
-        options=("identity_shortcut",),
+        options=(ModelOption(
+            "identity_shortcut", bool, False,
+            "identity shortcut where shapes match, instead of the course's projection everywhere",
+            summary="identity shortcuts",
+        ),),
         description="the course's ResNet50_layer4, 14,750,730 parameters for 10 classes",
     ),
 )
 _REGISTRY: Registry[ModelEntry] = Registry("model", _BUILT_IN)
 _ENTRIES = _REGISTRY.entries
-_BUILT_IN_NAMES = _REGISTRY.built_in
+
+
+def _declared(entries: Iterable[ModelEntry]) -> dict[str, tuple[ModelOption, list[str]]]:
+    """Each option the ``entries`` declare, with the names of those that take it."""
+    found: dict[str, tuple[ModelOption, list[str]]] = {}
+    for each in entries:
+        for option in each.options:
+            first, takers = found.setdefault(option.name, (option, []))
+            if (first.type, first.default) != (option.type, option.default):
+                raise ValueError(f"model entry {each.name!r}: option {option.name!r} is declared by "
+                                 f"{', '.join(takers)} with another type or default")
+            takers.append(each.name)
+    return found
+
+
+def _publish() -> None:
+    """The options the entries declare into ``base.schema``: flags, keys, fields, hyper-parameters."""
+    set_network_options({name: (option.type, option.default, option.schema_option(takers))
+                         for name, (option, takers) in _declared(_ENTRIES.values()).items()})
+
+
+_publish()
 
 # Read-only live views: a registered network shows in each at once, also where it was imported
 # with ``from models.catalog import MODEL_NAMES`` before the registration.
@@ -195,14 +266,57 @@ def register(new: ModelEntry) -> ModelEntry:
     """Add ``new`` to the catalog (after the built-in ones); it is then a model name everywhere.
 
     Raises ValueError where the name is taken. Its signature is tried after those registered
-    before it, so it must not match their state dicts.
+    before it, so it must not match their state dicts. Its options must be ones the catalog
+    already has (same type and default): the run's config has a field per option, made when the
+    commands load, so a network with an option of its own is a built-in entry (:data:`_BUILT_IN`).
     """
-    return _REGISTRY.add(new)
+    known = _declared(_ENTRIES.values())
+    new_options = [option.name for option in new.options if option.name not in known]
+    if new_options:
+        raise ValueError(f"model entry {new.name!r}: option(s) {', '.join(new_options)} are not in the catalog; "
+                         "a network with options of its own is added to models/catalog.py's _BUILT_IN")
+    _declared([*_ENTRIES.values(), new])  # the same type and default as the entries that have them
+    _REGISTRY.add(new)
+    _publish()  # --help names it among the networks that take each option
+    return new
 
 
 def unregister(name: str) -> None:
     """Remove a registered entry (a test's, at its end); the built-in ones stay."""
     _REGISTRY.remove(name)
+    _publish()
+
+
+def option_defaults() -> dict[str, Any]:
+    """Each network option the catalog declares, at its default."""
+    return {name: option.default for name, (option, _) in _declared(_ENTRIES.values()).items()}
+
+
+def chosen_options(values: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+    """The network options ``values`` (a flat mapping of options or hyper-parameters) set to other
+    than their defaults: the factory keywords of network ``name``, or of any network without it.
+    The defaults are left out, so a course network is built with none."""
+    declared = _declared(_ENTRIES.values())
+    wanted = entry(name).option_names if name is not None else tuple(declared)
+    return {key: values[key] for key in wanted
+            if key in values and key in declared and values[key] != declared[key][0].default}
+
+
+def check_options(name: str, values: Mapping[str, Any]) -> None:
+    """UserError where ``values`` set an option, other than to its default, that network ``name`` does not take."""
+    declared = _declared(_ENTRIES.values())
+    for key in chosen_options(values):
+        if key not in entry(name).option_names:
+            raise UserError(f"{flag_of(key)} applies to {', '.join(declared[key][1])} only, not {name}")
+
+
+def describe_options(name: str, values: Mapping[str, Any]) -> str:
+    """Network ``name``'s options set in ``values``, as the run's one-line description shows them:
+    `` (identity shortcuts)``, or nothing."""
+    found = {option.name: option for option in entry(name).options}
+    shown = [found[key].summary if found[key].type is bool and found[key].summary else f"{key}={value}"
+             for key, value in chosen_options(values, name).items()]
+    return f" ({', '.join(shown)})" if shown else ""
 
 
 def _hint(name: str) -> str:
@@ -231,18 +345,17 @@ def build_model(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
     found = entry(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise UserError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
-    unknown = sorted(set(options) - set(found.options))
+    unknown = sorted(set(options) - set(found.option_names))
     if unknown:
-        offered = ", ".join(sorted(found.options)) or "none"
+        offered = ", ".join(sorted(found.option_names)) or "none"
         raise UserError(f"model '{name}' has no option {', '.join(unknown)} (its options: {offered})")
     return found.load_factory()(num_classes=num_classes, **options)
 
 
 def not_recognised(source: str) -> str:
     """The one-line refusal of a state dict that no entry's signature matches."""
-    extra = [name for name in _ENTRIES if name not in _BUILT_IN_NAMES]
-    also = f" nor of {', '.join(extra)}" if extra else ""
-    return f"{source} does not hold a VGG16 or ResNet50 state dict of the course architectures{also}"
+    *others, last = _ENTRIES
+    return f"{source} does not hold a state dict of {', '.join(others)}{' or ' if others else ''}{last}"
 
 
 def recognise(state_dict: Mapping[str, Any], source: str = "the file") -> tuple[str, dict[str, Any]]:

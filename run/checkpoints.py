@@ -17,8 +17,8 @@ from torch import nn
 
 from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
-from base.schema import hparams_of
-from models.catalog import build_model, recognise
+from base.schema import NETWORK_OPTIONS, hparams_of
+from models.catalog import build_model, chosen_options, recognise
 from models.weights import load_weights, normalize_keys
 from run.paths import check_checkpoint_file
 
@@ -200,11 +200,10 @@ def _described_by(saved: dict[str, Any]) -> dict[str, Any]:
     grouped (``base.schema``) or flat as written before the groups: ``hparams`` is the options
     flat (``tta``, ``lr``, ...) with ``class_names`` and, where saved, ``dataset``."""
     groups = hparams_of(saved)
-    network = dict(groups["network"])
+    network = {key: value for key, value in groups["network"].items() if key not in NETWORK_OPTIONS}
     model_name = network.pop("model")
-    options = {"identity_shortcut": True} if network.pop("identity_shortcut", False) else {}
-    dataset = groups["dataset"]
-    class_names = list(dataset["classes"]) if dataset else saved.get("class_names")
+    options = chosen_options(groups["network"])
+    dataset, class_names = groups["dataset"], groups["class_names"]
     num_classes = len(class_names) if class_names else int(saved.get("num_classes", 10))
     flat = {**network, **groups["optim"], "class_names": class_names, "dataset": dataset}
     return {"model_name": model_name, "num_classes": num_classes, "model_options": options,

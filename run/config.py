@@ -26,10 +26,10 @@ import yaml
 from base.errors import UserError
 from base.files import atomic_write_text
 from base.yamlfile import read_mapping
-from base.schema import DEFAULTS, FIELDS, GROUPS, flatten_sections, group_values, option_of, plain, shown
+from base.schema import DEFAULTS, FIELDS, GROUPS, flatten_sections, group_names, group_values, option_of, plain, shown
 from base.values import logger_list
 from datamodules.layout import check_data_dir
-from models.catalog import CATALOG, entry
+from models.catalog import check_options, describe_options, entry, option_defaults
 from run.loggers import check_loggers
 from run.hardware import Hardware, Machine, check_compiler, check_hardware_request, resolve_hardware, use_channels_last
 from run.paths import RUN_FOLDER_INSIDE, check_name_lengths
@@ -53,6 +53,11 @@ class RunConfig(_RUN_CONFIG_FIELDS):  # type: ignore[misc, valid-type]
         """This run's accelerator, devices and precision."""
         return Hardware(self.accelerator, self.devices, self.precision, self.precision_reason or "asked for")
 
+    @property
+    def described_model(self) -> str:
+        """The network and the options it was given: ``resnet50 (identity shortcuts)``."""
+        return self.model + describe_options(self.model, self.to_dict())
+
     def group(self, group: type[G]) -> G:
         """The options of one ``base.schema`` group (``NetworkOptions``, ``DataOptions``, ...)."""
         return group_values(group, self)
@@ -67,7 +72,7 @@ class RunConfig(_RUN_CONFIG_FIELDS):  # type: ignore[misc, valid-type]
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """:meth:`to_dict` grouped under the schema's section names, as ``--print-config`` shows it."""
         flat = self.to_dict()
-        return {section: {f.name: flat[f.name] for f in dataclasses.fields(group)} for section, group in GROUPS.items()}
+        return {section: {name: flat[name] for name in group_names(group)} for section, group in GROUPS.items()}
 
 
 # Facts the resolution adds, not options: a run's config.yaml holds them, a --config file may too
@@ -127,19 +132,16 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
     the network and run length known, the run name, the hardware request and the data's place checked.
 
     ``model`` and ``model_options``, when given, are the network of the checkpoint the run starts
-    from; a different ``model`` in ``values`` that the user asked for is an error.
+    from, with its own options (the others at their defaults), whatever ``values`` say.
     """
     values = dict(values)
     for name in FIELDS:
         if option_of(name).path and values.get(name) is not None:
             values[name] = absolute_path(values[name])
     if model is not None:
-        values["model"] = model
-        values["identity_shortcut"] = bool((model_options or {}).get("identity_shortcut", False))
+        values.update(option_defaults(), **(model_options or {}), model=model)
     network = entry(values["model"])  # an unknown name (a config file's) is refused with the choices
-    if values["identity_shortcut"] and "identity_shortcut" not in network.options:
-        takers = ", ".join(name for name, other in CATALOG.items() if "identity_shortcut" in other.options)
-        raise UserError(f"--identity-shortcut applies to {takers} only, not {network.name}")
+    check_options(network.name, values)  # --identity-shortcut with --model vgg16
     values["epochs"] = values["epochs"] or network.course_epochs
     # A YAML list, a saved "tensorboard,csv" or the flag's tuple: one form.
     values["logger"] = logger_list(values["logger"]) if isinstance(values["logger"], str) else tuple(values["logger"])

@@ -46,9 +46,9 @@ def evaluate(args: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     backbone = build_backbone(contents, num_classes=datamodule.num_classes)
     network = NetworkOptions(
         model=contents.model_name,
-        identity_shortcut=bool(contents.model_options.get("identity_shortcut", False)),
         label_smoothing=contents.hparams.get("label_smoothing", 0.0),
         tta=tta,
+        **contents.model_options,
     )
     dataset = datamodule.dataset_info
     module = ImageClassifier(

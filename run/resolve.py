@@ -26,6 +26,7 @@ from run.config import (
     read_config,
     settle,
 )
+from models.catalog import option_defaults
 from run.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, check_resumable, find_resume, inherited_resume
 from run.hardware import Machine, certainly_without_gpu
 from run.history import check_resume
@@ -79,7 +80,7 @@ def resolve_run(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> tup
             _check_outputs(settled, model_known=True)
             return complete(settled), NewRun()
         # The network comes from the checkpoint, with its own options, whatever the flags say.
-        _check_outputs(settle({**values, "identity_shortcut": False}), model_known=model is not None)
+        _check_outputs(settle({**values, **option_defaults()}), model_known=model is not None)
         weights = check_checkpoint_file(absolute_path(asked["weights"]), safetensors=True)
         # torch loads here: the file is read once, for its network and the weights the module starts from.
         from run.start import read_weights

@@ -120,7 +120,7 @@ def describe(config: RunConfig) -> str:
     """The options that make the run, in one line."""
     schedule = f"{config.scheduler} schedule" if config.scheduler != "none" else "constant lr"
     parts = [
-        config.model + (" (identity shortcuts)" if config.identity_shortcut else ""),
+        config.described_model,
         f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}",
         f"batch {config.batch_size}",
         f"{config.optimizer} lr {config.lr:g}",

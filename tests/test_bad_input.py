@@ -130,7 +130,7 @@ def test_missing_data(cli, checkpoints, tmp_path, script):
         ("empty", "is empty (0 bytes)"),
         ("truncated", "not a readable PyTorch checkpoint"),
         ("foreign", "is not a PyTorch checkpoint file"),
-        ("other", "does not hold a VGG16 or ResNet50 state dict"),
+        ("other", "does not hold a state dict of vgg16, vgg16_bn"),
         ("hundred", "100-class output layer"),
         ("nan", "NaN or infinite"),
         ("meta", "without values (saved from the meta device"),

@@ -6,6 +6,8 @@ recognised from its state dict, with no other change anywhere.
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import QUICK, ROOT
 from PIL import Image
 from robustness import assert_one_line_error
@@ -20,7 +23,17 @@ from torch import nn
 
 from base.errors import UserError
 from models import catalog
-from models.catalog import CATALOG, COURSE_EPOCHS, MODEL_NAMES, ModelEntry, Signature, build_model, entry, recognise
+from models.catalog import (
+    CATALOG,
+    COURSE_EPOCHS,
+    MODEL_NAMES,
+    ModelEntry,
+    ModelOption,
+    Signature,
+    build_model,
+    entry,
+    recognise,
+)
 from models.explain import cam_layer, grad_cam
 
 
@@ -101,9 +114,13 @@ def registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 # --- the built-in entries -----------------------------------------------------------------------
 
 
+# The built-in networks: the catalog holds them first, and may hold more.
+BUILT_IN = ("vgg16", "vgg16_bn", "resnet50")
+
+
 def test_the_catalog_lists_the_three_course_networks():
-    assert MODEL_NAMES == ("vgg16", "vgg16_bn", "resnet50") == tuple(CATALOG)
-    assert dict(COURSE_EPOCHS) == {"vgg16": 250, "vgg16_bn": 250, "resnet50": 285}
+    assert MODEL_NAMES[:len(BUILT_IN)] == BUILT_IN and MODEL_NAMES == tuple(CATALOG)
+    assert dict(COURSE_EPOCHS).items() >= {"vgg16": 250, "vgg16_bn": 250, "resnet50": 285}.items()
 
 
 def test_the_catalog_loads_without_torch():
@@ -118,7 +135,7 @@ def test_each_entry_matches_its_factory(name):
     2x2 activation (VGG16: the ReLU before the last max-pool)."""
     found = entry(name)
     factory = found.load_factory()
-    assert set(inspect.signature(factory).parameters) - {"num_classes"} == set(found.options)
+    assert set(inspect.signature(factory).parameters) - {"num_classes"} == set(found.option_names)
     model = build_model(name, num_classes=3)
     layer = cam_layer(model, name)
     assert layer is (model.features[-2] if name.startswith("vgg") else model.layer4)
@@ -163,22 +180,18 @@ def test_recognise_names_each_network_and_its_options(small_state_dicts, key, ex
 def test_recognise_refuses_a_matching_network_with_a_foreign_output_layer(small_state_dicts):
     sd = dict(small_state_dicts["vgg16"])
     sd["classifier.5.weight"] = torch.zeros(3, 100)
-    with pytest.raises(UserError, match="^x.pt does not hold a VGG16 or ResNet50 state dict"):
+    with pytest.raises(UserError, match="^x.pt does not hold a state dict of vgg16, vgg16_bn"):
         recognise(sd, source="x.pt")
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("vgg19", "unknown model 'vgg19': choose one of vgg16, vgg16_bn, resnet50 (did you mean vgg16?)"),
-        ("ResNet-50", "unknown model 'ResNet-50': choose one of vgg16, vgg16_bn, resnet50 (did you mean resnet50?)"),
-        ("alexnet", "unknown model 'alexnet': choose one of vgg16, vgg16_bn, resnet50"),
-    ],
+    ("name", "hint"),
+    [("vgg19", " (did you mean vgg16?)"), ("ResNet-50", " (did you mean resnet50?)"), ("alexnet", "")],
 )
-def test_an_unknown_name_is_refused_with_the_names_and_the_likely_one(name, expected):
+def test_an_unknown_name_is_refused_with_the_names_and_the_likely_one(name, hint):
     with pytest.raises(UserError) as error:
         entry(name)
-    assert str(error.value) == expected
+    assert str(error.value) == f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}{hint}"
     with pytest.raises(UserError, match="^unknown model"):
         build_model(name)
 
@@ -190,6 +203,117 @@ def test_entries_are_checked_when_written():
         catalog.register(entry("vgg16"))
     with pytest.raises(ValueError, match="built in"):
         catalog.unregister("vgg16")
+
+
+# --- a network's own options and recipe --------------------------------------------------------
+
+
+def test_a_networks_option_is_a_flag_a_key_a_field_and_a_hyper_parameter():
+    """ResNet50's identity_shortcut is declared by its entry only, and is an option like the schema's."""
+    from base.schema import DEFAULTS, GROUP_OF, NetworkOptions, option_of
+    from cli.train import build_train_parser
+    from lit_modules import ImageClassifier
+    from run.config import FIXED_ON_RESUME, RunConfig
+
+    assert [option.name for option in entry("resnet50").options] == ["identity_shortcut"]
+    assert not entry("vgg16").options
+    flag = {action.dest: action for action in build_train_parser()._actions}["identity_shortcut"]
+    assert flag.option_strings == ["--identity-shortcut", "--no-identity-shortcut"]
+    assert option_of("identity_shortcut").help.startswith("resnet50: identity shortcut")
+    assert GROUP_OF["identity_shortcut"] == "network" and DEFAULTS["identity_shortcut"] is False
+    assert RunConfig().identity_shortcut is False and "identity_shortcut" in FIXED_ON_RESUME
+    network = NetworkOptions(model="resnet50", identity_shortcut=True)
+    assert network.identity_shortcut and network.options == {"identity_shortcut": True}
+    assert list(ImageClassifier(network).hparams["network"]) == ["model", "identity_shortcut", "label_smoothing", "tta"]
+    with pytest.raises(TypeError, match="no option"):
+        NetworkOptions(model="vgg16", width=3)
+
+
+def test_a_registered_network_shares_the_catalogs_options_but_brings_no_new_one():
+    from base.schema import option_of
+    from run.config import merge, settle
+
+    sharing = ModelEntry("tiny_shortcut", TINY_CNN.factory, 1, TINY_CNN.signature,
+                         options=(ModelOption("identity_shortcut", bool, False, "its own words"),))
+    catalog.register(sharing)
+    try:
+        assert option_of("identity_shortcut").help.startswith("resnet50, tiny_shortcut: identity shortcut")
+        assert catalog.chosen_options({"identity_shortcut": True}, "tiny_shortcut") == {"identity_shortcut": True}
+        with pytest.raises(UserError, match="^--identity-shortcut applies to resnet50, tiny_shortcut only, not vgg16$"):
+            settle(merge({"identity_shortcut": True, "model": "vgg16"}))
+    finally:
+        catalog.unregister(sharing.name)
+    assert option_of("identity_shortcut").help.startswith("resnet50: ")
+    with pytest.raises(ValueError, match="width are not in the catalog"):
+        catalog.register(ModelEntry("tiny_width", TINY_CNN.factory, 1, TINY_CNN.signature,
+                                    options=(ModelOption("width", int, 8, "channels"),)))
+    with pytest.raises(ValueError, match="another type or default"):
+        catalog.register(ModelEntry("tiny_other", TINY_CNN.factory, 1, TINY_CNN.signature,
+                                    options=(ModelOption("identity_shortcut", bool, True, "on by default"),)))
+    assert "tiny_width" not in CATALOG and "tiny_other" not in CATALOG
+    with pytest.raises(ValueError, match="lower-case identifier"):
+        ModelOption("Width", int, 8, "channels")
+
+
+def test_a_networks_recipe_gives_its_new_runs_their_defaults(tmp_path):
+    """An entry's recipe is read as a config file under --config and the flags typed, for a new run of that network."""
+    from cli.train import parse_run_config
+
+    recipe = tmp_path / "tiny_recipe.yaml"
+    recipe.write_text("model: tiny_recipe\noptimizer: sgd\nlr: 0.05\nweight_decay: 0.001\nrun_name: not_this\n")
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text("lr: 0.2\n")
+    catalog.register(ModelEntry("tiny_recipe", TINY_CNN.factory, 1, TINY_CNN.signature, recipe=str(recipe)))
+    try:
+        cpu = ["--accelerator", "cpu", "--output-dir", str(tmp_path / "runs")]
+        plain = parse_run_config(["--model", "tiny_recipe", *cpu])
+        assert (plain.optimizer, plain.lr, plain.weight_decay, plain.run_name) == ("sgd", 0.05, 0.001, None)
+        assert parse_run_config(["--model", "tiny_recipe", "--lr", "0.1", *cpu]).lr == 0.1
+        over = parse_run_config(["--model", "tiny_recipe", "--config", str(config_file), *cpu])
+        assert (over.lr, over.weight_decay, over.config) == (0.2, 0.001, config_file)
+        assert parse_run_config(cpu).lr == 0.001  # vgg16: the schema's defaults are its recipe
+    finally:
+        catalog.unregister("tiny_recipe")
+
+
+@pytest.mark.slow
+def test_a_built_in_network_with_an_option_of_its_own_is_one_entry(tmp_path):
+    """docs/development.md's recipe for a network: its module and one entry in _BUILT_IN, options included."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for item in ROOT.iterdir():
+        if item.name in ("models", "tests") or item.name.startswith("."):
+            continue
+        if item.suffix == ".py":  # copied: Python looks for a script's imports beside its real path
+            shutil.copy(item, checkout / item.name)
+        else:
+            (checkout / item.name).symlink_to(item)
+    shutil.copytree(ROOT / "models", checkout / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / "models" / "tiny.py").write_text(
+        "from torch import nn\n\n\ndef tiny(num_classes=10, width=8):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))\n"
+    )
+    source = checkout / "models" / "catalog.py"
+    text = source.read_text()
+    anchor = "_REGISTRY: Registry[ModelEntry] = Registry("
+    source.write_text(text.replace(anchor, (
+        "_BUILT_IN += (ModelEntry('tiny', 'models.tiny:tiny', 3, Signature(('0.weight',), '3.weight', 8), "
+        "options=(ModelOption('width', int, 8, 'channels of its convolution'),)),)\n"
+    ) + anchor, 1))
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(checkout / "train.py"), *args], cwd=checkout, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    helped = train("--help")
+    assert "--width WIDTH" in helped.stdout and "tiny: channels of its convolution" in helped.stdout
+    refused = train("--width", "4", "--accelerator", "cpu")
+    assert refused.returncode == 2 and "--width applies to tiny only, not vgg16" in refused.stderr
+    shown = train("--print-config", "--model", "tiny", "--width", "4", "--accelerator", "cpu")
+    assert shown.returncode == 0, shown.stderr
+    printed = yaml.safe_load(shown.stdout)
+    assert printed["network"]["width"] == 4 and printed["optim"]["epochs"] == 3
 
 
 # --- one more network, as one entry ---------------------------------------------------------------
@@ -204,7 +328,7 @@ def test_a_registered_network_is_a_name_everywhere_and_recognised(registered):
     assert maps.shape == (2, 32, 32)
     with pytest.raises(UserError, match="tiny_mlp has no Grad-CAM layer"):
         cam_layer(build_model("tiny_mlp"), "tiny_mlp")
-    with pytest.raises(UserError, match="nor of tiny_cnn, tiny_mlp"):
+    with pytest.raises(UserError, match="of vgg16, vgg16_bn, resnet50, tiny_cnn or tiny_mlp$"):
         recognise({"conv.weight": torch.zeros(1)}, source="x.pt")
     with pytest.raises(UserError, match="has no option width"):
         build_model("tiny_cnn", width=3)
