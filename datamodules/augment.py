@@ -267,7 +267,6 @@ class TestTimeAugmentation(nn.Module):
     """
 
     __test__ = False  # a pytest collector must not take it for a test class
-    views: list[tuple[float, int, int, bool]]
 
     def __init__(self, model: nn.Module, mode: str) -> None:
         super().__init__()
@@ -275,6 +274,8 @@ class TestTimeAugmentation(nn.Module):
             raise ValueError(f"unknown test-time augmentation {mode!r}; choose one of {', '.join(TTA_VIEWS)}")
         self.model = model
         self.mode = mode
+        # Not annotated: TorchScript (export.py) infers List[Tuple[float, int, int, bool]] from the
+        # value, where it cannot read a postponed annotation.
         self.views = TTA_VIEWS[mode]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -327,7 +327,7 @@ def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     config = parse_run_config(["--config", given, "--accelerator", "cpu"])
-    assert config.model == "resnet50" and config.optimizer == "sgd" and config.batch_size == 512
+    assert config.model == "resnet50" and config.optimizer == "sgd" and config.batch_size == 128
     assert config.config == ROOT / "configs" / "resnet50_fast.yaml"
     said = capsys.readouterr().err
     assert ("using the shipped recipe" in said) == ("/" in given)
