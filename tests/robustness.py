@@ -114,13 +114,13 @@ def assert_one_line_error(result: Any, *fragments: str) -> None:
 
 def record_files(what: str, files: int, corrupted: int) -> None:
     """Record that a test checked ``files`` files after a failure and found ``corrupted`` of them damaged."""
-    FILE_CHECKS.append(FileCheck(current_test(), what, files, corrupted))
+    FILE_CHECKS.append(FileCheck(current_test(), _mask(what), files, corrupted))
 
 
 def record_runs(what: str, runs: int, lost: int) -> None:
     """Record that a test checked ``runs`` training runs after an interruption, a resume or a refusal,
     and found ``lost`` of them damaged: overwritten, continued by another run, or no longer resumable."""
-    RUN_CHECKS.append(RunCheck(current_test(), what, runs, lost))
+    RUN_CHECKS.append(RunCheck(current_test(), _mask(what), runs, lost))
 
 
 def _group(test: str) -> str:
