@@ -182,7 +182,7 @@ class DataOptions:
     val_size: int = option(5000, "training images held out for validation", parse=values.positive_int, fixed=TRAINING)
     translate: int = option(
         4, "training augmentation: random shifts of up to N pixels each way (RandomCrop(32, padding=N)); 0: none",
-        parse=values.non_negative_int, metavar="N", fixed=TRAINING,
+        parse=values.shift_pixels, metavar="N", fixed=TRAINING,
     )
     translate_padding: str = option(
         "zeros", "what a shift brings in at the border: zeros (the course's) or reflect", choices=PADDING_MODES,
@@ -190,7 +190,7 @@ class DataOptions:
     )
     cutout: int = option(
         0, "training augmentation: erase one random N x N square of every image (Cutout, set to the mean); 0: none",
-        parse=values.non_negative_int, metavar="N", fixed=TRAINING,
+        parse=values.square_side, metavar="N", fixed=TRAINING,
     )
     train_limit: int | None = option(None, "train on only the first N images", parse=values.positive_int, fixed=TRAINING)
     data_path: str = option(

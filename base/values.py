@@ -46,6 +46,23 @@ def seed(text: str) -> int:
     return _at_most(value, SEED_MAX, text, "the seeds numpy and Lightning take")
 
 
+# Every image this project trains on is 32x32 (datamodules/sources.py refuses others).
+IMAGE_SIDE = 32
+
+
+def shift_pixels(text: str) -> int:
+    """A training shift (``--translate``): 0 to 16 pixels, half a 32x32 image's side; more would leave
+    images that are mostly border (and a reflection needs the shift below the side)."""
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, IMAGE_SIDE // 2, text, "half the side of the 32x32 images")
+
+
+def square_side(text: str) -> int:
+    """Cutout's square (``--cutout``): 0 to 32 pixels, the images' side."""
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, IMAGE_SIDE, text, "the side of the 32x32 images")
+
+
 def _at_most(value: int, limit: int, text: str, what: str = "the largest count torch takes") -> int:
     if value > limit:
         raise argparse.ArgumentTypeError(f"must be at most {limit:,} ({what}), got {text.strip()}")

@@ -13,7 +13,7 @@ from typing import Any
 from base.errors import UserError
 from base.schema import flatten_sections
 from base.yamlfile import read_mapping
-from cli.flags import did_you_mean
+from cli.flags import closest, did_you_mean
 from run.config import DERIVED, NOT_RECIPE, read_config
 
 
@@ -116,6 +116,12 @@ def find_config(given: str | Path) -> Path:
             f"--config {given}: no such file, nor a shipped recipe{hint}; the recipes are {', '.join(shipped) or 'none'}, "
             "or give a YAML file's path"
         )
+    if (len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs")) and path.suffix == ".yaml":
+        # A mistyped recipe file (configs/vgg16-fast.yaml): the recipe it is closest to, typed the same way.
+        near = closest(name, shipped)
+        if near:
+            meant = str(path.with_name(f"{near}.yaml"))
+            raise UserError(f"--config {given}: no such file (did you mean {meant}?); the recipes are {', '.join(shipped)}")
     return path  # not found: read_config refuses it with the message every config reader gives
 
 

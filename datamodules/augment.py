@@ -47,12 +47,13 @@ class Augmentation:
             raise ValueError(f"padding must be one of {', '.join(PADDING_MODES)}, got {self.padding!r}")
 
     def check_size(self, height: int, width: int) -> None:
-        """Raise ValueError where images of ``height`` x ``width`` cannot take these sizes (reflection
-        needs the shift below the side; the square must fit)."""
-        if self.padding == "reflect" and self.translate >= min(height, width):
-            raise ValueError(f"a reflected shift of {self.translate} pixels needs images over {self.translate} pixels a side")
+        """Raise ValueError where images of ``height`` x ``width`` cannot take these sizes: a shift of
+        at most half the side (beyond, images are mostly border; reflection needs it below the side),
+        a square that fits. (The flags refuse such values before this, for 32x32 images.)"""
+        if self.translate > min(height, width) // 2:
+            raise ValueError(f"--translate {self.translate}: at most {min(height, width) // 2} pixels on {height}x{width} images")
         if self.cutout > min(height, width):
-            raise ValueError(f"a Cutout square of {self.cutout} pixels does not fit {height}x{width} images")
+            raise ValueError(f"--cutout {self.cutout}: a square that large does not fit {height}x{width} images")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -238,7 +238,7 @@ class ImageDataModule(L.LightningDataModule):
             self.augmentation = Augmentation(data.translate, data.translate_padding, data.cutout)
             self.augmentation.check_size(32, 32)
         except ValueError as exc:
-            raise UserError(f"{exc}; choose a smaller --translate or --cutout") from None
+            raise UserError(str(exc)) from None
         # In every checkpoint (Lightning saves a DataModule's hyper-parameters beside the module's),
         # so a checkpoint says how its network was trained, as config.yaml does.
         self.save_hyperparameters({"augmentation": dataclasses.asdict(self.augmentation)})

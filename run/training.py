@@ -125,11 +125,24 @@ def describe(config: RunConfig) -> str:
         f"batch {config.batch_size}",
         f"{config.optimizer} lr {config.lr:g}",
         schedule,
+        *_recipe_extras(config),
         f"seed {config.seed}",
         f"{config.accelerator} x{config.hardware.device_count} {config.precision}"
         + (f" ({config.precision_reason})" if config.precision_reason and config.precision_reason != "asked for" else ""),
     ]
     return ", ".join(parts)
+
+
+def _recipe_extras(config: RunConfig) -> list[str]:
+    """What a recipe adds to the course's (label smoothing, augmentation, EMA, TTA), so that the
+    first line shows a config was applied; nothing for the course's own recipe."""
+    extras = [f"label smoothing {config.label_smoothing:g}"] if config.label_smoothing else []
+    if (config.translate, config.translate_padding) != (4, "zeros"):
+        extras.append(f"shifts of {config.translate} ({config.translate_padding})")
+    extras += [f"cutout {config.cutout}"] if config.cutout else []
+    extras += [f"EMA {config.ema_decay:g}"] if config.ema_decay else []
+    extras += [f"TTA {config.tta}"] if config.tta != "none" else []
+    return extras
 
 
 def find_lr_only(config: RunConfig) -> Path:

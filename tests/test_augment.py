@@ -108,12 +108,34 @@ def test_cutout_mask_marks_the_drawn_square() -> None:
 
 
 def test_sizes_that_cannot_fit_are_refused_in_one_line(tmp_path) -> None:
-    with pytest.raises(UserError, match="Cutout square of 40 pixels does not fit"):
+    with pytest.raises(UserError, match="--cutout 40: a square that large does not fit 32x32 images"):
         CIFAR10DataModule(tmp_path, cutout=40, download=False)
-    with pytest.raises(UserError, match="reflected shift of 32 pixels"):
-        CIFAR10DataModule(tmp_path, translate=32, translate_padding="reflect", download=False)
+    with pytest.raises(UserError, match="--translate 17: at most 16 pixels on 32x32 images"):
+        CIFAR10DataModule(tmp_path, translate=17, translate_padding="reflect", download=False)
     with pytest.raises(ValueError, match="padding must be one of zeros, reflect"):
         Augmentation(padding="wrap")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [(["--cutout", "40"], "--cutout: must be at most 32 (the side of the 32x32 images), got 40"),
+     (["--translate", "40"], "--translate: must be at most 16 (half the side of the 32x32 images), got 40"),
+     (["--translate", "-1"], "--translate: must be >= 0, got -1")],
+)
+def test_augmentation_sizes_are_refused_with_the_flags_before_torch_loads(flags, fragment) -> None:
+    """As every flag mistake: one line, exit code 2, before torch is imported."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    probe = ("import runpy, sys; sys.argv = ['train.py', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+             "finally:\n    print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe, *flags], cwd=ROOT, capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1] == "torch not loaded"
+    assert len(lines) == 2 and fragment in lines[0], result.stderr
 
 
 def test_shift_moves_content_and_reflects_the_border() -> None:

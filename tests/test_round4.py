@@ -343,9 +343,15 @@ def test_a_file_of_the_same_path_in_the_current_folder_wins(tmp_path, monkeypatc
     assert config.model == "vgg16" and config.epochs == 2
 
 
-def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path):
-    result, imported = probe("train", "--config", "resnet50_fats", "--accelerator", "cpu")
-    assert_one_line_error(result, "--config resnet50_fats", "did you mean resnet50_fast?", "vgg16_fast")
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [("resnet50_fats", "resnet50_fast"), ("configs/vgg16-fast.yaml", "configs/vgg16_fast.yaml"),
+     ("vgg16_bn_fst.yaml", "vgg16_bn_fast.yaml")],
+)
+def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path, given, meant):
+    """A mistyped recipe, as a name or as the recipe's file: the closest one, typed the same way."""
+    result, imported = probe("train", "--config", given, "--accelerator", "cpu")
+    assert_one_line_error(result, f"--config {given}", f"did you mean {meant}?", "vgg16_fast")
     assert imported == "IMPORTED: none"
 
 
