@@ -217,7 +217,8 @@ class TrainBatchBuilder:
         indices, draws = plan[0][start:stop], plan[1].select(slice(start, stop))
         images = self.normalize(crop_and_flip(self.padded, indices, draws, self.height, self.width, self.channels_last))
         if self.augmentation.cutout:
-            images = images.masked_fill(cutout_mask(draws, self.augmentation.cutout, self.height, self.width), 0.0)
+            # In place on the fresh normalised batch: an out-of-place fill would drop channels_last.
+            images.masked_fill_(cutout_mask(draws, self.augmentation.cutout, self.height, self.width), 0.0)
         return images, self.labels[indices]
 
 

@@ -169,11 +169,12 @@ def test_eval_batches_are_normalised_as_the_loader_path(channels_last: bool) -> 
     assert torch.equal(torch.cat([y for _, y in device]), labels)
 
 
-def test_channels_last_train_batches_hold_the_same_values() -> None:
+@pytest.mark.parametrize("augmentation", [Augmentation(), Augmentation(padding="reflect", cutout=8)], ids=["course", "cutout"])
+def test_channels_last_train_batches_hold_the_same_values(augmentation: Augmentation) -> None:
     images = torch.randint(0, 256, (30, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     labels = torch.arange(30)
-    plain = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD)
-    nhwc = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD, channels_last=True)
+    plain = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD, augmentation=augmentation)
+    nhwc = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD, channels_last=True, augmentation=augmentation)
     for (x, y), (x_nhwc, y_nhwc) in zip(plain, nhwc, strict=True):
         assert x_nhwc.is_contiguous(memory_format=torch.channels_last) and x.is_contiguous()
         assert torch.equal(x, x_nhwc) and torch.equal(y, y_nhwc)
