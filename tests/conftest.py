@@ -85,6 +85,25 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny") / "cifar10", TRAIN_PER_CLASS, TEST_PER_CLASS)
 
 
+def copy_checkout(tmp_path: Path, editable: str) -> Path:
+    """A checkout in ``tmp_path/checkout`` whose package ``editable`` is a real copy a test may change;
+    the rest links to this one (the top-level scripts copied: Python looks for a script's imports
+    beside its real path). Run it with ``PYTHONPATH`` set to the returned folder."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for item in ROOT.iterdir():
+        if item.name in (editable, "tests") or item.name.startswith("."):
+            continue
+        if item.suffix == ".py":
+            shutil.copy(item, checkout / item.name)
+        else:
+            (checkout / item.name).symlink_to(item)
+    shutil.copytree(ROOT / editable, checkout / editable, ignore=shutil.ignore_patterns("__pycache__"))
+    return checkout
+
+
 def load_script(name: str) -> ModuleType:
     """The command behind ``name``.py (train, test, predict, export): ``cli.<name>``, whose ``main`` it runs."""
     return importlib.import_module(f"cli.{name}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import QUICK, ROOT
+from conftest import QUICK, ROOT, copy_checkout
 from PIL import Image
 from robustness import assert_one_line_error
 from torch import nn
@@ -279,16 +278,7 @@ def test_a_networks_recipe_gives_its_new_runs_their_defaults(tmp_path):
 @pytest.mark.slow
 def test_a_built_in_network_with_an_option_of_its_own_is_one_entry(tmp_path):
     """docs/development.md's recipe for a network: its module and one entry in _BUILT_IN, options included."""
-    checkout = tmp_path / "checkout"
-    checkout.mkdir()
-    for item in ROOT.iterdir():
-        if item.name in ("models", "tests") or item.name.startswith("."):
-            continue
-        if item.suffix == ".py":  # copied: Python looks for a script's imports beside its real path
-            shutil.copy(item, checkout / item.name)
-        else:
-            (checkout / item.name).symlink_to(item)
-    shutil.copytree(ROOT / "models", checkout / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    checkout = copy_checkout(tmp_path, "models")
     (checkout / "models" / "tiny.py").write_text(
         "from torch import nn\n\n\ndef tiny(num_classes=10, width=8):\n"
         "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))\n"

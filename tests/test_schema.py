@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,7 +14,7 @@ from base.schema import DEFAULTS, FIELDS, GROUPS, DataOptions, NetworkOptions, O
 from cli.train import build_train_parser, parse_run_config
 from run.config import FIXED_ON_RESUME, PER_INVOCATION, RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import copy_checkout
 CPU = ["--accelerator", "cpu"]
 
 
@@ -93,16 +91,7 @@ def test_a_key_in_another_groups_section_is_refused_at_its_line(cli, tmp_path):
 def test_an_option_is_one_field_in_the_schema(tmp_path):
     """docs/development.md's recipe: a field added to a group of base/schema.py is a flag with its help, a YAML key of
     its section, a RunConfig field, a hyper-parameter of the checkpoints, and obeys its resume rule."""
-    checkout = tmp_path / "checkout"
-    checkout.mkdir()
-    for entry in ROOT.iterdir():
-        if entry.name in ("base", "tests") or entry.name.startswith("."):
-            continue
-        if entry.suffix == ".py":  # copied: Python looks for a script's imports beside its real path
-            shutil.copy(entry, checkout / entry.name)
-        else:
-            (checkout / entry.name).symlink_to(entry)
-    shutil.copytree(ROOT / "base", checkout / "base")
+    checkout = copy_checkout(tmp_path, "base")
     schema = checkout / "base" / "schema.py"
     text = schema.read_text()
     anchor = '    step_size: int = option(20, '
