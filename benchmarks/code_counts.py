@@ -13,7 +13,14 @@ Prints, as JSON:
   in this process, under ``sys.setprofile``: the project's source files whose functions that
   resume calls (``files``), and how often the resumed checkpoint is read (``torch_loads``: calls
   of ``torch.load`` on it, ``opens``: every ``open`` of it, headers included);
-- ``lines``: the lines of ``run/`` and ``cli/`` (all lines of their ``.py`` files).
+- ``step``: a tiny run of 1 epoch is started as ``python train.py`` would start it (``runpy``), under
+  ``sys.setprofile``: the project's source files on the call stack when the optimiser's ``step`` is
+  entered (``stack``) and those whose functions are called from one ``step`` to the next, the
+  batch, forward, loss, backward and callbacks of one training step (``between``), and their union
+  (``files``: one training step followed from ``python train.py`` to ``optimizer.step``);
+- ``imports``: per module of ``run/``, the project modules it imports (``run/training.py``'s count);
+- ``lines``: the lines of ``run/`` and ``cli/`` (all lines of their ``.py`` files), and of all the
+  product code (the packages and the four commands).
 
 The data is a generated CIFAR-10 python archive of 60 images (never downloaded); everything is
 written under a temporary folder that is removed at the end. Runs on the CPU in about a minute.
@@ -63,9 +70,36 @@ def option_files(root: Path, restated: bool) -> dict[str, int]:
     return {name: sum(bool(re.search(pattern(name), text)) for text in texts) for name in OPTIONS}
 
 
+COMMANDS = ("train.py", "test.py", "predict.py", "export.py")
+
+
 def lines(root: Path) -> dict[str, int]:
-    return {package: sum(len(p.read_text(encoding="utf-8").splitlines()) for p in (root / package).rglob("*.py"))
-            for package in ("run", "cli")}
+    def count(paths) -> int:  # type: ignore[no-untyped-def]
+        return sum(len(p.read_text(encoding="utf-8").splitlines()) for p in paths)
+
+    counts = {package: count((root / package).rglob("*.py")) for package in ("run", "cli")}
+    counts["product"] = count([*sources(root), *(root / name for name in COMMANDS)])
+    return counts
+
+
+def project_imports(root: Path) -> dict[str, int]:
+    """Per module of run/: how many distinct project modules its import statements name."""
+    import ast
+
+    counts = {}
+    for path in sorted((root / "run").glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                # `from run import build` names the module run.build, `from run.build import x` too.
+                if node.module in PACKAGES:
+                    names.update(f"{node.module}.{alias.name}" for alias in node.names)
+                else:
+                    names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names if a.name.split(".")[0] in PACKAGES)
+        counts[str(path.relative_to(root))] = len(names)
+    return counts
 
 
 def write_tiny_cifar10(folder: Path, train: int = 50, test: int = 10) -> None:
@@ -145,6 +179,66 @@ def traced_resume(root: Path, work: Path) -> dict:
     return {"files": len(files), "file_list": sorted(files), **counts}
 
 
+def traced_step(root: Path, work: Path) -> dict:
+    """The project files one training step passes through, from ``python train.py`` to ``optimizer.step``."""
+    import runpy
+
+    data, runs = work / "step-data", work / "step-runs"
+    write_tiny_cifar10(data)
+    prefix = str(root) + os.sep
+    project = (*PACKAGES, *COMMANDS)
+
+    def ours(filename: str) -> str | None:
+        if filename.startswith(prefix):
+            relative = filename[len(prefix):]
+            if relative.split(os.sep)[0] in project:
+                return relative
+        return None
+
+    steps = {"count": 0}
+    stack: set[str] = set()
+    between: set[str] = set()
+    # The window: from the 2nd step's start to the 3rd's (a steady step; the first builds caches).
+    first, last = 2, 3
+
+    def profile(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event != "call":
+            return
+        code = frame.f_code
+        if code.co_name == "step" and f"{os.sep}torch{os.sep}optim{os.sep}" in code.co_filename \
+                and "lr_scheduler" not in code.co_filename:
+            steps["count"] += 1
+            if steps["count"] == first:
+                caller = frame.f_back
+                while caller is not None:
+                    name = ours(caller.f_code.co_filename)
+                    if name:
+                        stack.add(name)
+                    caller = caller.f_back
+        if first <= steps["count"] < last:
+            name = ours(code.co_filename)
+            if name:
+                between.add(name)
+
+    argv = ["train.py", "--model", "vgg16", "--accelerator", "cpu", "--precision", "32-true", "--workers", "0",
+            "--batch-size", "10", "--val-size", "10", "--data-dir", str(data), "--output-dir", str(runs),
+            "--cache-dir", str(work / "cache"), "--epochs", "1"]
+    saved = sys.argv
+    sys.argv = argv
+    sys.setprofile(profile)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            runpy.run_path(str(root / "train.py"), run_name="__main__")
+    except SystemExit as stop:
+        assert not stop.code, f"the traced run failed: exit {stop.code}"
+    finally:
+        sys.setprofile(None)
+        sys.argv = saved
+    assert steps["count"] >= last, f"only {steps['count']} optimiser steps"
+    files = stack | between
+    return {"files": len(files), "file_list": sorted(files), "stack": sorted(stack), "between": sorted(between)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="the checkout to count")
@@ -153,6 +247,7 @@ def main() -> None:
     named, restated = option_files(root, restated=False), option_files(root, restated=True)
     with tempfile.TemporaryDirectory() as work:
         resume = traced_resume(root, Path(work))
+        step = traced_step(root, Path(work))
 
     def summary(counts: dict[str, int]) -> dict:
         return {"median": statistics.median(counts.values()), "max": max(counts.values()), "total": sum(counts.values()),
@@ -163,6 +258,8 @@ def main() -> None:
         "option_files_restating": summary(restated),
         "option_files_naming": summary(named),
         "resume": resume,
+        "step": step,
+        "imports": project_imports(root),
         "lines": lines(root),
     }, indent=2))
 
