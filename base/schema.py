@@ -195,7 +195,7 @@ class DataOptions:
     train_limit: int | None = option(None, "train on only the first N images", parse=values.positive_int, fixed=TRAINING)
     data_path: str = option(
         "auto",
-        "device: whole batches augmented on the training device (datamodules/device_batches.py); "
+        "device: whole batches augmented on the training device (datamodules/augment.py); "
         "loader: a DataLoader augmenting image by image on the CPU; auto: device on CUDA and CPU",
         choices=DATA_PATHS,
     )

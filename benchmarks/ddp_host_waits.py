@@ -43,7 +43,7 @@ def worker() -> None:
     from lightning.pytorch.callbacks import Callback
 
     sys.path.insert(0, str(ROOT))
-    from callbacks.reliability import PreemptionCheckpoint
+    from callbacks.checkpoints import PreemptionCheckpoint
     from cli.flags import run_main
     from cli.train import main
     from run import build

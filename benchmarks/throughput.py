@@ -62,10 +62,10 @@ try:
     from base.errors import UserError
     from run.hardware import use_channels_last
     from datamodules import CIFAR10DataModule
-    from datamodules.device_batches import DATA_PATHS, resolve_data_path
+    from datamodules.augment import DATA_PATHS, resolve_data_path
     from lit_modules import ImageClassifier
     from callbacks.progress import ThrottledProgressBar
-    from callbacks.reliability import FiniteLossGuard
+    from callbacks.checkpoints import FiniteLossGuard
 except ModuleNotFoundError as exc:
     # `python benchmarks/throughput.py` puts benchmarks/, not the checkout, on the path.
     if exc.name not in ("cli", "run", "base", "datamodules", "lit_modules", "callbacks", "models"):

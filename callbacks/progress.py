@@ -121,7 +121,7 @@ class ThrottledProgressBar(RichProgressBar):
     tensor on the GPU (``.item()``) waits for all queued work: the CPU can then no longer queue
     the next step while the GPU runs this one. No step value is on the bar here (the module logs
     epoch values only); the step loss shown is the one ``loss_guard``
-    (:class:`callbacks.reliability.FiniteLossGuard`) read for logging, once per
+    (:class:`callbacks.checkpoints.FiniteLossGuard`) read for logging, once per
     ``--log-every-n-steps`` steps. The bar still advances every batch and refreshes its metrics
     at most every ``metrics_interval`` seconds; those shown at the end of an epoch, of validation
     and of testing are read fresh as usual.

@@ -23,13 +23,15 @@ from torchvision.transforms import v2
 from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
 from base.schema import DataOptions
-from datamodules.augment import Augmentation, Draws, TrainBatchBuilder
-from datamodules.device_batches import (
+from datamodules.augment import (
     DATA_PATHS,
+    Augmentation,
+    Draws,
     EpochProgress,
     EvalBatches,
     EvalShard,
     ShuffledShard,
+    TrainBatchBuilder,
     TrainBatches,
     resolve_data_path,
 )
@@ -229,7 +231,7 @@ class ImageDataModule(L.LightningDataModule):
         # None: pinned when the batches go to a CUDA device (the loader path; the device path builds
         # its batches there already). Pinned host memory lets the copy to the GPU run asynchronously.
         self.pin_memory = pin_memory
-        # The device path (datamodules.device_batches) builds batches on the Trainer's root
+        # The device path (datamodules.augment) builds batches on the Trainer's root
         # device; ``device`` stands in for it when no Trainer is attached (default: the CPU).
         self.data_path = data_path
         self.channels_last = channels_last

@@ -125,7 +125,7 @@ class ImageClassifier(L.LightningModule):
         self.train_acc.update(logits, labels)
         self.train_loss.update(loss.detach(), weight=_count(labels))
         # Epoch values only: they are read once, at the epoch's end (the mean over all processes,
-        # synced then). The per-step curve, loss/train_step, is logged by callbacks.reliability's
+        # synced then). The per-step curve, loss/train_step, is logged by callbacks.checkpoints'
         # FiniteLossGuard, which reads the loss on the host once per --log-every-n-steps steps
         # together with its divergence check; a step value logged here, and any prog_bar=True
         # step value, would be read by Lightning again, the latter at every step.

@@ -25,13 +25,19 @@ from base.datasets import DatasetInfo
 from base.errors import UserError
 from base.schema import DataOptions, NetworkOptions, OptimOptions
 from base.slurm import check_layout, slurm_task
-from callbacks.checkpoints import BackgroundCheckpointIO, NamedCheckpoint
+from callbacks.checkpoints import (
+    AtomicCheckpointIO,
+    BackgroundCheckpointIO,
+    FiniteLossGuard,
+    NamedCheckpoint,
+    PreemptionCheckpoint,
+)
 from callbacks.dashboards import Dashboards
 from callbacks.progress import EpochLines, RunClock, ThrottledProgressBar
 from callbacks.recipes import TimeToAccuracy, recipe_callbacks
-from callbacks.reliability import AtomicCheckpointIO, FiniteLossGuard, PreemptionCheckpoint, ResumableRNG, SameData
+from callbacks.resume import ResumableRNG, SameData
 from datamodules import ImageDataModule
-from datamodules.device_batches import resolve_data_path
+from datamodules.augment import resolve_data_path
 from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.checkpoints import build_backbone
@@ -49,7 +55,7 @@ def quiet_lightning() -> None:
     # "weights_only was not set" on every save: about what a save includes, not about loading.
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
     # "Received SIGTERM" also for Ctrl-C, which is forwarded as SIGTERM: the stop is reported by
-    # callbacks/reliability.py, with the signal's real name.
+    # callbacks/checkpoints.py, with the signal's real name.
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     for pattern in (
         ".*does not have many workers.*",
@@ -228,7 +234,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, dataset: DatasetInfo) -> R
         Dashboards(dataset),
         clock,
         *console,
-        # Reliability (callbacks/reliability.py): stop on a NaN loss, save on SIGTERM, exact resume on the same data.
+        # Reliability (callbacks/checkpoints.py, callbacks/resume.py): stop on a NaN loss, save on SIGTERM, exact resume on the same data.
         loss_guard,
         PreemptionCheckpoint(checkpoint_dir / "last.ckpt", requeue_signal=config.requeue_signal),
         ResumableRNG(),

@@ -5,7 +5,7 @@
   state dict's weights, with a fresh optimiser; the file is read once, here, and its weights are
   what the module is built with;
 - **resume** (``--resume``): the run's own checkpoint continued where it stopped; the file is read
-  once, here, checked, and handed to Lightning as read (:class:`callbacks.reliability.AtomicCheckpointIO`
+  once, here, checked, and handed to Lightning as read (:class:`callbacks.checkpoints.AtomicCheckpointIO`
   ``preloaded``), so that its counters, its data fingerprint and its weights are those of one read.
 
 ``run.resolve`` makes the plan while resolving the options (it needs the network and the epochs

@@ -22,7 +22,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from base.errors import Interrupted, UserError, ctrl_c_raises
 from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, process_rank, slurm_task
 from callbacks.pictures import log_figure
-from callbacks.reliability import PreemptionCheckpoint, SameData, check_same_data, data_fingerprint
+from callbacks.checkpoints import PreemptionCheckpoint
+from callbacks.resume import SameData, check_same_data, data_fingerprint
 from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module, console_kind
 from run.checkpoints import load_checkpoint

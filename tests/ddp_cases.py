@@ -65,7 +65,7 @@ def _install() -> None:
     from lightning.pytorch.callbacks import Callback
 
     from callbacks import checkpoints
-    from callbacks.reliability import AtomicCheckpointIO
+    from callbacks.checkpoints import AtomicCheckpointIO
     from run import build, lr_find, training
 
     real_named_save = checkpoints.NamedCheckpoint._save_checkpoint

@@ -29,7 +29,7 @@ from datamodules import CLASSES, CIFAR10DataModule
 from datamodules.cifar10 import eval_transform
 from callbacks.dashboards import ConfidentMistakes, ConfusionMatrix, to_rgb
 from callbacks.progress import ThrottledProgressBar
-from callbacks.reliability import FiniteLossGuard
+from callbacks.checkpoints import FiniteLossGuard
 
 # 50 of the 120 tiny training images held out, so that every class has validation images.
 QUICK = ["--accelerator", "cpu", "--workers", "0", "--batch-size", "20", "--val-size", "50", "--eval-batch-size", "50",

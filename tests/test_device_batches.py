@@ -1,4 +1,4 @@
-"""The two data paths (datamodules/device_batches.py, the DataLoader of datamodules/cifar10.py) and
+"""The two data paths (datamodules/augment.py, the DataLoader of datamodules/cifar10.py) and
 the augmentation they share (datamodules/augment.py).
 
 The augmentation is checked on an image that reveals it: a constant image with one marker pixel
@@ -24,7 +24,7 @@ from base.errors import UserError
 from datamodules import MEAN, STD, CIFAR10DataModule
 from datamodules.augment import Augmentation, TrainBatchBuilder
 from datamodules.cifar10 import BatchKeys, PlannedBatches, ResumableLoader, TransformedTensorDataset, eval_transform
-from datamodules.device_batches import EvalBatches, ShuffledShard, TrainBatches, resolve_data_path
+from datamodules.augment import EvalBatches, ShuffledShard, TrainBatches, resolve_data_path
 
 SIZE = 32
 PAD = 4  # the default --translate

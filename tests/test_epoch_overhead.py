@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks import dashboards
 from callbacks.checkpoints import BackgroundCheckpointIO, NamedCheckpoint
 from callbacks.dashboards import Dashboards
-from callbacks.reliability import AtomicCheckpointIO
+from callbacks.checkpoints import AtomicCheckpointIO
 
 
 class _GatedIO(CheckpointIO):

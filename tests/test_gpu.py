@@ -240,7 +240,7 @@ def test_training_speed_floor_over_50_steps():
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from datamodules.device_batches import TrainBatches
+    from datamodules.augment import TrainBatches
     from lit_modules import ImageClassifier
     from models import prepare_backbone
 

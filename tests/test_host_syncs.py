@@ -143,7 +143,7 @@ def test_ema_update_reads_nothing_from_the_device(monkeypatch):
 def test_checkpoint_finite_check_reads_the_device_once(monkeypatch):
     """The check on the way into a checkpoint reads one stacked answer per device, not one per tensor,
     and still names every non-finite tensor, in the checkpoint's order."""
-    from callbacks.reliability import non_finite_keys
+    from callbacks.checkpoints import non_finite_keys
 
     tensors = {f"layer{i}.weight": torch.randn(3) for i in range(50)}
     tensors["layer7.weight"][1] = float("nan")

@@ -67,7 +67,7 @@ def test_range_test_restores_its_weights_from_a_slow_disk(cli, tiny_data, tmp_pa
     0.5 s late (a slow disk), the load still finds the file whole."""
     import time
 
-    from callbacks.reliability import AtomicCheckpointIO
+    from callbacks.checkpoints import AtomicCheckpointIO
 
     real = AtomicCheckpointIO.save_checkpoint
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, *a, **k: time.sleep(0.5) or real(self, *a, **k))

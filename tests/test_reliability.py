@@ -20,7 +20,8 @@ from robustness import assert_one_line_error, record_files
 
 from base.errors import UserError
 from lit_modules import ImageClassifier
-from callbacks.reliability import AtomicCheckpointIO, capture_rng_state, restore_rng_state
+from callbacks.checkpoints import AtomicCheckpointIO
+from callbacks.resume import capture_rng_state, restore_rng_state
 from models import build_model
 
 # Tiny runs: 40 training images in 2 batches, 20 for validation, on the CPU in this process.
@@ -119,7 +120,7 @@ import torch
 sys.path.insert(0, {root!r})
 import base.files
 from callbacks.checkpoints import BackgroundCheckpointIO
-from callbacks.reliability import AtomicCheckpointIO
+from callbacks.checkpoints import AtomicCheckpointIO
 
 target, stage, background = sys.argv[1], sys.argv[2], sys.argv[3] == "background"
 writer = BackgroundCheckpointIO(AtomicCheckpointIO()) if background else AtomicCheckpointIO()

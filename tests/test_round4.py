@@ -214,7 +214,7 @@ def slow_disk(monkeypatch):
     background writer when the next steps train."""
     import time
 
-    from callbacks.reliability import AtomicCheckpointIO
+    from callbacks.checkpoints import AtomicCheckpointIO
 
     real = AtomicCheckpointIO.save_checkpoint
 

@@ -25,7 +25,7 @@ from conftest import CPU, QUICK, QUICK_VGG, ROOT
 
 from base.errors import UserError
 from base.slurm import check_layout, requeue, slurm_task
-from callbacks.reliability import ResumableRNG, capture_rng_state
+from callbacks.resume import ResumableRNG, capture_rng_state
 from run import folder
 
 JOB_ID = "4242"
