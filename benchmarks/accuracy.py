@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 try:
-    from base.values import non_negative_int, positive_int
+    from base.schema import non_negative_int, positive_int
     from cli.flags import Parser, run_main
     from base.errors import UserError
     from base.files import atomic_write_text

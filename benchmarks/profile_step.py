@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from base.values import positive_int
+from base.schema import positive_int
 from cli.flags import Parser, run_main
 from run.hardware import resolve_hardware
 from models import prepare_backbone

@@ -54,7 +54,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 try:
-    from base.values import non_negative_int, positive_int
+    from base.schema import non_negative_int, positive_int
     from cli.flags import Parser, run_main
     from run.build import build_data_and_module, quiet_lightning
     from run.config import build_config, merge

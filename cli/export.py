@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from base.files import atomic_write, printable
-from base.options import EXPORT_FORMATS as FORMATS
+from base.schema import EXPORT_FORMATS as FORMATS
 from cli.flags import Parser, add_options, program
 from run.preflight import check_export
 

@@ -22,8 +22,7 @@ from rich.table import Table
 
 from base.errors import UserError
 from base.files import printable
-from base.options import IMAGE_SUFFIXES
-from base.values import positive_int
+from base.schema import IMAGE_SUFFIXES, positive_int
 from cli.flags import Parser, add_options, closest, program, wide_console
 from models.catalog import entry
 from run.paths import left_out_files
