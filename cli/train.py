@@ -17,8 +17,7 @@ from pathlib import Path
 import yaml
 
 from base.schema import FIELDS, option_of
-from cli.config_file import find_config, parse_config_file
-from cli.flags import Parser, add_options
+from cli.flags import Parser, add_options, find_config, parse_config_file
 from models.catalog import entry
 from run.config import NOT_RECIPE, RunConfig
 from run.history import RunFinished
