@@ -4,15 +4,19 @@ schema, config files read as flags, and one-line errors with their exit codes.
 Flags have no defaults of their own: a flag not typed is absent from the parsed namespace, and
 ``--help`` shows the default that ``run.config.RunConfig`` holds, the one place it is defined.
 Only this layer sees an argparse namespace; it hands plain dicts of typed values to ``run``.
+
+Each command's ``main(argv=None) -> int`` (``cli/train.py`` and the others) runs its body in
+:func:`one_line_errors`; ``train.py`` and the installed ``cifar10-train`` call ``sys.exit(main())``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,13 +27,6 @@ from base.slurm import process_rank
 from base.schema import DEFAULTS, GROUP_OF, TITLES, argparse_kwargs, flag_of, flatten_sections, option_of, shown
 from base.yamlfile import read_mapping
 from run.config import DERIVED, NOT_RECIPE, read_config
-
-# What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
-# "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
-PREEMPTED_EXIT_CODE = 143
-# What a shell reports for a process ended by SIGPIPE (128 + 13): its reader went away
-# (``predict.py --json | head -n 1``), as ``cat`` and ``grep`` end there.
-BROKEN_PIPE_EXIT_CODE = 141
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -344,16 +341,33 @@ def parse_config_file(parser: argparse.ArgumentParser, path: str | Path) -> dict
         parser.error_lines = {}  # type: ignore[attr-defined]
 
 
-def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2.
+# --- one-line errors and exit codes: each command's main runs its body in one_line_errors ---------
+
+# What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
+# "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
+PREEMPTED_EXIT_CODE = 143
+# What a shell reports for a process ended by SIGPIPE (128 + 13): its reader went away
+# (``predict.py --json | head -n 1``), as ``cat`` and ``grep`` end there.
+BROKEN_PIPE_EXIT_CODE = 141
+
+
+@contextlib.contextmanager
+def one_line_errors(argv: Sequence[str] | None) -> Iterator[None]:
+    """Run a command's body; a UserError becomes one line on stderr and exit code 2.
+
+    ``argv``: the arguments the command's ``main`` was given. None (the command line) starts each
+    message with the name the command was started as (``train.py``, ``cifar10-train``); a list
+    (a test or a benchmark calling ``main``) with ``cli``.
 
     Lightning turns SIGTERM into ``SIGTERMException``, a SystemExit with code 0; it is mapped to
     :data:`PREEMPTED_EXIT_CODE` instead, so that a scheduler never takes a stopped run for a
-    finished one.
+    finished one. Ctrl-C (and a stop that ``base.errors.Interrupted`` describes) exits 130, a closed
+    output pipe :data:`BROKEN_PIPE_EXIT_CODE`. While the body runs, this generator is suspended: it
+    is not on the call stack of a training step.
     """
     prog = Path(sys.argv[0]).name if argv is None else "cli"
     try:
-        code = main(argv)
+        yield
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -375,7 +389,6 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         # error. Output still buffered goes nowhere, so that the flush at exit cannot raise again.
         _silence_stdout()
         sys.exit(BROKEN_PIPE_EXIT_CODE)
-    sys.exit(code)
 
 
 def _say_once(line: str) -> None:
