@@ -3,8 +3,9 @@
 
 The command itself lives in cli/predict.py.
 """
+import sys
+
 from cli.predict import main
-from cli.flags import run_main
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

@@ -3,8 +3,9 @@
 
 The command itself lives in cli/test.py.
 """
+import sys
+
 from cli.test import main
-from cli.flags import run_main
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

@@ -7,8 +7,9 @@
 
 The command itself lives in cli/train.py.
 """
+import sys
+
 from cli.train import main
-from cli.flags import run_main
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

@@ -18,6 +18,9 @@ The networks' own options (ResNet50's ``identity_shortcut``) are declared by the
 ``models.catalog``, which adds them here (:data:`NETWORK_OPTIONS`): from then on each is an option
 of the network group like the others.
 
+Before the options, what they are built from: the fixed choices and file suffixes every layer
+shares (the one place they are spelled), and the parsers of option values as typed.
+
 Importable without torch or Lightning: the command-line tools answer ``--help`` and refuse a
 mistyped flag before loading them. The choices of ``--model`` and ``--dataset`` come from their
 catalogs (``catalog=``), which the command-line layer reads.
@@ -31,21 +34,164 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from base import values
 from base.errors import UserError
-from base.options import (
-    ACCELERATORS,
-    DATA_PATHS,
-    DEVICES_HELP,
-    OPTIMIZERS,
-    PRECISION_HELP,
-    PRECISIONS,
-    REQUEUE_SIGNALS,
-    SCHEDULERS,
-    STRATEGIES,
-    PADDING_MODES,
-    TTA_MODES,
-)
+
+
+# --- the fixed choices and suffixes: every layer reads them from here, torch-free ----------------
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("step", "cosine", "onecycle", "none")
+# Test-time augmentation of validation and test: none; the mean logits of each image and its mirror;
+# and those of both moved a pixel either way too (datamodules/augment.py).
+TTA_MODES = ("none", "flip", "flip-translate")
+# What a training translation brings in at the border (torch's padding_mode names).
+PADDING_MODES = ("zeros", "reflect")
+DATA_PATHS = ("auto", "device", "loader")
+# Where a run's curves and pictures go; tensorboard is always available, mlflow is an optional extra.
+LOGGERS = ("tensorboard", "csv", "mlflow")
+# Lightning strategies this project runs and tests: auto (one process, or DDP over several devices)
+# and ddp. Others (ddp_spawn pickles the Trainer, FSDP and DeepSpeed shard checkpoints) are untested.
+STRATEGIES = ("auto", "ddp")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
+DEVICES_HELP = "number of devices, a list of GPU indices such as 0,1, -1 for all, or auto"
+PRECISION_HELP = "auto: bf16-mixed on GPUs and CPUs with native bfloat16 (AMX, AVX512-BF16), else 32-true"
+# export.py's formats and the suffix of each one's file. TorchScript gets a two-part suffix because
+# a bare ".pt" is also what course state dicts are called, and an export must never replace its source.
+EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+# Signals that --requeue-signal may name; SLURM's ``--signal=USR1@90`` style warnings.
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+# Signals whose default action would end a run on the spot, which a run takes as SIGTERM instead
+# (saving last.ckpt after the current batch): a closed SSH session or terminal (SIGHUP, which
+# nohup would have ignored) and a CPU-time limit about to be reached (SIGXCPU, sent by ulimit -t
+# and batch systems before they kill).
+STOP_SIGNALS = ("SIGHUP", "SIGXCPU")
+
+
+# Image files that a folder is searched for (training data in image folders, predict.py's inputs).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+# --- the value parsers: a flag's text, or a YAML value as the file spells it, typed or refused ---
+# Each takes the text and returns the typed value, or raises ``argparse.ArgumentTypeError`` with a
+# message naming what was expected; argparse turns that into ``--flag: message``, and a config file
+# value goes through the same parser (``cli.flags.parse_config_file``).
+
+
+def _number(text: str, kind: type, accept: Callable[[float], bool], expected: str, must: str) -> int | float:
+    """``text`` as ``kind`` (int or float) if ``accept`` holds for it; an argparse error naming the flag otherwise."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not accept(value):  # NaN fails every comparison, so it is refused too
+        raise argparse.ArgumentTypeError(f"{must}, got {text.strip()}")
+    return value
+
+
+# The largest count torch takes (int64): a larger one would overflow in a tensor, a sampler or a
+# loop counter after torch has loaded, with a traceback instead of this one line.
+INT_MAX = 2**63 - 1
+# The seeds numpy takes (and Lightning's seed_everything with it): 0 to 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, lambda v: v >= 1, "a positive integer", "must be a positive integer")
+    return _at_most(value, INT_MAX, text)
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, INT_MAX, text)
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer from 0 to 2**32 - 1, the range numpy (hence Lightning) seeds from."""
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, SEED_MAX, text, "the seeds numpy and Lightning take")
+
+
+# Every image this project trains on is 32x32 (datamodules/sources.py refuses others).
+IMAGE_SIDE = 32
+
+
+def shift_pixels(text: str) -> int:
+    """A training shift (``--translate``): 0 to 16 pixels, half a 32x32 image's side; more would leave
+    images that are mostly border (and a reflection needs the shift below the side)."""
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, IMAGE_SIDE // 2, text, "half the side of the 32x32 images")
+
+
+def square_side(text: str) -> int:
+    """Cutout's square (``--cutout``): 0 to 32 pixels, the images' side."""
+    value = _number(text, int, lambda v: v >= 0, "an integer >= 0", "must be >= 0")
+    return _at_most(value, IMAGE_SIDE, text, "the side of the 32x32 images")
+
+
+def _at_most(value: int, limit: int, text: str, what: str = "the largest count torch takes") -> int:
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"must be at most {limit:,} ({what}), got {text.strip()}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number", "must be a positive (finite) number")
+
+
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (a weight decay)."""
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0", "must be >= 0")
+
+
+def unit_fraction(text: str) -> float:
+    """A number from 0 (included) to 1 (excluded): a momentum, a label smoothing."""
+    return _number(text, float, lambda v: 0 <= v < 1, "a number from 0 to below 1", "must be at least 0 and below 1")
+
+
+def learning_rate(text: str) -> float | str:
+    """A positive number, or ``find``: the learning-rate range test's suggestion."""
+    return "find" if text.strip().lower() == "find" else positive_float(text)
+
+
+def open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (an EMA decay, a target accuracy)."""
+    return _number(text, float, lambda v: 0 < v < 1, "a number between 0 and 1", "must be between 0 and 1 (exclusive)")
+
+
+def batch_limit(text: str) -> int | float:
+    """Lightning's limit_*_batches: an int counts batches, a float in (0, 1] is a fraction."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a batch count or a fraction, got {text!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got {text}")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 batch, got {value}")
+    return value
+
+
+def logger_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of loggers (``tensorboard,csv``), each one of :data:`LOGGERS`."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in LOGGERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(LOGGERS)}, got {text!r}")
+    return names
+
+
+def devices(text: str) -> str:
+    """``--devices`` as typed (a count, a list such as ``0,1``, ``-1`` or ``auto``); run/hardware.py
+    checks and resolves it against the machine."""
+    return text.strip()
+
+
+# --- the options: what the schema says about each, then the groups that declare them -----------
 
 # Why an option may not change when a run is resumed (``fixed``); any other may.
 TRAINING = "it decides what the run trains on"
@@ -57,12 +203,12 @@ SCHEDULE = "it changes the length of the run's learning-rate schedule"
 class Option:
     """What the schema says about one option besides its name and default.
 
-    ``parse``: the value's parser (``base.values``), ``choices``: its fixed choices, or ``catalog``:
-    the catalog whose names are its choices (``"models"``, ``"datasets"``); ``switch``: a
-    ``--x/--no-x`` pair, ``store_true``: a flag that takes no value; ``fixed``: why a resume may not
-    change it; ``path``: expanded (``~``, ``$VARS``) and made absolute; ``per_invocation``: belongs
-    to one command, so a resume does not inherit it; ``flag``: False for a fact the resolution
-    adds (no flag, ignored in a ``--config`` file).
+    ``parse``: the value's parser (one of those above), ``choices``: its fixed choices, or
+    ``catalog``: the catalog whose names are its choices (``"models"``, ``"datasets"``); ``switch``:
+    a ``--x/--no-x`` pair, ``store_true``: a flag that takes no value; ``fixed``: why a resume may
+    not change it; ``path``: expanded (``~``, ``$VARS``) and made absolute; ``per_invocation``:
+    belongs to one command, so a resume does not inherit it; ``flag``: False for a fact the
+    resolution adds (no flag, ignored in a ``--config`` file).
     """
 
     help: str
@@ -101,7 +247,7 @@ class NetworkOptions:
 
     model: str = option("vgg16", "network", catalog="models", fixed=TRAINING)
     options: Mapping[str, Any] = field(default_factory=dict, metadata={"network_options": True})
-    label_smoothing: float = option(0.0, "cross-entropy label smoothing", parse=values.unit_fraction, fixed=TRAINING)
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", parse=unit_fraction, fixed=TRAINING)
     tta: str = option(
         "none",
         "test-time augmentation of validation and test; flip: mean logits of each image and its mirror; "
@@ -133,12 +279,12 @@ class OptimOptions:
     """The optimiser and the learning-rate schedule (the course's by default: Adam 1e-3, StepLR 20 x 1/3)."""
 
     epochs: int | None = option(
-        None, "default: the network's course run, 250 for vgg16, 285 for resnet50", parse=values.positive_int
+        None, "default: the network's course run, 250 for vgg16, 285 for resnet50", parse=positive_int
     )
     optimizer: str = option("adam", "optimiser", choices=OPTIMIZERS, fixed=OPTIMISER)
     lr: float | str = option(
         1e-3, "learning rate (peak for onecycle), or find: run the range test first and use its suggestion",
-        parse=values.learning_rate, fixed=OPTIMISER,
+        parse=learning_rate, fixed=OPTIMISER,
     )
     find_lr: bool = option(
         False,
@@ -146,18 +292,18 @@ class OptimOptions:
         "prints the suggested rate and saves the plot, then exits",
         store_true=True, per_invocation=True,
     )
-    momentum: float = option(0.9, "sgd only", parse=values.unit_fraction, fixed=OPTIMISER)
+    momentum: float = option(0.9, "sgd only", parse=unit_fraction, fixed=OPTIMISER)
     nesterov: bool = option(False, "sgd only", switch=True, fixed=OPTIMISER)
-    weight_decay: float = option(0.0, "L2 penalty (decoupled for adamw)", parse=values.non_negative_float, fixed=OPTIMISER)
+    weight_decay: float = option(0.0, "L2 penalty (decoupled for adamw)", parse=non_negative_float, fixed=OPTIMISER)
     scheduler: str = option("step", "step: per epoch; cosine, onecycle: per step", choices=SCHEDULERS, fixed=SCHEDULE)
-    step_size: int = option(20, "step scheduler: epochs between decays", parse=values.positive_int, fixed=SCHEDULE)
-    gamma: float = option(1 / 3, "step scheduler: decay factor", parse=values.positive_float, fixed=SCHEDULE)
+    step_size: int = option(20, "step scheduler: epochs between decays", parse=positive_int, fixed=SCHEDULE)
+    gamma: float = option(1 / 3, "step scheduler: decay factor", parse=positive_float, fixed=SCHEDULE)
     ema_decay: float | None = option(
         None,
         "keep an exponential moving average of the weights, updated every step with decay min(DECAY, "
         "(1 + n) / (10 + n)) after n updates (e.g. 0.998); validation, the saved checkpoints and the final test "
         "use the averaged weights (default: off)",
-        parse=values.open_fraction, metavar="DECAY", fixed=TRAINING,
+        parse=open_fraction, metavar="DECAY", fixed=TRAINING,
     )
 
 
@@ -176,13 +322,13 @@ class DataOptions:
         path=True,
     )
     batch_size: int = option(
-        100, "per device: each step trains on batch x devices x nodes", parse=values.positive_int, fixed=SCHEDULE
+        100, "per device: each step trains on batch x devices x nodes", parse=positive_int, fixed=SCHEDULE
     )
-    eval_batch_size: int = option(500, "batch size of validation and test", parse=values.positive_int)
-    val_size: int = option(5000, "training images held out for validation", parse=values.positive_int, fixed=TRAINING)
+    eval_batch_size: int = option(500, "batch size of validation and test", parse=positive_int)
+    val_size: int = option(5000, "training images held out for validation", parse=positive_int, fixed=TRAINING)
     translate: int = option(
         4, "training augmentation: random shifts of up to N pixels each way (RandomCrop(32, padding=N)); 0: none",
-        parse=values.shift_pixels, metavar="N", fixed=TRAINING,
+        parse=shift_pixels, metavar="N", fixed=TRAINING,
     )
     translate_padding: str = option(
         "zeros", "what a shift brings in at the border: zeros (the course's) or reflect", choices=PADDING_MODES,
@@ -190,16 +336,16 @@ class DataOptions:
     )
     cutout: int = option(
         0, "training augmentation: erase one random N x N square of every image (Cutout, set to the mean); 0: none",
-        parse=values.square_side, metavar="N", fixed=TRAINING,
+        parse=square_side, metavar="N", fixed=TRAINING,
     )
-    train_limit: int | None = option(None, "train on only the first N images", parse=values.positive_int, fixed=TRAINING)
+    train_limit: int | None = option(None, "train on only the first N images", parse=positive_int, fixed=TRAINING)
     data_path: str = option(
         "auto",
         "device: whole batches augmented on the training device (datamodules/augment.py); "
         "loader: a DataLoader augmenting image by image on the CPU; auto: device on CUDA and CPU",
         choices=DATA_PATHS,
     )
-    workers: int = option(2, "DataLoader worker processes (--data-path loader)", parse=values.non_negative_int)
+    workers: int = option(2, "DataLoader worker processes (--data-path loader)", parse=non_negative_int)
     cache_dir: Path | None = option(None, "where decoded images are cached (default: ~/.cache)", path=True)
 
 
@@ -208,7 +354,7 @@ class HardwareOptions:
     """What the run runs on; resolved before the run starts, so a run's config never says auto."""
 
     accelerator: str = option("auto", "auto picks a GPU when there is one", choices=ACCELERATORS)
-    devices: Any = option("auto", DEVICES_HELP, parse=values.devices, fixed=SCHEDULE)
+    devices: Any = option("auto", DEVICES_HELP, parse=devices, fixed=SCHEDULE)
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     precision_reason: str | None = option(None, "why this precision", flag=False)
     channels_last: bool | None = option(
@@ -217,7 +363,7 @@ class HardwareOptions:
     compile: bool = option(
         False, "torch.compile the network; the first steps (and the first evaluation) are spent compiling", switch=True
     )
-    num_nodes: int = option(1, "machines, for multi-node DDP", parse=values.positive_int, fixed=SCHEDULE)
+    num_nodes: int = option(1, "machines, for multi-node DDP", parse=positive_int, fixed=SCHEDULE)
     strategy: str = option("auto", "Lightning strategy: auto picks DDP for several devices", choices=STRATEGIES)
 
 
@@ -236,7 +382,7 @@ class RunOptions:
         "the run's folder name (default: the next free version_N); with --resume last, continue this run "
         "if it has a checkpoint, else start it: one command for a job's first start and its requeues",
     )
-    seed: int = option(0, "seeds weights, split, shuffling, augmentation (0 to 2**32 - 1)", parse=values.seed, fixed=TRAINING)
+    seed: int = option(0, "seeds weights, split, shuffling, augmentation (0 to 2**32 - 1)", parse=seed, fixed=TRAINING)
     resume: Path | None = option(
         None, "continue a run: its folder, a checkpoint in it, or last (the newest run, or --run-name's)",
         metavar="PATH|last", path=True, per_invocation=True,
@@ -250,7 +396,7 @@ class RunOptions:
     weights: Path | None = option(
         None, "start from these weights (course state dict or .ckpt)", metavar="PATH", path=True, per_invocation=True
     )
-    checkpoint_every: int = option(20, "keep a checkpoint every N epochs", parse=values.positive_int)
+    checkpoint_every: int = option(20, "keep a checkpoint every N epochs", parse=positive_int)
     results_json: Path | None = option(
         None, "also write the run's test results and timings as JSON", metavar="PATH", path=True, per_invocation=True
     )
@@ -258,27 +404,27 @@ class RunOptions:
         None,
         "benchmark only: evaluate the TEST set after every epoch and record, in --results-json, the training "
         "time at which its accuracy first reaches ACC (e.g. 0.93); model selection still uses validation only",
-        parse=values.open_fraction, metavar="ACC", per_invocation=True,
+        parse=open_fraction, metavar="ACC", per_invocation=True,
     )
-    log_every_n_steps: int = option(50, "training curves' resolution", parse=values.positive_int)
+    log_every_n_steps: int = option(50, "training curves' resolution", parse=positive_int)
     logger: tuple[str, ...] = option(
         ("tensorboard",), "where curves and pictures go: tensorboard, csv, mlflow, comma-separated",
-        parse=values.logger_list, metavar="NAMES",
+        parse=logger_list, metavar="NAMES",
     )
     requeue_signal: str | None = option(
         None, "also save last.ckpt and exit 143 on this signal, as on SIGTERM (e.g. SLURM --signal=USR1@90)",
         choices=REQUEUE_SIGNALS,
     )
-    fast_dev_run: int = option(0, "run N batches of each stage, no output", parse=values.non_negative_int,
+    fast_dev_run: int = option(0, "run N batches of each stage, no output", parse=non_negative_int,
                                per_invocation=True)
     limit_train_batches: int | float | None = option(
-        None, "batches (int) or fraction per epoch", parse=values.batch_limit, fixed=SCHEDULE
+        None, "batches (int) or fraction per epoch", parse=batch_limit, fixed=SCHEDULE
     )
     limit_val_batches: int | float | None = option(
-        None, "as --limit-train-batches", parse=values.batch_limit,
+        None, "as --limit-train-batches", parse=batch_limit,
         fixed="the best checkpoint is chosen by validating on it",
     )
-    limit_test_batches: int | float | None = option(None, "as --limit-train-batches", parse=values.batch_limit)
+    limit_test_batches: int | float | None = option(None, "as --limit-train-batches", parse=batch_limit)
 
 
 # Section name (a ``--config`` file's and ``--print-config``'s, a checkpoint's hyper-parameters) ->

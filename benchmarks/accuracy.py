@@ -42,8 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 try:
-    from base.values import non_negative_int, positive_int
-    from cli.flags import Parser, run_main
+    from base.schema import non_negative_int, positive_int
+    from cli.flags import Parser, one_line_errors
     from base.errors import UserError
     from base.files import atomic_write_text
 except ModuleNotFoundError as exc:
@@ -259,54 +259,55 @@ def write_summary(out: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    out = Path(args.out)
-    if args.configs and not args.data_dir:
-        raise UserError("--data-dir is required to run configs (leave out --configs to summarise OUT only)")
-    for config in args.configs:
-        if not Path(config).is_file():
-            raise UserError(f"config file not found: {config}; see configs/ for the shipped recipes")
-    out.mkdir(parents=True, exist_ok=True)
+    with one_line_errors(argv):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        extra = argv[argv.index("--") + 1:] if "--" in argv else []
+        args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+        out = Path(args.out)
+        if args.configs and not args.data_dir:
+            raise UserError("--data-dir is required to run configs (leave out --configs to summarise OUT only)")
+        for config in args.configs:
+            if not Path(config).is_file():
+                raise UserError(f"config file not found: {config}; see configs/ for the shipped recipes")
+        out.mkdir(parents=True, exist_ok=True)
 
-    plan = [(config, seed) for config in args.configs for seed in args.seeds]
-    started, longest, failed = time.perf_counter(), 0.0, []
-    running: list[tuple[str, subprocess.Popen, float, Path, Path, list[str], str, int]] = []
-    for index, (config, seed) in enumerate(plan, 1):
-        name = run_name(config, seed, args.tag)
-        results, log = out / f"{name}.json", out / f"{name}.log"
-        if results.is_file() and not args.force:
-            done = json.loads(results.read_text()).get("runner", {})
-            if done.get("extra") != extra:
-                raise UserError(
-                    f"{results} holds a run with other train.py flags ({shlex.join(done.get('extra', []))}); "
-                    "use --tag to keep both, or --force to replace it"
-                )
-            print(f"[{index}/{len(plan)}] {name}: already in {out}, skipped")
-            continue
-        while len(running) >= args.parallel:
+        plan = [(config, seed) for config in args.configs for seed in args.seeds]
+        started, longest, failed = time.perf_counter(), 0.0, []
+        running: list[tuple[str, subprocess.Popen, float, Path, Path, list[str], str, int]] = []
+        for index, (config, seed) in enumerate(plan, 1):
+            name = run_name(config, seed, args.tag)
+            results, log = out / f"{name}.json", out / f"{name}.log"
+            if results.is_file() and not args.force:
+                done = json.loads(results.read_text()).get("runner", {})
+                if done.get("extra") != extra:
+                    raise UserError(
+                        f"{results} holds a run with other train.py flags ({shlex.join(done.get('extra', []))}); "
+                        "use --tag to keep both, or --force to replace it"
+                    )
+                print(f"[{index}/{len(plan)}] {name}: already in {out}, skipped")
+                continue
+            while len(running) >= args.parallel:
+                longest = max(longest, _finish(_wait_any(running), args, extra, out, failed))
+            elapsed = time.perf_counter() - started
+            if args.budget_s is not None and elapsed + longest > args.budget_s:
+                print(f"stopping: {len(plan) - index + 1} run(s) left would overrun --budget-s {args.budget_s:g}; "
+                      "run the same command again to continue")
+                break
+            command = train_command(config, seed, args.data_dir, args.runs_dir, results, extra)
+            print(f"[{index}/{len(plan)}] {name}: {shlex.join(['python', 'train.py', *command[2:]])}", flush=True)
+            results.unlink(missing_ok=True)
+            running.append((name, start_run(command, log), time.perf_counter(), results, log, command, config, seed))
+        while running:
             longest = max(longest, _finish(_wait_any(running), args, extra, out, failed))
-        elapsed = time.perf_counter() - started
-        if args.budget_s is not None and elapsed + longest > args.budget_s:
-            print(f"stopping: {len(plan) - index + 1} run(s) left would overrun --budget-s {args.budget_s:g}; "
-                  "run the same command again to continue")
-            break
-        command = train_command(config, seed, args.data_dir, args.runs_dir, results, extra)
-        print(f"[{index}/{len(plan)}] {name}: {shlex.join(['python', 'train.py', *command[2:]])}", flush=True)
-        results.unlink(missing_ok=True)
-        running.append((name, start_run(command, log), time.perf_counter(), results, log, command, config, seed))
-    while running:
-        longest = max(longest, _finish(_wait_any(running), args, extra, out, failed))
 
-    rows = write_summary(out)
-    print(render_markdown(rows), end="")
-    print(f"summary: {out / SUMMARY}, table: {out / TABLE}")
-    if failed:
-        print(f"failed: {', '.join(failed)} (logs in {out})", file=sys.stderr)
-        return 1
-    return 0
+        rows = write_summary(out)
+        print(render_markdown(rows), end="")
+        print(f"summary: {out / SUMMARY}, table: {out / TABLE}")
+        if failed:
+            print(f"failed: {', '.join(failed)} (logs in {out})", file=sys.stderr)
+            return 1
+        return 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

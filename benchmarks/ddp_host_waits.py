@@ -44,7 +44,6 @@ def worker() -> None:
 
     sys.path.insert(0, str(ROOT))
     from callbacks.checkpoints import PreemptionCheckpoint
-    from cli.flags import run_main
     from cli.train import main
     from run import build
 
@@ -89,7 +88,7 @@ def worker() -> None:
 
     build.build_callbacks = build_callbacks
     try:
-        run_main(main)
+        sys.exit(main())
     finally:
         record = {"rank": rank, "steps": state["steps"], "reads": dict(reads), "collectives": dict(collectives)}
         (Path(os.environ[WORKER_ENV]) / f"rank{rank}.json").write_text(json.dumps(record))

@@ -10,6 +10,7 @@ network's own cost on this device and precision.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from base.values import positive_int
-from cli.flags import Parser, run_main
+from base.schema import positive_int
+from cli.flags import Parser, one_line_errors
 from run.hardware import resolve_hardware
 from models import prepare_backbone
 from run.hardware import use_channels_last
@@ -40,51 +41,52 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    hardware = resolve_hardware(args.accelerator, "1", args.precision)
-    device = torch.device("cuda" if hardware.accelerator == "gpu" else "cpu")
-    channels_last = use_channels_last(None, hardware)
-    torch.manual_seed(0)
-    backbone = prepare_backbone(build_model(args.model).to(device), channels_last=channels_last, compile=False)
-    module = ImageClassifier(args.model, backbone=backbone)
-    optimizer = module.configure_optimizers()["optimizer"]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, 10, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    with one_line_errors(argv):
+        args = build_parser().parse_args(argv)
+        hardware = resolve_hardware(args.accelerator, "1", args.precision)
+        device = torch.device("cuda" if hardware.accelerator == "gpu" else "cpu")
+        channels_last = use_channels_last(None, hardware)
+        torch.manual_seed(0)
+        backbone = prepare_backbone(build_model(args.model).to(device), channels_last=channels_last, compile=False)
+        module = ImageClassifier(args.model, backbone=backbone)
+        optimizer = module.configure_optimizers()["optimizer"]
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+        labels = torch.randint(0, 10, (args.batch_size,), device=device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = module.criterion(backbone(images), labels)
-        loss.backward()
-        optimizer.step()
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = module.criterion(backbone(images), labels)
+            loss.backward()
+            optimizer.step()
 
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    print(
-        f"{args.model}, batch {args.batch_size}, {hardware.precision}, channels_last {channels_last}, "
-        f"{torch.get_num_threads()} CPU threads: {args.steps * args.batch_size / seconds:.1f} images/s, "
-        f"{1000 * seconds / args.steps:.1f} ms per step (unprofiled)"
-    )
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
         for _ in range(args.steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows))
-    return 0
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        print(
+            f"{args.model}, batch {args.batch_size}, {hardware.precision}, channels_last {channels_last}, "
+            f"{torch.get_num_threads()} CPU threads: {args.steps * args.batch_size / seconds:.1f} images/s, "
+            f"{1000 * seconds / args.steps:.1f} ms per step (unprofiled)"
+        )
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            for _ in range(args.steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows))
+        return 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

@@ -52,10 +52,9 @@ def with_mark(*args, **kwargs):
     callbacks.all.append(FirstStep())
     return callbacks
 build.build_callbacks = with_mark
-from cli.flags import run_main
 from cli.train import main
 sys.argv = ["train.py", *sys.argv[1:]]
-run_main(main)
+sys.exit(main())
 """
 
 

@@ -54,8 +54,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 try:
-    from base.values import non_negative_int, positive_int
-    from cli.flags import Parser, run_main
+    from base.schema import non_negative_int, positive_int
+    from cli.flags import Parser, one_line_errors
     from run.build import build_data_and_module, quiet_lightning
     from run.config import build_config, merge
     from run.hardware import resolve_hardware
@@ -114,54 +114,55 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.worker:
-        result = WORKERS[args.worker](args)
-        Path(args.worker_out).write_text(json.dumps(result))
-        return 0
-    # Fail before spawning anything when the request cannot run here.
-    hardware = resolve_hardware(args.accelerator, "1", args.precision)
-    if not Path(args.data).exists():
-        raise UserError(f"data not found: {args.data}; pass --data pointing at CIFAR-10 (see train.py --data-dir)")
-    if "seed_loop" in args.variants and not Path(args.seed_loop).is_file():
-        raise UserError(f"the yardstick {args.seed_loop} is missing; pass --seed-loop, or leave seed_loop out of --variants")
+    with one_line_errors(argv):
+        args = build_parser().parse_args(argv)
+        if args.worker:
+            result = WORKERS[args.worker](args)
+            Path(args.worker_out).write_text(json.dumps(result))
+            return 0
+        # Fail before spawning anything when the request cannot run here.
+        hardware = resolve_hardware(args.accelerator, "1", args.precision)
+        if not Path(args.data).exists():
+            raise UserError(f"data not found: {args.data}; pass --data pointing at CIFAR-10 (see train.py --data-dir)")
+        if "seed_loop" in args.variants and not Path(args.seed_loop).is_file():
+            raise UserError(f"the yardstick {args.seed_loop} is missing; pass --seed-loop, or leave seed_loop out of --variants")
 
-    report: dict[str, Any] = {
-        "command": shlex.join(["python", "-m", "benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)]),
-        "device": device_name(hardware.accelerator),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_capabilities": cpu_capabilities(),
-        "settings": {
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "precision": hardware.precision,
-            "data_path": resolve_data_path(args.data_path, _device(hardware.accelerator)),
-            "channels_last": use_channels_last(args.channels_last, hardware),
-            "compile": args.compile,
-            "workers": args.workers,
-        },
-        "models": {},
-    }
-    for model in args.models:
-        rounds = [{variant: run_child(args, model, variant) for variant in args.variants} for _ in range(args.repeats)]
-        results: dict[str, Any] = {variant: summarise([r[variant] for r in rounds]) for variant in args.variants}
-        per_round = [ratios(r) for r in rounds]
-        results["ratios"] = {name: round(statistics.median(r[name] for r in per_round), 3) for name in per_round[0]}
-        results["ratios_per_round"] = per_round
-        report["models"][model] = results
-    text = json.dumps(report, indent=2)
-    print_table(report)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        print(f"written to {args.out}", file=sys.stderr)
-    return 0
+        report: dict[str, Any] = {
+            "command": shlex.join(["python", "-m", "benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)]),
+            "device": device_name(hardware.accelerator),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+            "cpu_threads": torch.get_num_threads(),
+            "cpu_capabilities": cpu_capabilities(),
+            "settings": {
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "precision": hardware.precision,
+                "data_path": resolve_data_path(args.data_path, _device(hardware.accelerator)),
+                "channels_last": use_channels_last(args.channels_last, hardware),
+                "compile": args.compile,
+                "workers": args.workers,
+            },
+            "models": {},
+        }
+        for model in args.models:
+            rounds = [{variant: run_child(args, model, variant) for variant in args.variants} for _ in range(args.repeats)]
+            results: dict[str, Any] = {variant: summarise([r[variant] for r in rounds]) for variant in args.variants}
+            per_round = [ratios(r) for r in rounds]
+            results["ratios"] = {name: round(statistics.median(r[name] for r in per_round), 3) for name in per_round[0]}
+            results["ratios_per_round"] = per_round
+            report["models"][model] = results
+        text = json.dumps(report, indent=2)
+        print_table(report)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+            print(f"written to {args.out}", file=sys.stderr)
+        return 0
 
 
 def run_child(args: argparse.Namespace, model: str, variant: str) -> dict[str, Any]:
@@ -416,4 +417,4 @@ WORKERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

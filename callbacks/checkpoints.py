@@ -39,7 +39,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from base.errors import UserError
-from base.options import REQUEUE_SIGNALS, STOP_SIGNALS
+from base.schema import REQUEUE_SIGNALS, STOP_SIGNALS
 from base.slurm import requeue, slurm_task
 from base.files import TEMP_SUFFIX, atomic_write, temp_prefix
 
@@ -249,7 +249,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM, Ctrl-C, a hang-up (``base.options.STOP_SIGNALS``) and ``requeue_signal``, save ``path``
+    """On SIGTERM, Ctrl-C, a hang-up (``base.schema.STOP_SIGNALS``) and ``requeue_signal``, save ``path``
     so that ``--resume`` continues the run.
 
     Lightning's ``_SignalConnector`` already catches SIGTERM during ``fit``: it sets

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from base.files import atomic_write, printable
-from base.options import EXPORT_FORMATS as FORMATS
-from cli.flags import Parser, add_options, program
+from base.schema import EXPORT_FORMATS as FORMATS
+from cli.flags import Parser, add_options, one_line_errors, program
 from run.preflight import check_export
 
 
@@ -48,20 +48,21 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    checkpoint = Path(args.ckpt)
-    output = check_export(checkpoint, args.format, args.output, args.force)
-    # torch loads only now: --help and a mistaken flag answer at once.
-    from run.checkpoints import build_backbone
-    from run.checkpoints import load_any_checkpoint
-    from run.exporting import EXPORTERS, describe_export, export_metadata
-    from run.inference import checkpoint_tta, class_names
+    with one_line_errors(argv):
+        args = build_parser().parse_args(argv)
+        checkpoint = Path(args.ckpt)
+        output = check_export(checkpoint, args.format, args.output, args.force)
+        # torch loads only now: --help and a mistaken flag answer at once.
+        from run.checkpoints import build_backbone
+        from run.checkpoints import load_any_checkpoint
+        from run.exporting import EXPORTERS, describe_export, export_metadata
+        from run.inference import checkpoint_tta, class_names
 
-    contents = load_any_checkpoint(checkpoint)
-    model = build_backbone(contents).eval()
-    # What the run measured is what is deployed: its test-time augmentation goes with the export.
-    metadata = export_metadata(contents, class_names(contents), args.tta or checkpoint_tta(contents))
-    atomic_write(output, lambda file: EXPORTERS[args.format](model, file, metadata))
-    print(f"{contents.model_name} ({contents.num_classes} classes) exported to {printable(output)} ({args.format}, "
-          f"{output.stat().st_size / 2**20:.1f} MiB){describe_export(metadata, args.format)}")
-    return 0
+        contents = load_any_checkpoint(checkpoint)
+        model = build_backbone(contents).eval()
+        # What the run measured is what is deployed: its test-time augmentation goes with the export.
+        metadata = export_metadata(contents, class_names(contents), args.tta or checkpoint_tta(contents))
+        atomic_write(output, lambda file: EXPORTERS[args.format](model, file, metadata))
+        print(f"{contents.model_name} ({contents.num_classes} classes) exported to {printable(output)} ({args.format}, "
+              f"{output.stat().st_size / 2**20:.1f} MiB){describe_export(metadata, args.format)}")
+        return 0

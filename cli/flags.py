@@ -1,17 +1,22 @@
-"""Command-line pieces shared by every entry point: the parser, flag types, shared flags, error handling.
+"""Command-line pieces shared by every entry point: the parser, the flags built from the option
+schema, config files read as flags, and one-line errors with their exit codes.
 
 Flags have no defaults of their own: a flag not typed is absent from the parsed namespace, and
 ``--help`` shows the default that ``run.config.RunConfig`` holds, the one place it is defined.
 Only this layer sees an argparse namespace; it hands plain dicts of typed values to ``run``.
+
+Each command's ``main(argv=None) -> int`` (``cli/train.py`` and the others) runs its body in
+:func:`one_line_errors`; ``train.py`` and the installed ``cifar10-train`` call ``sys.exit(main())``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,14 +24,9 @@ from rich.console import Console
 
 from base.errors import Interrupted, UserError
 from base.slurm import process_rank
-from base.schema import DEFAULTS, GROUP_OF, TITLES, argparse_kwargs, flag_of, option_of, shown
-
-# What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
-# "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
-PREEMPTED_EXIT_CODE = 143
-# What a shell reports for a process ended by SIGPIPE (128 + 13): its reader went away
-# (``predict.py --json | head -n 1``), as ``cat`` and ``grep`` end there.
-BROKEN_PIPE_EXIT_CODE = 141
+from base.schema import DEFAULTS, GROUP_OF, TITLES, argparse_kwargs, flag_of, flatten_sections, option_of, shown
+from base.yamlfile import read_mapping
+from run.config import DERIVED, NOT_RECIPE, read_config
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -204,16 +204,170 @@ def wide_console() -> Console:
     return Console(width=width, markup=False, emoji=False)
 
 
-def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2.
+# --- config files, read as if their keys were typed before the flags ----------------------------
+# Turning ``batch_size: 100`` into ``--batch-size 100`` means a config value goes through exactly the
+# same type checks and error messages as a flag, and any flag typed on the command line wins.
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
+
+
+def config_to_argv(
+    config: dict[str, Any],
+    parser: argparse.ArgumentParser,
+    source: str,
+    written: dict[Any, str | None] | None = None,
+    lines: dict[Any, int] | None = None,
+) -> list[str]:
+    """Flags equivalent to ``config``; unknown keys are refused with the list of valid ones.
+
+    ``written``: each key's value as the file spells it, passed to the flag as typed, so that a
+    number means what it says (``run_name: 1.10`` is the name "1.10", not 1.1); ``lines``: each
+    key's line, named in errors. One option given under two spellings (``batch-size`` and
+    ``batch_size``) is refused rather than one of them silently winning.
+    """
+    actions = _actions_by_dest(parser)
+    written, lines = written or {}, lines or {}
+    config, lines = flatten_sections(config, lines, source)
+    # A run's saved config.yaml (it holds the facts the resolution adds) starts a new run with its
+    # options: its name, what it resumed from and its outputs belong to that run (run.config.NOT_RECIPE).
+    skipped = set(DERIVED) | (set(NOT_RECIPE) if any(key in config for key in DERIVED) else set())
+    argv: list[str] = []
+    seen: dict[str, Any] = {}
+    for key, value in config.items():
+        dest = str(key).replace("-", "_")
+        where = f"{source}: line {lines[key]}" if key in lines else source
+        if dest in seen:
+            raise UserError(f"{where}: {key!r} is the option {seen[dest]!r} again; keep one of them")
+        seen[dest] = key
+        # null is "not set"; a run's saved config.yaml has such entries.
+        if value is None or dest in skipped:
+            continue
+        action = actions.get(dest)
+        if action is None or dest == "config":
+            valid = sorted(d for d in actions if d != "config")
+            hint = did_you_mean(dest, valid)
+            raise UserError(f"{where}: unknown option {key!r}{hint}; valid options are: {', '.join(valid)}")
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif isinstance(value, (int, float)) and written.get(key) is not None:
+            argv += [flag, str(written[key])]
+        elif isinstance(value, list) and all(isinstance(item, (str, int)) for item in value):
+            argv += [flag, ",".join(map(str, value))]  # logger: [tensorboard, csv], devices: [0, 1]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+# The shipped recipes (configs/*.yaml): beside the code in a checkout or an editable install, or
+# where a wheel installs them (pyproject.toml's data-files).
+SHIPPED_CONFIG_DIRS = (
+    Path(__file__).resolve().parents[1] / "configs",
+    Path(sys.prefix) / "share" / "cifar10-lightning" / "configs",
+)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The shipped recipes by name (``resnet50_fast``: its ``.yaml`` file), the first folder's first."""
+    found: dict[str, Path] = {}
+    for folder in SHIPPED_CONFIG_DIRS:
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+            found.setdefault(path.stem, path)
+    return found
+
+
+def find_config(given: str | Path) -> Path:
+    """The file ``--config given`` means: the file itself, else the shipped recipe it names, from any folder.
+
+    A shipped recipe is named by its name (``resnet50_fast``), its file name (``resnet50_fast.yaml``)
+    or its path in the project (``configs/resnet50_fast.yaml``, typed in another folder): a file of
+    that path in the current folder always wins, and the recipe used is said on stderr when the
+    path typed was not the file read. A UserError names the recipes when there is neither.
+    """
+    path = Path(given)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    parts = path.parts
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if name in shipped and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs")):
+        if len(parts) == 2:
+            print(f"--config {given}: not in {Path.cwd()}; using the shipped recipe {shipped[name]}", file=sys.stderr)
+        return shipped[name]
+    if len(parts) == 1 and not path.suffix:
+        hint = did_you_mean(name, shipped)
+        raise UserError(
+            f"--config {given}: no such file, nor a shipped recipe{hint}; the recipes are {', '.join(shipped) or 'none'}, "
+            "or give a YAML file's path"
+        )
+    if (len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs")) and path.suffix == ".yaml":
+        # A mistyped recipe file (configs/vgg16-fast.yaml): the recipe it is closest to, typed the same way.
+        near = closest(name, shipped)
+        if near:
+            meant = str(path.with_name(f"{near}.yaml"))
+            raise UserError(f"--config {given}: no such file (did you mean {meant}?); the recipes are {', '.join(shipped)}")
+    return path  # not found: read_config refuses it with the message every config reader gives
+
+
+def parse_config_file(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
+    """The options of the YAML file ``path``, type-checked as flags; a bad value names the file."""
+    if not Path(path).is_file():
+        read_config(path)  # refuses it with the message every config reader gives
+    entries = read_mapping(path)
+    config, lines = flatten_sections({entry.key: entry.value for entry in entries},
+                                      {entry.key: entry.line for entry in entries}, str(path))
+    written = {entry.key: entry.written for entry in entries}
+    argv = config_to_argv(config, parser, str(path), written, lines)
+    actions = _actions_by_dest(parser)
+    parser.error_source = str(path)  # type: ignore[attr-defined]
+    # A value the flag refuses is reported at its line of the file (a sectioned key at its section's).
+    parser.error_lines = {  # type: ignore[attr-defined]
+        actions[dest].option_strings[0]: line
+        for key, line in lines.items()
+        if (dest := str(key).replace("-", "_")) in actions
+    }
+    try:
+        return vars(parser.parse_args(argv))
+    finally:
+        parser.error_source = None  # type: ignore[attr-defined]
+        parser.error_lines = {}  # type: ignore[attr-defined]
+
+
+# --- one-line errors and exit codes: each command's main runs its body in one_line_errors ---------
+
+# What a shell reports for a process ended by SIGTERM (128 + 15); batch schedulers read it as
+# "terminated, may be requeued". Also used for --requeue-signal, so wrappers test one code.
+PREEMPTED_EXIT_CODE = 143
+# What a shell reports for a process ended by SIGPIPE (128 + 13): its reader went away
+# (``predict.py --json | head -n 1``), as ``cat`` and ``grep`` end there.
+BROKEN_PIPE_EXIT_CODE = 141
+
+
+@contextlib.contextmanager
+def one_line_errors(argv: Sequence[str] | None) -> Iterator[None]:
+    """Run a command's body; a UserError becomes one line on stderr and exit code 2.
+
+    ``argv``: the arguments the command's ``main`` was given. None (the command line) starts each
+    message with the name the command was started as (``train.py``, ``cifar10-train``); a list
+    (a test or a benchmark calling ``main``) with ``cli``.
 
     Lightning turns SIGTERM into ``SIGTERMException``, a SystemExit with code 0; it is mapped to
     :data:`PREEMPTED_EXIT_CODE` instead, so that a scheduler never takes a stopped run for a
-    finished one.
+    finished one. Ctrl-C (and a stop that ``base.errors.Interrupted`` describes) exits 130, a closed
+    output pipe :data:`BROKEN_PIPE_EXIT_CODE`. While the body runs, this generator is suspended: it
+    is not on the call stack of a training step.
     """
     prog = Path(sys.argv[0]).name if argv is None else "cli"
     try:
-        code = main(argv)
+        yield
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -235,7 +389,6 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         # error. Output still buffered goes nowhere, so that the flush at exit cannot raise again.
         _silence_stdout()
         sys.exit(BROKEN_PIPE_EXIT_CODE)
-    sys.exit(code)
 
 
 def _say_once(line: str) -> None:

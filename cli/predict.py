@@ -22,9 +22,8 @@ from rich.table import Table
 
 from base.errors import UserError
 from base.files import printable
-from base.options import IMAGE_SUFFIXES
-from base.values import positive_int
-from cli.flags import Parser, add_options, closest, program, wide_console
+from base.schema import IMAGE_SUFFIXES, positive_int
+from cli.flags import Parser, add_options, closest, one_line_errors, program, wide_console
 from models.catalog import entry
 from run.paths import left_out_files
 from run.preflight import check_predict
@@ -97,91 +96,92 @@ def print_table(records: list[dict[str, Any]], title: str, top_k: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    paths = check_predict(args)
-    left_out = left_out_files(args.inputs)
-    if left_out:
-        # Every file of a folder is classified or named: a photo.heic is not silently passed over.
-        shown = ", ".join(printable(path) for path in left_out[:_SHOWN]) + (", ..." if len(left_out) > _SHOWN else "")
-        print(f"{PROG}: warning: left out {len(left_out)} file(s) of the folders not named like images "
-              f"({', '.join(IMAGE_SUFFIXES)}): {shown}; name a file on the command line to classify it anyway",
-              file=sys.stderr)
-    # torch loads only now: --help and a mistaken flag answer at once.
-    from models.explain import cam_layer
-    from run.checkpoints import build_backbone, checkpoint_dataset
-    from run.checkpoints import load_any_checkpoint
-    from run.inference import (
-        checkpoint_tta,
-        explain_images,
-        inference_device,
-        load_images,
-        predict_probabilities,
-        with_tta,
-    )
-
-    device = inference_device(args.accelerator)
-    contents = load_any_checkpoint(args.ckpt)
-    cam_path = entry(contents.model_name).cam_layer
-    if args.explain and cam_path is None:
-        raise UserError(
-            f"--explain: {contents.model_name} has no Grad-CAM layer (its models/catalog.py entry names no "
-            "cam_layer); run without --explain"
+    with one_line_errors(argv):
+        args = build_parser().parse_args(argv)
+        paths = check_predict(args)
+        left_out = left_out_files(args.inputs)
+        if left_out:
+            # Every file of a folder is classified or named: a photo.heic is not silently passed over.
+            shown = ", ".join(printable(path) for path in left_out[:_SHOWN]) + (", ..." if len(left_out) > _SHOWN else "")
+            print(f"{PROG}: warning: left out {len(left_out)} file(s) of the folders not named like images "
+                  f"({', '.join(IMAGE_SUFFIXES)}): {shown}; name a file on the command line to classify it anyway",
+                  file=sys.stderr)
+        # torch loads only now: --help and a mistaken flag answer at once.
+        from models.explain import cam_layer
+        from run.checkpoints import build_backbone, checkpoint_dataset
+        from run.checkpoints import load_any_checkpoint
+        from run.inference import (
+            checkpoint_tta,
+            explain_images,
+            inference_device,
+            load_images,
+            predict_probabilities,
+            with_tta,
         )
-    if args.top_k is None:
-        args.top_k = min(DEFAULT_TOP_K, contents.num_classes)
-    elif args.top_k > contents.num_classes:
-        raise UserError(
-            f"--top-k {args.top_k}: {args.ckpt} has {contents.num_classes} classes; choose 1 to {contents.num_classes}"
-        )
-    # The classes and the normalisation of the data set the checkpoint was trained on.
-    dataset = checkpoint_dataset(contents)
-    names = list(dataset.classes)
-    if args.explain_class is not None and args.explain_class not in names:
-        hint = closest(args.explain_class, names, dashes=False)
-        raise UserError(
-            f"--explain-class {args.explain_class!r}: not a class of {printable(args.ckpt)}"
-            + (f" (did you mean {hint}?)" if hint else "") + f"; choose one of {', '.join(names)}"
-        )
-    model = build_backbone(contents).to(device)
-    # Scored as the run validated and tested it: a --tta flip checkpoint averages each image's
-    # logits with its mirror's, unless --tta says otherwise. Grad-CAM explains the plain image.
-    tta = args.tta or checkpoint_tta(contents)
-    scorer = with_tta(model, tta)
-    explained_layer = cam_layer(model, contents.model_name) if args.explain else None
 
-    skipped: list[Exception] = []
+        device = inference_device(args.accelerator)
+        contents = load_any_checkpoint(args.ckpt)
+        cam_path = entry(contents.model_name).cam_layer
+        if args.explain and cam_path is None:
+            raise UserError(
+                f"--explain: {contents.model_name} has no Grad-CAM layer (its models/catalog.py entry names no "
+                "cam_layer); run without --explain"
+            )
+        if args.top_k is None:
+            args.top_k = min(DEFAULT_TOP_K, contents.num_classes)
+        elif args.top_k > contents.num_classes:
+            raise UserError(
+                f"--top-k {args.top_k}: {args.ckpt} has {contents.num_classes} classes; choose 1 to {contents.num_classes}"
+            )
+        # The classes and the normalisation of the data set the checkpoint was trained on.
+        dataset = checkpoint_dataset(contents)
+        names = list(dataset.classes)
+        if args.explain_class is not None and args.explain_class not in names:
+            hint = closest(args.explain_class, names, dashes=False)
+            raise UserError(
+                f"--explain-class {args.explain_class!r}: not a class of {printable(args.ckpt)}"
+                + (f" (did you mean {hint}?)" if hint else "") + f"; choose one of {', '.join(names)}"
+            )
+        model = build_backbone(contents).to(device)
+        # Scored as the run validated and tested it: a --tta flip checkpoint averages each image's
+        # logits with its mirror's, unless --tta says otherwise. Grad-CAM explains the plain image.
+        tta = args.tta or checkpoint_tta(contents)
+        scorer = with_tta(model, tta)
+        explained_layer = cam_layer(model, contents.model_name) if args.explain else None
 
-    def skip(error: Exception) -> None:
-        print(f"{PROG}: warning: {error}; skipped", file=sys.stderr)
-        skipped.append(error)
+        skipped: list[Exception] = []
 
-    records: list[dict[str, Any]] = []
-    for start in range(0, len(paths), args.batch_size):
-        images, kept = load_images(paths[start : start + args.batch_size], on_unreadable=skip, dataset=dataset)
-        if not kept:
-            continue
-        top = predict_probabilities(scorer, images, args.batch_size).topk(args.top_k, dim=1)
-        explained = (
-            explain_images(model, explained_layer, images, top.indices[:, 0], kept, args.explain, args.explain_class,
-                           names)
-            if args.explain
-            else [None] * len(kept)
-        )
-        for path, probabilities, classes, picture in zip(kept, top.values.tolist(), top.indices.tolist(), explained):
-            record = prediction_record(path, probabilities, classes, names)
-            if picture is not None:
-                record["explanation"] = picture
-            records.append(record)
-            if args.json:
-                # One line per image as soon as its batch is done, so long runs can be piped and followed.
-                print(json.dumps(record), flush=True)
-    if not records:
-        raise UserError(f"none of the {len(paths)} image(s) could be read (see the warnings above)")
-    if not args.json:
-        title = f"{contents.model_name} ({contents.num_classes} classes) from {printable(args.ckpt)}, test-time augmentation: {tta}"
-        print_table(records, title, args.top_k)
-        if skipped:
-            print(f"{len(records)} image(s) classified, {len(skipped)} skipped (unreadable)")
-    if args.explain and not args.json:
-        print(f"Grad-CAM pictures (layer {cam_path}) written to {printable(args.explain)}")
-    return 1 if skipped else 0
+        def skip(error: Exception) -> None:
+            print(f"{PROG}: warning: {error}; skipped", file=sys.stderr)
+            skipped.append(error)
+
+        records: list[dict[str, Any]] = []
+        for start in range(0, len(paths), args.batch_size):
+            images, kept = load_images(paths[start : start + args.batch_size], on_unreadable=skip, dataset=dataset)
+            if not kept:
+                continue
+            top = predict_probabilities(scorer, images, args.batch_size).topk(args.top_k, dim=1)
+            explained = (
+                explain_images(model, explained_layer, images, top.indices[:, 0], kept, args.explain, args.explain_class,
+                               names)
+                if args.explain
+                else [None] * len(kept)
+            )
+            for path, probabilities, classes, picture in zip(kept, top.values.tolist(), top.indices.tolist(), explained):
+                record = prediction_record(path, probabilities, classes, names)
+                if picture is not None:
+                    record["explanation"] = picture
+                records.append(record)
+                if args.json:
+                    # One line per image as soon as its batch is done, so long runs can be piped and followed.
+                    print(json.dumps(record), flush=True)
+        if not records:
+            raise UserError(f"none of the {len(paths)} image(s) could be read (see the warnings above)")
+        if not args.json:
+            title = f"{contents.model_name} ({contents.num_classes} classes) from {printable(args.ckpt)}, test-time augmentation: {tta}"
+            print_table(records, title, args.top_k)
+            if skipped:
+                print(f"{len(records)} image(s) classified, {len(skipped)} skipped (unreadable)")
+        if args.explain and not args.json:
+            print(f"Grad-CAM pictures (layer {cam_path}) written to {printable(args.explain)}")
+        return 1 if skipped else 0

@@ -16,7 +16,7 @@ from typing import Any
 from rich.table import Table
 
 from base.files import atomic_write_text
-from cli.flags import EVAL_DATA, HARDWARE, Parser, add_options, program, wide_console
+from cli.flags import EVAL_DATA, HARDWARE, Parser, add_options, one_line_errors, program, wide_console
 from run.loggers import dashboards_hint
 from run.preflight import check_test
 
@@ -73,16 +73,17 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    values = check_test(args)
-    # torch and Lightning load only now: --help and a mistaken flag answer at once.
-    from run.evaluate import evaluate
+    with one_line_errors(argv):
+        args = vars(build_parser().parse_args(argv))
+        values = check_test(args)
+        # torch and Lightning load only now: --help and a mistaken flag answer at once.
+        from run.evaluate import evaluate
 
-    results = evaluate(args, values)
-    print_results(results)
-    if "json" in args:
-        atomic_write_text(Path(args["json"]), json.dumps(results, indent=2) + "\n")
-        print(f"results written to {args['json']}")
-    if results["logged_to_run"]:
-        print(f"added to the run's dashboards: {dashboards_hint(Path(results['logged_to_run']), results['run_loggers'])}")
-    return 0
+        results = evaluate(args, values)
+        print_results(results)
+        if "json" in args:
+            atomic_write_text(Path(args["json"]), json.dumps(results, indent=2) + "\n")
+            print(f"results written to {args['json']}")
+        if results["logged_to_run"]:
+            print(f"added to the run's dashboards: {dashboards_hint(Path(results['logged_to_run']), results['run_loggers'])}")
+        return 0

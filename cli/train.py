@@ -17,8 +17,7 @@ from pathlib import Path
 import yaml
 
 from base.schema import FIELDS, option_of
-from cli.config_file import find_config, parse_config_file
-from cli.flags import Parser, add_options
+from cli.flags import Parser, add_options, find_config, one_line_errors, parse_config_file
 from models.catalog import entry
 from run.config import NOT_RECIPE, RunConfig
 from run.history import RunFinished
@@ -75,24 +74,25 @@ def _network_recipe(parser: Parser, typed: dict[str, Any], config_file: dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config, start, print_config = _parse(argv)
-    except RunFinished as finished:
-        print(finished)
-        return 0
-    if print_config:
-        # The groups as sections, the way LightningCLI prints its config; --config reads it back.
-        print(yaml.safe_dump(config.to_sections(), sort_keys=False), end="")
-        return 0
-    from run.training import find_lr_only, summary_lines, train
+    with one_line_errors(argv):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        try:
+            config, start, print_config = _parse(argv)
+        except RunFinished as finished:
+            print(finished)
+            return 0
+        if print_config:
+            # The groups as sections, the way LightningCLI prints its config; --config reads it back.
+            print(yaml.safe_dump(config.to_sections(), sort_keys=False), end="")
+            return 0
+        from run.training import find_lr_only, summary_lines, train
 
-    if config.find_lr:
-        find_lr_only(config)
-        return 0
-    outcome = train(config, argv, start)
-    if outcome.is_global_zero:
-        lines = summary_lines(outcome)
-        width = max(len(label) for label, _ in lines)
-        print("\n".join(f"{label:<{width}}  {value}" for label, value in lines))
-    return 1 if outcome.test_error else 0
+        if config.find_lr:
+            find_lr_only(config)
+            return 0
+        outcome = train(config, argv, start)
+        if outcome.is_global_zero:
+            lines = summary_lines(outcome)
+            width = max(len(label) for label, _ in lines)
+            print("\n".join(f"{label:<{width}}  {value}" for label, value in lines))
+        return 1 if outcome.test_error else 0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from base.errors import UserError
-from base.options import DATA_PATHS, PADDING_MODES, TTA_MODES
+from base.schema import DATA_PATHS, PADDING_MODES, TTA_MODES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Literal
 from base.datasets import CIFAR10
 from base.errors import UserError
 from base.files import printable
-from base.options import IMAGE_SUFFIXES
+from base.schema import IMAGE_SUFFIXES
 from datamodules.datasets import CIFAR10_PYTHON, Dataset, PythonArchive, dataset_of, python_archives
 from datamodules.datasets import dataset as catalog_entry
 

@@ -33,7 +33,7 @@ from torchvision.datasets import utils as tv_utils
 
 from base.errors import UserError
 from base.files import atomic_write, printable
-from base.options import IMAGE_SUFFIXES
+from base.schema import IMAGE_SUFFIXES
 from datamodules.datasets import CIFAR10_PYTHON, PythonArchive, dataset_of, python_archives
 from datamodules.datasets import dataset as catalog_entry
 from datamodules.layout import (

@@ -14,8 +14,17 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from base.datasets import CIFAR10, DatasetInfo
-from base.options import OPTIMIZERS, SCHEDULERS, TTA_MODES
-from base.schema import NetworkOptions, OptimOptions, group_dict, group_names, group_values, hparams_of
+from base.schema import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    TTA_MODES,
+    NetworkOptions,
+    OptimOptions,
+    group_dict,
+    group_names,
+    group_values,
+    hparams_of,
+)
 from datamodules.augment import tta_logits
 from models import build_model
 from models.catalog import chosen_options

@@ -26,8 +26,18 @@ import yaml
 from base.errors import UserError
 from base.files import atomic_write_text
 from base.yamlfile import read_mapping
-from base.schema import DEFAULTS, FIELDS, GROUPS, flatten_sections, group_names, group_values, option_of, plain, shown
-from base.values import logger_list
+from base.schema import (
+    DEFAULTS,
+    FIELDS,
+    GROUPS,
+    flatten_sections,
+    group_names,
+    group_values,
+    logger_list,
+    option_of,
+    plain,
+    shown,
+)
 from datamodules.layout import check_data_dir
 from models.catalog import check_options, describe_options, entry, option_defaults
 from run.loggers import check_loggers

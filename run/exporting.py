@@ -18,7 +18,7 @@ from torch import nn
 from datamodules.augment import TTA_MEANING
 from run.checkpoints import CheckpointContents, checkpoint_dataset
 from base.errors import UserError
-from base.options import EXPORT_FORMATS
+from base.schema import EXPORT_FORMATS
 from run.inference import IMAGE_SIZE, with_tta
 
 FORMATS = EXPORT_FORMATS

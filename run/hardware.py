@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from base.errors import UserError
-from base.options import ACCELERATORS, DEVICES_HELP, PRECISIONS
+from base.schema import ACCELERATORS, DEVICES_HELP, PRECISIONS
 
 # Device nodes without which no GPU backend of PyTorch can run on Linux: NVIDIA's driver
 # (/dev/nvidiactl), WSL2's GPU paravirtualisation (/dev/dxg), AMD ROCm (/dev/kfd), Jetson (nvhost).

@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import functional as F
 from base.datasets import CIFAR10, DatasetInfo
 from base.errors import UserError
 from base.files import atomic_write, printable
-from base.options import TTA_MODES
+from base.schema import TTA_MODES
 from datamodules.augment import TestTimeAugmentation
 from datamodules.cifar10 import eval_transform
 from datamodules.sources import to_rgb

@@ -37,7 +37,7 @@ from base.files import atomic_write_text
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
 
-# Names of RunConfig.logger (base.options.LOGGERS) -> the module each needs beyond the project's dependencies.
+# Names of RunConfig.logger (base.schema.LOGGERS) -> the module each needs beyond the project's dependencies.
 OPTIONAL_MODULES = {"mlflow": "mlflow"}
 DEFAULT_LOGGERS = ("tensorboard",)  # what a run whose config.yaml has no logger: key (older runs) logged to
 CSV_NAME = "csv"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from base.errors import UserError
 from base.files import TEMP_SUFFIX, temp_prefix
-from base.options import IMAGE_SUFFIXES
+from base.schema import IMAGE_SUFFIXES
 from datamodules.layout import detect, list_files
 
 

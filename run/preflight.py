@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from base.errors import UserError
-from base.options import EXPORT_FORMATS
+from base.schema import EXPORT_FORMATS
 from run.config import absolute_path, merge, read_config, settle
 from run.folder import CONFIG_NAME, require_run_dir, run_dir_of
 from run.hardware import check_hardware_request

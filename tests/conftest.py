@@ -189,12 +189,10 @@ class CliResult:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
     """Run ``train`` or ``test`` in-process exactly as its ``__main__`` does; return code and output."""
-    from cli.flags import run_main
-
     def run(script: str, *args: str) -> CliResult:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            run_main(load_script(script).main, list(args))
+            sys.exit(load_script(script).main(list(args)))
         captured = capsys.readouterr()
         sys.stdout.flush()
         return CliResult(int(exit_info.value.code or 0), captured.out, captured.err, script, args)

@@ -139,7 +139,6 @@ def _install() -> None:
 
 if __name__ == "__main__":
     _install()
-    from cli.flags import run_main
     from cli.train import main
 
-    run_main(main)
+    sys.exit(main())

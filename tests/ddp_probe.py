@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.flags import run_main  # noqa: E402
 from datamodules import MEAN, STD  # noqa: E402
 
 PROBE_DIR_ENV = "DDP_PROBE_DIR"
@@ -70,4 +69,4 @@ if __name__ == "__main__":
     L.Trainer = ProbedTrainer  # train.py looks up L.Trainer when it builds its trainer
     import train
 
-    run_main(train.main)
+    sys.exit(train.main())

@@ -23,8 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.flags import run_main  # noqa: E402
-
 PROBE_DIR_ENV, PAUSE_ENV = "SLURM_PROBE_DIR", "SLURM_PROBE_PAUSE_AT"
 
 
@@ -62,4 +60,4 @@ if __name__ == "__main__":
     L.Trainer = ProbedTrainer  # train.py looks up L.Trainer when it builds its trainer
     import train
 
-    run_main(train.main)
+    sys.exit(train.main())

@@ -13,7 +13,8 @@ def test_each_installed_command_runs_its_entry_point_with_one_line_errors():
     assert set(scripts) == {"cifar10-train", "cifar10-test", "cifar10-predict", "cifar10-export"}
     for name, target in scripts.items():
         module, function = target.split(":")
-        code = f"import sys; sys.argv = [{name!r}, '--no-such-flag']; from {module} import {function}; {function}()"
+        # What the console script pip writes does: sys.exit of the function's exit code.
+        code = f"import sys; sys.argv = [{name!r}, '--no-such-flag']; from {module} import {function}; sys.exit({function}())"
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"{name}: error: unrecognized arguments: --no-such-flag"), result.stderr

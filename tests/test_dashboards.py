@@ -9,6 +9,7 @@ import contextlib
 import io
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -54,13 +55,11 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[Path
     """One vgg16 run of 2 epochs on the tiny data: (its run folder, what it printed)."""
     from conftest import load_script
 
-    from cli.flags import run_main
-
     output = tmp_path_factory.mktemp("runs")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_info:
-        run_main(load_script("train").main, ["--model", "vgg16", "--data-dir", str(tiny_data), "--epochs", str(EPOCHS),
-                                             *QUICK, "--output-dir", str(output)])
+        sys.exit(load_script("train").main(["--model", "vgg16", "--data-dir", str(tiny_data), "--epochs", str(EPOCHS),
+                                            *QUICK, "--output-dir", str(output)]))
     assert exit_info.value.code == 0
     yield output / "vgg16" / "version_0", printed.getvalue()
     shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them

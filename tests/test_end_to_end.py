@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,7 @@ def trained(tmp_path_factory, tiny_data) -> Path:
     output = tmp_path_factory.mktemp("runs")
     args = ["--model", "vgg16", "--data-dir", str(tiny_data), "--epochs", "2", "--checkpoint-every", "1"]
     with pytest.raises(SystemExit) as exit_info:
-        from cli.flags import run_main
-
-        run_main(load_script("train").main, [*args, *QUICK, "--output-dir", str(output)])
+        sys.exit(load_script("train").main([*args, *QUICK, "--output-dir", str(output)]))
     assert exit_info.value.code == 0
     yield output / "vgg16" / "version_0"
     shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -123,7 +124,6 @@ def test_fast_recipe_training_steps_never_sync_with_the_host(cli, gpu_data, tmp_
 def gpu_run(request, tmp_path_factory, tiny_data):
     """A 2-epoch run on the device (``gpu_run.device``) with auto precision, trained 1 epoch then
     resumed; its run folder."""
-    from cli.flags import run_main
     from conftest import load_script
 
     device = request.param
@@ -131,8 +131,8 @@ def gpu_run(request, tmp_path_factory, tiny_data):
     codes = []
     for epochs, resume in (("1", []), ("2", ["--resume", "last"])):
         with pytest.raises(SystemExit) as exit_info:
-            run_main(load_script("train").main, [*QUICK_VGG, *on(device), "--data-dir", str(tiny_data), "--epochs", epochs,
-                                                  "--output-dir", str(output), *resume])
+            sys.exit(load_script("train").main([*QUICK_VGG, *on(device), "--data-dir", str(tiny_data), "--epochs", epochs,
+                                                 "--output-dir", str(output), *resume]))
         codes.append(exit_info.value.code)
     assert codes == [0, 0]
     yield SimpleNamespace(folder=output / "vgg16" / "version_0", device=device)

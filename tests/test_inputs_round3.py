@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tomllib
 from pathlib import Path
@@ -21,7 +22,6 @@ from PIL import Image
 from robustness import assert_one_line_error, record_files
 
 from base.errors import UserError
-from cli.flags import run_main
 from datamodules import CLASSES, load_split
 from models import build_model
 from run.checkpoints import build_backbone, load_any_checkpoint, load_checkpoint, read_safetensors
@@ -258,9 +258,8 @@ def flip_checkpoint(request, tmp_path_factory, tiny_data) -> Path:
     output = tmp_path_factory.mktemp("flip-runs")
     augment = ["--cutout", "8", "--translate-padding", "reflect", "--translate", "2"] if tta == "flip-translate" else []
     with pytest.raises(SystemExit) as exit_info:
-        run_main(load_script("train").main,
-                 ["--model", "vgg16", "--tta", tta, *augment, "--data-dir", str(tiny_data), "--output-dir", str(output),
-                  *TINY_RUN])
+        sys.exit(load_script("train").main(["--model", "vgg16", "--tta", tta, *augment, "--data-dir", str(tiny_data),
+                                            "--output-dir", str(output), *TINY_RUN]))
     assert exit_info.value.code == 0
     run = output / "vgg16" / "version_0"
     best = run / "checkpoints" / "best.ckpt"

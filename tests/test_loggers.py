@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,12 +74,10 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path):
     pytest.importorskip("mlflow")
     from conftest import load_script
 
-    from cli.flags import run_main
-
     output = tmp_path_factory.mktemp("runs")
     with pytest.raises(SystemExit) as exit_info:
-        run_main(load_script("train").main, [*QUICK_VGG, "--data-dir", str(tiny_data), "--epochs", str(EPOCHS),
-                                             "--logger", "tensorboard,csv,mlflow", "--output-dir", str(output)])
+        sys.exit(load_script("train").main([*QUICK_VGG, "--data-dir", str(tiny_data), "--epochs", str(EPOCHS),
+                                            "--logger", "tensorboard,csv,mlflow", "--output-dir", str(output)]))
     assert exit_info.value.code == 0
     yield output / "vgg16" / "version_0"
     shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them

@@ -90,8 +90,8 @@ TINY_MLP = ModelEntry(
 def registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Both tiny networks in the catalog for one test.
 
-    Modules that still hold their own copy of the names or run lengths (``from base.options import
-    MODEL_NAMES``, before they read the catalog) are pointed at the catalog's live views.
+    Modules that still hold their own copy of the names or run lengths (a ``MODEL_NAMES`` of
+    their own, before they read the catalog) are pointed at the catalog's live views.
     """
     catalog.register(TINY_CNN)
     catalog.register(TINY_MLP)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +36,12 @@ def checkpoints(tmp_path_factory, tiny_data) -> dict[str, Path]:
     """best.ckpt of a tiny vgg16 run and of a tiny resnet50 run, written by train.py."""
     from conftest import load_script
 
-    from cli.flags import run_main
-
     output = tmp_path_factory.mktemp("runs")
     found = {}
     for model in ("vgg16", "resnet50"):
         with pytest.raises(SystemExit) as exit_info:
-            run_main(load_script("train").main,
-                     ["--model", model, "--data-dir", str(tiny_data), "--output-dir", str(output), *TINY_RUN])
+            sys.exit(load_script("train").main(["--model", model, "--data-dir", str(tiny_data), "--output-dir", str(output),
+                                                *TINY_RUN]))
         assert exit_info.value.code == 0
         found[model] = output / model / "version_0" / "checkpoints" / "best.ckpt"
     yield found

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -86,14 +87,12 @@ def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics(tmp_path)
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory, tiny_data) -> dict:
     """train.py with EMA, flip TTA and time-to-accuracy: its run folder and results JSON."""
-    from cli.flags import run_main
-
     output = tmp_path_factory.mktemp("ema")
     results = output / "results.json"
     with pytest.raises(SystemExit) as exit_info:
-        run_main(load_script("train").main, [*QUICK, "--data-dir", str(tiny_data), "--epochs", "2", "--output-dir",
-                                             str(output), "--ema-decay", "0.5", "--tta", "flip",
-                                             "--time-to-accuracy", "0.05", "--results-json", str(results)])
+        sys.exit(load_script("train").main([*QUICK, "--data-dir", str(tiny_data), "--epochs", "2", "--output-dir",
+                                            str(output), "--ema-decay", "0.5", "--tta", "flip",
+                                            "--time-to-accuracy", "0.05", "--results-json", str(results)]))
     assert exit_info.value.code == 0
     yield {"run": output / "vgg16" / "version_0", "results": json.loads(results.read_text())}
     shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them
@@ -241,8 +240,6 @@ def test_accuracy_runner_writes_runs_summary_and_table(tiny_data, tmp_path, caps
     mean/std/min/max, the Markdown table; a rerun skips."""
     import importlib.util
 
-    from cli.flags import run_main
-
     spec = importlib.util.spec_from_file_location("accuracy_runner", ROOT / "benchmarks" / "accuracy.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
@@ -251,7 +248,7 @@ def test_accuracy_runner_writes_runs_summary_and_table(tiny_data, tmp_path, caps
                "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--parallel", str(parallel), "--",
                *QUICK[2:], "--epochs", "1", "--time-to-accuracy", "0.05"]
     with pytest.raises(SystemExit) as exit_info:
-        run_main(runner.main, command)
+        sys.exit(runner.main(command))
     assert exit_info.value.code == 0, capsys.readouterr()
 
     runs = [json.loads((out / f"vgg16_fast-seed{seed}.json").read_text()) for seed in (0, 1)]
@@ -273,6 +270,6 @@ def test_accuracy_runner_writes_runs_summary_and_table(tiny_data, tmp_path, caps
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run_main(runner.main, command)
+        sys.exit(runner.main(command))
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.count("skipped") == 2

@@ -45,13 +45,12 @@ def temp_files(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory, tiny_data) -> Path:
     """A finished one-epoch run; returns its run folder. Tests must leave its checkpoints as they are."""
-    from cli.flags import run_main
     from conftest import load_script
 
     output = tmp_path_factory.mktemp("runs")
     with pytest.raises(SystemExit) as exit_info:
-        run_main(load_script("train").main, [*QUICK, "--data-dir", str(tiny_data), "--epochs", "1",
-                                             "--output-dir", str(output)])
+        sys.exit(load_script("train").main([*QUICK, "--data-dir", str(tiny_data), "--epochs", "1",
+                                            "--output-dir", str(output)]))
     assert exit_info.value.code == 0
     yield output / "vgg16" / "version_0"
     shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them

@@ -300,15 +300,16 @@ def test_stop_messages_come_from_the_first_process_only(capsys, monkeypatch):
 
     from base.errors import Interrupted
     from base.slurm import process_rank
-    from cli.flags import run_main
+    from cli.flags import one_line_errors
 
     def stopped(argv):
-        raise Interrupted("stopped by Ctrl-C (exit code 130)")
+        with one_line_errors(argv):
+            raise Interrupted("stopped by Ctrl-C (exit code 130)")
 
     for rank in (0, 1):
         monkeypatch.setattr(rank_zero_only, "rank", rank)
         with pytest.raises(SystemExit) as exit_info:
-            run_main(stopped, [])
+            stopped([])
         assert exit_info.value.code == 130
         assert capsys.readouterr().err.count("stopped by Ctrl-C") == (1 if rank == 0 else 0)
     monkeypatch.delattr(rank_zero_only, "rank")

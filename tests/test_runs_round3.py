@@ -54,12 +54,11 @@ def outcome(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_data) -> dict:
     """The outcome of RECIPE run without a stop."""
-    from cli.flags import run_main
     from conftest import load_script
 
     output = tmp_path_factory.mktemp("straight")
     with pytest.raises(SystemExit) as exit_info:
-        run_main(load_script("train").main, [*RECIPE, "--data-dir", str(tiny_data), "--output-dir", str(output)])
+        sys.exit(load_script("train").main([*RECIPE, "--data-dir", str(tiny_data), "--output-dir", str(output)]))
     assert exit_info.value.code == 0
     result = outcome(output / "vgg16" / "version_0")
     shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them
@@ -349,13 +348,12 @@ def test_names_too_long_for_the_file_system_are_refused_with_the_flags(tmp_path,
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory, tiny_data) -> Path:
     """A finished one-epoch run on the tiny data; returns its folder. Tests copy it to change it."""
-    from cli.flags import run_main
     from conftest import load_script
 
     output = tmp_path_factory.mktemp("runs")
     with pytest.raises(SystemExit) as exit_info:
-        run_main(load_script("train").main, [*QUICK_VGG, "--epochs", "1", "--data-dir", str(tiny_data),
-                                             "--output-dir", str(output)])
+        sys.exit(load_script("train").main([*QUICK_VGG, "--epochs", "1", "--data-dir", str(tiny_data),
+                                            "--output-dir", str(output)]))
     assert exit_info.value.code == 0
     yield output / "vgg16" / "version_0"
     shutil.rmtree(output, ignore_errors=True)  # checkpoints are large; pytest would keep them

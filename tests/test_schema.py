@@ -97,7 +97,7 @@ def test_an_option_is_one_field_in_the_schema(tmp_path):
     anchor = '    step_size: int = option(20, '
     assert anchor in text
     schema.write_text(text.replace(anchor, '    warmup_epochs: int = option(0, "epochs of linear warm-up", '
-                                           'parse=values.non_negative_int, fixed=SCHEDULE)\n' + anchor, 1))
+                                           'parse=non_negative_int, fixed=SCHEDULE)\n' + anchor, 1))
     env = {**os.environ, "PYTHONPATH": str(checkout)}
 
     def train(*args: str) -> subprocess.CompletedProcess:
