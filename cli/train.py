@@ -20,10 +20,10 @@ from base.schema import FIELDS, option_of
 from cli.flags import Parser, add_options, find_config, one_line_errors, parse_config_file
 from models.catalog import entry
 from run.config import NOT_RECIPE, RunConfig
-from run.history import RunFinished
+from run.runs.history import RunFinished
 from run.paths import check_input_name
-from run.resolve import resolve_run
-from run.start import Start
+from run.runs.resolve import resolve_run
+from run.runs.start import Start
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
@@ -49,7 +49,7 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
 
 
 def _parse(argv: Sequence[str], prog: str | None = None, description: str | None = None) -> tuple[RunConfig, Start, bool]:
-    """The resolved options, the start plan (``run.start``) and whether only --print-config was asked."""
+    """The resolved options, the start plan (``run.runs.start``) and whether only --print-config was asked."""
     parser = build_train_parser(prog, description)
     typed = vars(parser.parse_args(list(argv)))
     print_config = typed.pop("print_config", False)

@@ -43,8 +43,8 @@ from models import prepare_backbone
 from run.checkpoints import build_backbone
 from run.config import RunConfig
 from run.hardware import check_shared_memory
-from run.folder import CONSOLE_ENV
-from run.start import FromWeights, Resume, Start
+from run.runs.folder import CONSOLE_ENV
+from run.runs.start import FromWeights, Resume, Start
 from run.loggers import build_loggers
 
 
@@ -147,7 +147,7 @@ def least_fraction(batches: int) -> str:
 
 def build_module(config: RunConfig, dataset: DatasetInfo, start: Start | None = None) -> ImageClassifier:
     """The LightningModule of ``config`` for ``dataset``'s classes; started from weights (``start``,
-    ``run.start.FromWeights``), its network has them."""
+    ``run.runs.start.FromWeights``), its network has them."""
     backbone = build_backbone(start.weights, dataset.num_classes) if isinstance(start, FromWeights) else None
     module = ImageClassifier(config.group(NetworkOptions), config.group(OptimOptions), dataset, backbone=backbone)
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
@@ -177,7 +177,7 @@ def console_kind() -> str:
 
     The two run different collectives at an epoch's end (the lines read the synced epoch metrics on
     every rank), so the ranks must not choose by their own terminals: DDP workers started by
-    Lightning's launcher take rank 0's choice (``run.folder.CONSOLE_ENV``, set by ``run.training``).
+    Lightning's launcher take rank 0's choice (``run.runs.folder.CONSOLE_ENV``, set by ``run.training``).
     Tasks that SLURM starts (several per job) cannot be told, and under ``srun --pty`` only task 0
     has a terminal: they all print lines. Otherwise a bar where standard output is a terminal.
     """
@@ -257,7 +257,7 @@ def build_trainer(
 ) -> L.Trainer:
     """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
     add its progress bar as the caller needs them. ``resume``: the checkpoint a resumed run continues,
-    as ``run.start`` read it; Lightning is handed that read instead of reading the file again.
+    as ``run.runs.start`` read it; Lightning is handed that read instead of reading the file again.
     ``background_saves``: checkpoints written by a thread while training goes on (a run's), or
     whole when ``save_checkpoint`` returns (a Trainer that reads back what it saved on every rank).
 

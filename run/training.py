@@ -28,8 +28,8 @@ from datamodules import describe_source
 from run.build import Assembly, build, build_data_and_module, console_kind
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig, write_config
-from run.start import Resume, Start, plan_start
-from run.folder import (
+from run.runs.start import Resume, Start, plan_start
+from run.runs.folder import (
     CONFIG_NAME,
     CONSOLE_ENV,
     RESUME_ENV,
@@ -45,7 +45,7 @@ from run.folder import (
     withdraw_announcement,
 )
 from run.hardware import worker_failures_explained
-from run.history import check_resumed_data, record_final_test, rewind
+from run.runs.history import check_resumed_data, record_final_test, rewind
 from run.lr_find import MAX_LR, MIN_LR, STEPS, find_lr
 from run.paths import existing_ancestor
 from run.report import run_results, write_results_json
@@ -79,7 +79,7 @@ def check_outputs(config: RunConfig, module: LightningModule) -> None:
 
     Those are best, last and one every ``--checkpoint-every`` epochs, each with the optimiser's
     state, plus one temporary file while saving. (Whether the paths can be written at all was
-    checked with the flags, by ``run.resolve``.)
+    checked with the flags, by ``run.runs.resolve``.)
     """
     if config.fast_dev_run:
         return
@@ -105,7 +105,7 @@ def open_run_dir(config: RunConfig) -> tuple[Path, bool]:
     """(the run's folder, whether this process created it): a resumed run's own, else a new one.
 
     A DDP worker started by Lightning inherits the folder from rank 0; a SLURM task other than 0
-    waits for the one its job's task 0 announces (``run.folder.join_run_dir``).
+    waits for the one its job's task 0 announces (``run.runs.folder.join_run_dir``).
     """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
@@ -189,7 +189,7 @@ def find_lr_only(config: RunConfig) -> Path:
 def train(config: RunConfig, argv: list[str] | None = None, start: Start | None = None) -> RunOutcome:
     """Fit ``config``'s run, test its best checkpoint, record everything; returns the outcome.
 
-    ``start``: how the run starts, as ``run.resolve.resolve_run`` planned it (read here from
+    ``start``: how the run starts, as ``run.runs.resolve.resolve_run`` planned it (read here from
     ``config.resume`` or ``config.weights`` when not given).
 
     Raises ``UserError`` for problems found on the way (before any heavy work where they can be
@@ -198,7 +198,7 @@ def train(config: RunConfig, argv: list[str] | None = None, start: Start | None 
     """
     check_layout(config.hardware.device_count, config.num_nodes)
     # A logger whose library is missing (--logger mlflow without MLflow): refused before the data
-    # is read. (run.resolve may refuse it earlier still, with the flags.)
+    # is read. (run.runs.resolve may refuse it earlier still, with the flags.)
     check_loggers(config.logger)
     if config.requeue_signal is None and slurm_task() is not None:
         # Under SLURM the requeue signal defaults to Lightning's (SIGUSR1); the run's config records it.
@@ -364,7 +364,7 @@ def _test_and_record(
         write_results_json(config.results_json, report)
     if outcome.best and outcome.test_metrics and not config.fast_dev_run:
         # Last, once the dashboards and the results hold the test: a resume of this run, finished,
-        # says so instead of testing it again (run.history).
+        # says so instead of testing it again (run.runs.history).
         record_final_test(run_dir, last_step, epochs_trained, outcome.best, outcome.best_epoch, outcome.test_metrics)
     return outcome
 

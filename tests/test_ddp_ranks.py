@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT
 
 from run import build
-from run.folder import CONSOLE_ENV, RESUME_ENV, handed_down, inherited_resume
+from run.runs.folder import CONSOLE_ENV, RESUME_ENV, handed_down, inherited_resume
 
 DDP = ["--model", "vgg16", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--workers", "0",
        "--batch-size", "10", "--val-size", "20", "--eval-batch-size", "50", "--log-every-n-steps", "1"]

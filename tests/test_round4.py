@@ -380,7 +380,7 @@ def two_networks_runs(tmp_path) -> Path:
 
 def test_resume_last_with_a_model_means_that_networks_newest_run(two_networks_runs, tmp_path):
     """--model resnet50 (or a config naming it) with --resume last: the ResNet50 run, not the newer VGG16 one."""
-    from run.folder import find_resume
+    from run.runs.folder import find_resume
 
     assert find_resume("last", two_networks_runs, "resnet50", None) == two_networks_runs / "resnet50/version_0/checkpoints/last.ckpt"
     config = tmp_path / "mine.yaml"

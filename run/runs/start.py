@@ -8,7 +8,7 @@
   once, here, checked, and handed to Lightning as read (:class:`callbacks.checkpoints.AtomicCheckpointIO`
   ``preloaded``), so that its counters, its data fingerprint and its weights are those of one read.
 
-``run.resolve`` makes the plan while resolving the options (it needs the network and the epochs
+``run.runs.resolve`` makes the plan while resolving the options (it needs the network and the epochs
 trained); ``run.training.train`` carries it out.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from base.errors import UserError
-from run.history import Point, progress_of
+from run.runs.history import Point, progress_of
 
 if TYPE_CHECKING:  # importing run.checkpoints loads torch; the flags are checked before that
     from run.checkpoints import CheckpointContents

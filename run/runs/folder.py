@@ -224,7 +224,7 @@ def check_not_in_use(run_dir: Path) -> None:
 def check_resumable(checkpoint: Path) -> Path:
     """``checkpoint``, resolved, if it is a checkpoint file inside a run folder; a one-line UserError otherwise.
 
-    Only the file's first bytes are read: ``run.start.read_resume`` checks
+    Only the file's first bytes are read: ``run.runs.start.read_resume`` checks
     that it holds a training state.
     """
     check_checkpoint_file(checkpoint)
