@@ -110,7 +110,7 @@ def one_run(argv: Sequence[str], output: Path) -> dict[str, Any]:
     run_build.build_callbacks, run_build.build_trainer = build_callbacks, build_trainer
     try:
         config = parse_run_config([*argv, "--output-dir", str(output)])
-        train(config, list(argv))
+        train(config, argv=list(argv))
     finally:
         run_build.build_callbacks, run_build.build_trainer = real_build, real_trainer
     hooks = _hook_seconds(profiler)

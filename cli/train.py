@@ -20,10 +20,8 @@ from base.schema import FIELDS, option_of
 from cli.flags import Parser, add_options, find_config, one_line_errors, parse_config_file
 from models.catalog import entry
 from run.config import NOT_RECIPE, RunConfig
-from run.runs.history import RunFinished
 from run.paths import check_input_name
-from run.runs.resolve import resolve_run
-from run.runs.start import Start
+from run.runs import RunFinished, Start, resolve_run
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
@@ -49,7 +47,7 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
 
 
 def _parse(argv: Sequence[str], prog: str | None = None, description: str | None = None) -> tuple[RunConfig, Start, bool]:
-    """The resolved options, the start plan (``run.runs.start``) and whether only --print-config was asked."""
+    """The resolved options, the start plan (``run.runs.Start``) and whether only --print-config was asked."""
     parser = build_train_parser(prog, description)
     typed = vars(parser.parse_args(list(argv)))
     print_config = typed.pop("print_config", False)
@@ -85,12 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The groups as sections, the way LightningCLI prints its config; --config reads it back.
             print(yaml.safe_dump(config.to_sections(), sort_keys=False), end="")
             return 0
-        from run.training import find_lr_only, summary_lines, train
+        from run.lr_find import find_lr_only
+        from run.report import summary_lines
+        from run.training import train
 
         if config.find_lr:
             find_lr_only(config)
             return 0
-        outcome = train(config, argv, start)
+        outcome = train(config, start, argv=argv)
         if outcome.is_global_zero:
             lines = summary_lines(outcome)
             width = max(len(label) for label, _ in lines)

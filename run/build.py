@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +20,9 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
 from base.datasets import DatasetInfo
-from base.errors import UserError
+from base.errors import UserError, ctrl_c_raises
 from base.schema import DataOptions, NetworkOptions, OptimOptions
-from base.slurm import check_layout, slurm_task
+from base.slurm import check_layout
 from callbacks.checkpoints import (
     AtomicCheckpointIO,
     BackgroundCheckpointIO,
@@ -42,10 +40,9 @@ from lit_modules import ImageClassifier
 from models import prepare_backbone
 from run.checkpoints import build_backbone
 from run.config import RunConfig
-from run.hardware import check_shared_memory
-from run.runs.folder import CONSOLE_ENV
-from run.runs.start import FromWeights, Resume, Start
+from run.hardware import check_shared_memory, worker_failures_explained
 from run.loggers import build_loggers
+from run.runs import FromWeights, Resume, Start, console_kind
 
 
 def quiet_lightning() -> None:
@@ -147,7 +144,7 @@ def least_fraction(batches: int) -> str:
 
 def build_module(config: RunConfig, dataset: DatasetInfo, start: Start | None = None) -> ImageClassifier:
     """The LightningModule of ``config`` for ``dataset``'s classes; started from weights (``start``,
-    ``run.runs.start.FromWeights``), its network has them."""
+    ``run.runs.FromWeights``), its network has them."""
     backbone = build_backbone(start.weights, dataset.num_classes) if isinstance(start, FromWeights) else None
     module = ImageClassifier(config.group(NetworkOptions), config.group(OptimOptions), dataset, backbone=backbone)
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
@@ -170,24 +167,6 @@ class RunCallbacks:
 # Where outputs go). Epochs of minutes (any CPU run) save it every epoch; a GPU run whose epochs
 # take seconds would otherwise spend as long writing it as training.
 LAST_EVERY_S = 60.0
-
-
-def console_kind() -> str:
-    """``bar`` (a live progress bar) or ``lines`` (one line per epoch), the same on every process.
-
-    The two run different collectives at an epoch's end (the lines read the synced epoch metrics on
-    every rank), so the ranks must not choose by their own terminals: DDP workers started by
-    Lightning's launcher take rank 0's choice (``run.runs.folder.CONSOLE_ENV``, set by ``run.training``).
-    Tasks that SLURM starts (several per job) cannot be told, and under ``srun --pty`` only task 0
-    has a terminal: they all print lines. Otherwise a bar where standard output is a terminal.
-    """
-    handed = os.environ.get(CONSOLE_ENV)
-    if handed in ("bar", "lines"):
-        return handed
-    task = slurm_task()
-    if task is not None and task.ntasks > 1:
-        return "lines"
-    return "bar" if sys.stdout.isatty() else "lines"
 
 
 def build_callbacks(config: RunConfig, run_dir: Path, dataset: DatasetInfo) -> RunCallbacks:
@@ -257,7 +236,7 @@ def build_trainer(
 ) -> L.Trainer:
     """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
     add its progress bar as the caller needs them. ``resume``: the checkpoint a resumed run continues,
-    as ``run.runs.start`` read it; Lightning is handed that read instead of reading the file again.
+    as ``run.runs`` read it; Lightning is handed that read instead of reading the file again.
     ``background_saves``: checkpoints written by a thread while training goes on (a run's), or
     whole when ``save_checkpoint`` returns (a Trainer that reads back what it saved on every rank).
 
@@ -318,6 +297,23 @@ class Assembly:
     module: ImageClassifier
     trainer: L.Trainer
     callbacks: RunCallbacks
+    workers: int = 0  # DataLoader workers (--workers): a failure of theirs is explained in one line
+
+    def fit(self, resume: Path | None) -> None:
+        """Train, from the start or continuing ``resume`` (as ``run.runs`` read it).
+
+        From the first training step to the last, Ctrl-C saves ``last.ckpt`` (``PreemptionCheckpoint``);
+        before and after them (setup, sanity check, teardown) Lightning would end with exit code 1.
+        """
+        with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"), \
+                worker_failures_explained(self.workers):
+            self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=resume, weights_only=True)
+
+    def test(self, checkpoint: str | None, stopped: str) -> list[dict[str, float]]:
+        """The test metrics of ``checkpoint``'s weights; ``stopped``: what Ctrl-C says (``Interrupted``)."""
+        with ctrl_c_raises(stopped), worker_failures_explained(self.workers):
+            return self.trainer.test(self.module, datamodule=self.datamodule, ckpt_path=checkpoint, weights_only=True,
+                                     verbose=False)
 
 
 def build_data_and_module(config: RunConfig, start: Start | None = None) -> tuple[ImageDataModule, ImageClassifier]:
@@ -370,4 +366,4 @@ def build(
         loggers = build_run_loggers(config, run_dir, start)
     trainer = build_trainer(config, logger=loggers, callbacks=callbacks.all, progress_bar=has_bar,
                             resume=start if isinstance(start, Resume) else None)
-    return Assembly(datamodule, module, trainer, callbacks)
+    return Assembly(datamodule, module, trainer, callbacks, workers=config.workers)

@@ -1,7 +1,7 @@
 """The resolved configuration of one training run: every option, merged once, typed, never mutated.
 
 Built-in defaults, a resumed run's saved options, a ``--config`` file and the flags typed are
-merged in that order (a later source wins) by ``run.runs.resolve.resolve_run_config``, which returns a frozen
+merged in that order (a later source wins) by ``run.runs.resolve_run_config``, which returns a frozen
 :class:`RunConfig` in which nothing is left to decide later: the network is known (from the
 checkpoint when one is resumed or started from), ``epochs`` is a number, hardware ``auto``
 values are what Lightning will use here, and every path is expanded (``~``, ``$VARS``) and
@@ -56,7 +56,7 @@ _RUN_CONFIG_FIELDS = dataclasses.make_dataclass(
 
 class RunConfig(_RUN_CONFIG_FIELDS):  # type: ignore[misc, valid-type]
     """Every option of a training run, resolved: one flat field per option of ``base.schema``'s
-    groups, frozen. Build it with ``run.runs.resolve.resolve_run_config``."""
+    groups, frozen. Build it with ``run.runs.resolve_run_config``."""
 
     @property
     def hardware(self) -> Hardware:

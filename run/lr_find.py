@@ -19,15 +19,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.tuner import Tuner, lr_finder
 
 from base.errors import UserError, ctrl_c_raises
 from base.files import atomic_write, atomic_write_text
-from run.build import build_data_and_module, build_trainer, check_batch_limits, console_kind
+from callbacks.pictures import log_figure
+from run.build import build_data_and_module, build_trainer, check_batch_limits
 from run.config import RunConfig
 from run.hardware import worker_failures_explained
+from run.loggers import build_loggers, check_loggers, dashboards_hint
+from run.runs import console_kind, open_range_test
+
+if TYPE_CHECKING:
+    import lightning as L
 
 MIN_LR, MAX_LR, STEPS = 1e-6, 1.0, 100
 
@@ -122,3 +128,46 @@ def find_lr(config: RunConfig, before_launch: Callable[[], None] | None = None) 
     figure.axes[0].set_title(f"{config.model}, {config.optimizer}, batch {config.batch_size}: suggested lr {suggestion:.3g}")
     return LrFinding(float(suggestion), [float(x) for x in finder.results["lr"]],
                      [float(x) for x in finder.results["loss"]], figure, trainer.is_global_zero)
+
+
+def find_lr_only(config: RunConfig) -> Path:
+    """``--find-lr``: the range test alone, its plot and numbers in ``OUTPUT_DIR/MODEL/lr_find/version_N``."""
+    check_loggers(config.logger)
+    with open_range_test(config.output_dir, config.model) as folder:
+        if folder.inherited:
+            find_lr(config)  # a DDP worker takes part in rank 0's test; rank 0 writes the results
+            return folder.path
+        print(f"learning-rate range test: {config.model}, {config.optimizer}, batch {config.batch_size}, rate from "
+              f"{MIN_LR:g} to {MAX_LR:g} over {STEPS} steps", flush=True)
+        finding = find_lr(config, folder.make)
+    picture = finding.save(folder.path)
+    # The plot, to the loggers of --logger that take pictures (a CSV logger has no number to take).
+    takers = [name for name in config.logger if name != "csv"]
+    loggers = build_loggers(takers, folder.path, config.model)
+    log_figure(loggers, "lr_find", finding.figure, step=0)
+    for logger in loggers:
+        logger.finalize("success")
+    print(finding.describe())
+    print(f"plot: {picture}" + (f" (also in {dashboards_hint(folder.path, takers)})" if takers else ""))
+    print(f"train with it: python train.py --lr {finding.suggestion:.3g} ..., or let train.py do both: --lr find")
+    return folder.path
+
+
+def settle_lr(config: RunConfig, before_launch: Callable[[], None]) -> tuple[RunConfig, LrFinding | None]:
+    """``--lr find``: the range test before the run, and ``config`` with the rate it suggests (what the
+    run records is what it uses); ``config`` as it is, and no finding, for any other ``--lr``.
+    ``before_launch``: as :func:`find_lr`'s (the run's folder is opened there)."""
+    if config.lr != "find":
+        return config, None
+    finding = find_lr(config, before_launch)
+    if finding.is_global_zero:
+        print(finding.describe(), flush=True)
+    return dataclasses.replace(config, lr=finding.suggestion), finding
+
+
+def keep_finding(finding: LrFinding | None, run_dir: Path, trainer: L.Trainer) -> None:
+    """The range test of ``--lr find`` kept with its run, on rank 0: its plot and numbers in the run's
+    folder, the plot in its dashboards."""
+    if finding is not None and trainer.is_global_zero:
+        finding.save(run_dir)
+        log_figure(trainer.loggers, "lr_find", finding.figure, step=0)

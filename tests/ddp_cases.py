@@ -80,17 +80,17 @@ def _install() -> None:
         checkpoints.time = SimpleNamespace(monotonic=lambda: time.monotonic() + 3600 * next(jumps))
     if "short_lr_find" in CASES:
         lr_find.STEPS = 30
-        real_find = training.find_lr
+        real_find = lr_find.find_lr
 
         def find_lr(config, *args):
             finding = real_find(config, *args)
             return dataclasses.replace(finding, suggestion=min(finding.suggestion, 0.01))
 
-        training.find_lr = find_lr
+        lr_find.find_lr = find_lr
 
     real_train = training.train
 
-    def train(config, argv=None, start=None):
+    def train(config, start=None, *, argv=None):
         record["resume"] = str(config.resume) if config.resume else None
         if "resume_race" in CASES and RANK == 0 and config.resume is not None:
             run = config.resume.parent.parent
@@ -99,7 +99,7 @@ def _install() -> None:
             later = time.time() + 60
             for path in newer.rglob("*"):
                 os.utime(path, (later, later))
-        return real_train(config, argv, start)
+        return real_train(config, start, argv=argv)
 
     training.train = train
     real_callbacks = build.build_callbacks

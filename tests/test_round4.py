@@ -478,7 +478,7 @@ def test_checkpoint_disk_use_is_announced_when_large_against_the_free_disk(tmp_p
 
     from base.errors import UserError
     from cli.train import parse_run_config
-    from run.training import check_outputs
+    from run.runs.life import check_outputs
 
     config = parse_run_config(["--accelerator", "cpu", "--output-dir", str(tmp_path / "runs")])
     usage = namedtuple("usage", "total used free")

@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ LOCK_NAME = ".train.lock"
 RUN_DIR_ENV = "CIFAR10_LIGHTNING_RUN_DIR"
 # What else rank 0 decides once and DDP workers inherit, rather than each deciding again: the
 # checkpoint ``--resume`` resolved to ("" for a new run; ``last`` could name another run by the time
-# a worker starts), and the console display (``run.build.console_kind``).
+# a worker starts), and the console display (:func:`console_kind`).
 RESUME_ENV = "CIFAR10_LIGHTNING_RESUME"
 CONSOLE_ENV = "CIFAR10_LIGHTNING_CONSOLE"
 # How long a SLURM task waits for its job's task 0 to name the run folder. Every task loads the
@@ -52,6 +53,24 @@ def joins_run() -> bool:
         return True
     task = slurm_task()
     return task is not None and task.global_rank != 0
+
+
+def console_kind() -> str:
+    """``bar`` (a live progress bar) or ``lines`` (one line per epoch), the same on every process.
+
+    The two run different collectives at an epoch's end (the lines read the synced epoch metrics on
+    every rank), so the ranks must not choose by their own terminals: DDP workers started by
+    Lightning's launcher take rank 0's choice (:data:`CONSOLE_ENV`, handed down by ``run.runs.open_run``).
+    Tasks that SLURM starts (several per job) cannot be told, and under ``srun --pty`` only task 0
+    has a terminal: they all print lines. Otherwise a bar where standard output is a terminal.
+    """
+    handed = os.environ.get(CONSOLE_ENV)
+    if handed in ("bar", "lines"):
+        return handed
+    task = slurm_task()
+    if task is not None and task.ntasks > 1:
+        return "lines"
+    return "bar" if sys.stdout.isatty() else "lines"
 
 
 @contextmanager

@@ -9,7 +9,7 @@
   ``preloaded``), so that its counters, its data fingerprint and its weights are those of one read.
 
 ``run.runs.resolve`` makes the plan while resolving the options (it needs the network and the epochs
-trained); ``run.training.train`` carries it out.
+trained); ``run.runs.open_run`` and ``run.training.train`` carry it out.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def read_resume(path: Path) -> Resume:
 
 def plan_start(config: Any) -> Start:
     """The plan of a resolved ``run.config.RunConfig``, read from its ``resume`` or ``weights``
-    (for callers of ``run.training.train`` that resolved only the options)."""
+    (for callers of ``run.runs.open_run`` that resolved only the options)."""
     if config.resume is not None:
         return read_resume(config.resume)
     if config.weights is not None:
