@@ -18,7 +18,7 @@ Prints, as JSON:
   entered (``stack``) and those whose functions are called from one ``step`` to the next, the
   batch, forward, loss, backward and callbacks of one training step (``between``), and their union
   (``files``: one training step followed from ``python train.py`` to ``optimizer.step``);
-- ``imports``: per module of ``run/``, the project modules it imports (``run/training.py``'s count);
+- ``imports``: per module of ``run/`` and its packages, the project modules it imports (``run/training.py``'s count);
 - ``lines``: the lines of ``run/`` and ``cli/`` (all lines of their ``.py`` files), and of all the
   product code (the packages and the four commands).
 
@@ -83,11 +83,12 @@ def lines(root: Path) -> dict[str, int]:
 
 
 def project_imports(root: Path) -> dict[str, int]:
-    """Per module of run/: how many distinct project modules its import statements name."""
+    """Per module of run/ (and of its packages, such as run/runs/): how many distinct project modules
+    its import statements name."""
     import ast
 
     counts = {}
-    for path in sorted((root / "run").glob("*.py")):
+    for path in sorted((root / "run").rglob("*.py")):
         names = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
