@@ -8,6 +8,7 @@ whose data was moved.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
