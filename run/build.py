@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -299,19 +301,17 @@ class Assembly:
     callbacks: RunCallbacks
     workers: int = 0  # DataLoader workers (--workers): a failure of theirs is explained in one line
 
-    def fit(self, resume: Path | None) -> None:
-        """Train, from the start or continuing ``resume`` (as ``run.runs`` read it).
-
-        From the first training step to the last, Ctrl-C saves ``last.ckpt`` (``PreemptionCheckpoint``);
-        before and after them (setup, sanity check, teardown) Lightning would end with exit code 1.
-        """
-        with ctrl_c_raises("stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"), \
-                worker_failures_explained(self.workers):
-            self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=resume, weights_only=True)
+    @contextmanager
+    def guarded(self, stopped: str) -> Iterator[None]:
+        """Ctrl-C outside a training step (setup, sanity check, teardown, where Lightning would end with
+        exit code 1) raises ``Interrupted(stopped)``; a DataLoader worker's failure is one line.
+        Inside the training steps Ctrl-C saves ``last.ckpt`` (``PreemptionCheckpoint``)."""
+        with ctrl_c_raises(stopped), worker_failures_explained(self.workers):
+            yield
 
     def test(self, checkpoint: str | None, stopped: str) -> list[dict[str, float]]:
         """The test metrics of ``checkpoint``'s weights; ``stopped``: what Ctrl-C says (``Interrupted``)."""
-        with ctrl_c_raises(stopped), worker_failures_explained(self.workers):
+        with self.guarded(stopped):
             return self.trainer.test(self.module, datamodule=self.datamodule, ckpt_path=checkpoint, weights_only=True,
                                      verbose=False)
 

@@ -19,6 +19,9 @@ from run.report import RunOutcome, Stopwatch, describe, fitted, report
 from run.runs import Start, open_run
 
 
+FIT_STOPPED = "stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"
+
+
 def train(config: RunConfig, start: Start | None = None, *, argv: list[str] | None = None) -> RunOutcome:
     """Fit ``config``'s run, test its best checkpoint, record everything; returns the outcome.
 
@@ -41,8 +44,11 @@ def train(config: RunConfig, start: Start | None = None, *, argv: list[str] | No
         run.begin(config, assembly.trainer, describe(config))
         keep_finding(finding, run.open(), assembly.trainer)
         clock.start("fit")
-        with run.fitting(assembly.trainer):
-            assembly.fit(config.resume)
+        # The context managers are suspended while the steps run: a training step passes through
+        # this module, Lightning, the callbacks, the data, the LightningModule and the network.
+        with run.fitting(assembly.trainer), assembly.guarded(FIT_STOPPED):
+            assembly.trainer.fit(assembly.module, datamodule=assembly.datamodule, ckpt_path=config.resume,
+                                 weights_only=True)
         clock.start("test")
         outcome = _test_best(fitted(config, run.open(), assembly), assembly)
         if outcome.is_global_zero:
