@@ -166,6 +166,7 @@ def test_test_py_adds_its_results_to_the_run(cli, run: tuple[Path, str], tiny_da
     assert events.Scalars("acc/test")[0].value == pytest.approx(read_events(run[0]).Scalars("acc/test")[0].value)
 
 
+@pytest.mark.slow
 def test_log_to_run_needs_a_checkpoint_inside_a_run(cli, run: tuple[Path, str], tiny_data: Path, tmp_path: Path) -> None:
     """test.py --log-to-run with a checkpoint outside any run folder, or not written by train.py."""
     loose = tmp_path / "best.ckpt"

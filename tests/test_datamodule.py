@@ -443,6 +443,7 @@ def test_eval_transform_is_deterministic() -> None:
 # --- the real copy -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_archive_test_split(cache: Path, real_archive: Path) -> None:
     """The real archive (--cifar10-data PATH, $CIFAR10_DATA or beside the checkout; conftest.real_archive)."""
     images, labels = load_split(real_archive, "test", cache_dir=cache)

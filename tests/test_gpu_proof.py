@@ -219,6 +219,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_a_part_cut_off_at_the_deadline_leaves_no_process_running(tmp_path):
     """The child and its grandchild, both deaf to SIGTERM, are gone right after the deadline."""
     pid_file, log = tmp_path / "pid", tmp_path / "log"

@@ -104,6 +104,7 @@ def test_the_default_top_k_never_refuses_a_checkpoint_of_fewer_classes(cli, two_
                               "--accelerator", "cpu"), "--top-k 3", "2 classes")
 
 
+@pytest.mark.slow
 def test_a_picture_of_any_size_is_classified_without_pillows_warning(cli, two_class_checkpoint, tmp_path, recwarn):
     """A 180-megapixel panorama (above Pillow's decompression-bomb limit) and a 90-megapixel one
     (above its warning): both classified, no warning, the same way as any picture."""
@@ -137,7 +138,7 @@ def test_a_huge_picture_in_training_data_is_named_with_its_size(tmp_path):
     assert "attack" not in str(error.value)
 
 
-@pytest.mark.parametrize("script", ["predict", "train"])
+@pytest.mark.parametrize("script", [pytest.param("predict", marks=pytest.mark.slow), "train"])
 def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path, script):
     """``predict.py --json FOLDER | head -n 1`` (and ``train.py --print-config | head -n 1``): no
     BrokenPipeError traceback, nothing on stderr, the exit code of a process ended by SIGPIPE (141)."""
@@ -225,7 +226,8 @@ def slow_disk(monkeypatch):
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow)
 
 
-@pytest.mark.parametrize("name", ["SIGHUP", "SIGXCPU"])
+# SIGXCPU takes the same path as SIGHUP: the unit tier tries one of them.
+@pytest.mark.parametrize("name", ["SIGHUP", pytest.param("SIGXCPU", marks=pytest.mark.slow)])
 def test_a_hang_up_stops_the_run_as_sigterm_does_and_loses_no_queued_checkpoint(
         cli, registered, tiny_data, tmp_path, signal_at, slow_disk, name):  # noqa: F811
     """SIGHUP (the SSH session closed) in epoch 2, while epoch 1's checkpoints are still being
@@ -378,6 +380,7 @@ def two_networks_runs(tmp_path) -> Path:
     return runs
 
 
+@pytest.mark.slow
 def test_resume_last_with_a_model_means_that_networks_newest_run(two_networks_runs, tmp_path):
     """--model resnet50 (or a config naming it) with --resume last: the ResNet50 run, not the newer VGG16 one."""
     from run.runs.folder import find_resume
@@ -391,6 +394,7 @@ def test_resume_last_with_a_model_means_that_networks_newest_run(two_networks_ru
     assert "resnet50/version_0" in result.err and "vgg16" not in result.err, result.err
 
 
+@pytest.mark.slow
 def test_resume_last_without_a_model_says_which_run_before_any_work(two_networks_runs):
     """Without --model the newest run of any network is continued, and where another network has runs
     too the first line, before torch loads, names it and how to take the other network's newest run."""
@@ -588,6 +592,7 @@ def _curves(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_curves_after_a_crash_and_a_resume_show_each_step_once(cli, registered, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     """A crash in epoch 3 of a run whose last.ckpt is epoch 1's (written at most once a minute),
     then --resume last: every curve has one point per step, the steps of the same run uninterrupted."""
@@ -620,6 +625,7 @@ def test_curves_after_a_crash_and_a_resume_show_each_step_once(cli, registered, 
     record_runs("a run crashed (kill -9) after last.ckpt, resumed: its curves", 1, 0)
 
 
+@pytest.mark.slow
 def test_the_epoch_a_run_was_stopped_in_reports_the_training_metrics_of_all_its_batches(
         cli, registered, tiny_data, tmp_path, sigterm_at):  # noqa: F811
     """Stopped after the first of epoch 2's three batches and resumed: that epoch's loss/train_epoch and
@@ -645,7 +651,11 @@ def test_the_epoch_a_run_was_stopped_in_reports_the_training_metrics_of_all_its_
     record_runs("a run stopped mid-epoch and resumed: the epoch's training metrics", 1, 0)
 
 
-@pytest.mark.parametrize("where", [{"during": "validation", "epoch": 2}, {"step": 4}, {"epoch": 1}])
+@pytest.mark.parametrize("where", [
+    {"during": "validation", "epoch": 2},
+    pytest.param({"step": 4}, marks=pytest.mark.slow),
+    pytest.param({"epoch": 1}, marks=pytest.mark.slow),
+])
 def test_a_resume_after_a_stop_keeps_every_point_of_the_curves(cli, registered, tiny_data, tmp_path, sigterm_at,  # noqa: F811
                                                                where):
     """The purge of a resume's first step never hides a point that the resume does not log again: a stop
