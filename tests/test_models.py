@@ -343,3 +343,22 @@ def test_wrapper_prefixes_loaded(vgg_bn: nn.Module) -> None:
     target = vgg16_bn()
     assert load_weights(target, wrapped, "ddp.ckpt") == []
     assert all(torch.equal(v, sd[k]) for k, v in target.state_dict().items())
+
+
+def test_a_zeroed_last_batchnorm_would_kill_a_course_bottleneck_branch():
+    """Why resnet50_fast does not zero-initialise each residual branch's last BatchNorm (Goyal et al.,
+    2017; torchvision's zero_init_residual): the course's branch ends with a ReLU after that
+    BatchNorm, so with its scale and shift at 0 the ReLU sees exactly 0, passes no gradient, and
+    the branch never learns. If the block loses that ReLU, revisit docs/results.md."""
+    from models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    block = Bottleneck(8, 4, 8)
+    last_bn = block.layer[-1][1]
+    assert isinstance(last_bn, nn.BatchNorm2d) and isinstance(block.layer[-1][2], nn.ReLU)
+    nn.init.zeros_(last_bn.weight)
+    block(torch.randn(4, 8, 6, 6)).square().sum().backward()
+    assert last_bn.weight.grad.abs().max() == 0 and last_bn.bias.grad.abs().max() == 0
+    assert all(p.grad.abs().max() == 0 for p in block.layer.parameters())
+    # The shortcut alone learns.
+    assert block.make_equal_channel[0].weight.grad.abs().max() > 0
