@@ -83,7 +83,7 @@ def lines(root: Path) -> dict[str, int]:
 
 
 def project_imports(root: Path) -> dict[str, int]:
-    """Per module of run/ (and of its packages, such as run/runs/): how many distinct project modules
+    """Per module of run/ (and of its packages, such as run/life/): how many distinct project modules
     its import statements name."""
     import ast
 

@@ -213,7 +213,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     temporary file of the same target is never a save in progress.
 
     ``preloaded``: a checkpoint already read, with its path: the first load of that path returns
-    it instead of reading the file again (a resume's checkpoint, read once by ``run.runs.start``).
+    it instead of reading the file again (a resume's checkpoint, read once by ``run.life.start``).
     """
 
     def __init__(self, preloaded: tuple[Path, dict[str, Any]] | None = None) -> None:

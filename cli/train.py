@@ -21,7 +21,7 @@ from cli.flags import Parser, add_options, find_config, one_line_errors, parse_c
 from models.catalog import entry
 from run.config import NOT_RECIPE, RunConfig
 from run.paths import check_input_name
-from run.runs import RunFinished, Start, resolve_run
+from run.life import RunFinished, Start, resolve_run
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> Parser:
@@ -47,7 +47,7 @@ def parse_run_config(argv: Sequence[str], prog: str | None = None, description: 
 
 
 def _parse(argv: Sequence[str], prog: str | None = None, description: str | None = None) -> tuple[RunConfig, Start, bool]:
-    """The resolved options, the start plan (``run.runs.Start``) and whether only --print-config was asked."""
+    """The resolved options, the start plan (``run.life.Start``) and whether only --print-config was asked."""
     parser = build_train_parser(prog, description)
     typed = vars(parser.parse_args(list(argv)))
     print_config = typed.pop("print_config", False)

@@ -44,7 +44,7 @@ from run.checkpoints import build_backbone
 from run.config import RunConfig
 from run.hardware import check_shared_memory, worker_failures_explained
 from run.loggers import build_loggers
-from run.runs import FromWeights, Resume, Start, console_kind
+from run.life import FromWeights, Resume, Start, console_kind
 
 
 def quiet_lightning() -> None:
@@ -146,7 +146,7 @@ def least_fraction(batches: int) -> str:
 
 def build_module(config: RunConfig, dataset: DatasetInfo, start: Start | None = None) -> ImageClassifier:
     """The LightningModule of ``config`` for ``dataset``'s classes; started from weights (``start``,
-    ``run.runs.FromWeights``), its network has them."""
+    ``run.life.FromWeights``), its network has them."""
     backbone = build_backbone(start.weights, dataset.num_classes) if isinstance(start, FromWeights) else None
     module = ImageClassifier(config.group(NetworkOptions), config.group(OptimOptions), dataset, backbone=backbone)
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
@@ -238,7 +238,7 @@ def build_trainer(
 ) -> L.Trainer:
     """The Trainer of ``config``; ``logger``, ``callbacks``, Lightning's own folder and whether it may
     add its progress bar as the caller needs them. ``resume``: the checkpoint a resumed run continues,
-    as ``run.runs`` read it; Lightning is handed that read instead of reading the file again.
+    as ``run.life`` read it; Lightning is handed that read instead of reading the file again.
     ``background_saves``: checkpoints written by a thread while training goes on (a run's), or
     whole when ``save_checkpoint`` returns (a Trainer that reads back what it saved on every rank).
 

@@ -1,7 +1,7 @@
 """The resolved configuration of one training run: every option, merged once, typed, never mutated.
 
 Built-in defaults, a resumed run's saved options, a ``--config`` file and the flags typed are
-merged in that order (a later source wins) by ``run.runs.resolve_run_config``, which returns a frozen
+merged in that order (a later source wins) by ``run.life.resolve_run_config``, which returns a frozen
 :class:`RunConfig` in which nothing is left to decide later: the network is known (from the
 checkpoint when one is resumed or started from), ``epochs`` is a number, hardware ``auto``
 values are what Lightning will use here, and every path is expanded (``~``, ``$VARS``) and
@@ -11,7 +11,7 @@ Every option, its default and its resume rule are declared once, in ``base.schem
 fields of :class:`RunConfig` are those of the schema's groups. This module loads neither
 torch nor Lightning until :func:`build_config` asks PyTorch about the hardware: :func:`settle`
 does every check that needs neither, so that a mistake in the flags is refused at once;
-``run.runs.resolve`` does the rest of the resolution.
+``run.life.resolve`` does the rest of the resolution.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ _RUN_CONFIG_FIELDS = dataclasses.make_dataclass(
 
 class RunConfig(_RUN_CONFIG_FIELDS):  # type: ignore[misc, valid-type]
     """Every option of a training run, resolved: one flat field per option of ``base.schema``'s
-    groups, frozen. Build it with ``run.runs.resolve_run_config``."""
+    groups, frozen. Build it with ``run.life.resolve_run_config``."""
 
     @property
     def hardware(self) -> Hardware:

@@ -14,7 +14,7 @@ from models import prepare_backbone
 from run.build import build_datamodule, build_trainer
 from run.checkpoints import build_backbone, checkpoint_dataset, load_any_checkpoint, records_dataset
 from run.config import build_config
-from run.runs import require_run_dir
+from run.life import require_run_dir
 from run.hardware import worker_failures_explained
 from run.loggers import recorded_loggers
 from run.tensorboard import run_dashboards

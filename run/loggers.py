@@ -66,7 +66,7 @@ def recorded_loggers(run_dir: Path) -> tuple[str, ...]:
     (``config.resumed.yaml``, else ``config.yaml``); :data:`DEFAULT_LOGGERS` for a run from before
     the ``logger:`` key."""
     from run.config import read_config
-    from run.runs import CONFIG_NAME, RESUMED_CONFIG_NAME
+    from run.life import CONFIG_NAME, RESUMED_CONFIG_NAME
 
     resumed = run_dir / RESUMED_CONFIG_NAME
     saved = read_config(resumed if resumed.is_file() else run_dir / CONFIG_NAME).get("logger")

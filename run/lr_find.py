@@ -30,7 +30,7 @@ from run.build import build_data_and_module, build_trainer, check_batch_limits
 from run.config import RunConfig
 from run.hardware import worker_failures_explained
 from run.loggers import build_loggers, check_loggers, dashboards_hint
-from run.runs import console_kind, open_range_test
+from run.life import console_kind, open_range_test
 
 if TYPE_CHECKING:
     import lightning as L

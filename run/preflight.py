@@ -2,7 +2,7 @@
 
 Each command calls its check here first, then does its work: a missing checkpoint, an image path
 with a typo or an output that cannot be written is refused at once, not after seconds of
-imports. (train.py's flags are checked the same way by ``run.runs.resolve_run``.)
+imports. (train.py's flags are checked the same way by ``run.life.resolve_run``.)
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from base.errors import UserError
 from base.schema import EXPORT_FORMATS
 from run.config import absolute_path, merge, read_config, settle
-from run.runs import CONFIG_NAME, require_run_dir, run_dir_of
+from run.life import CONFIG_NAME, require_run_dir, run_dir_of
 from run.hardware import check_hardware_request
 from run.loggers import check_loggers, recorded_loggers
 from run.paths import (

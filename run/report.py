@@ -20,7 +20,7 @@ from datamodules import describe_source
 from run.checkpoints import load_checkpoint
 from run.config import RunConfig
 from run.loggers import dashboards_hint, log_final_hparams
-from run.runs import CONFIG_NAME
+from run.life import CONFIG_NAME
 
 if TYPE_CHECKING:
     from run.build import Assembly

@@ -1,6 +1,6 @@
 """``train(config, start)``: one training run from a resolved configuration, start to results.
 
-Opens the run (``run.runs``: its folder new or, on resume, continued), builds it, fits, tests the
+Opens the run (``run.life``: its folder new or, on resume, continued), builds it, fits, tests the
 best checkpoint, and reports and records the results. train.py only parses flags into a
 ``RunConfig`` and prints what this returns.
 """
@@ -16,7 +16,7 @@ from run.build import Assembly, build, build_data_and_module
 from run.config import RunConfig
 from run.lr_find import keep_finding, settle_lr
 from run.report import RunOutcome, Stopwatch, describe, fitted, report
-from run.runs import Start, open_run
+from run.life import Start, open_run
 
 
 FIT_STOPPED = "stopped by Ctrl-C outside a training step; the checkpoints written so far are kept"
@@ -25,7 +25,7 @@ FIT_STOPPED = "stopped by Ctrl-C outside a training step; the checkpoints writte
 def train(config: RunConfig, start: Start | None = None, *, argv: list[str] | None = None) -> RunOutcome:
     """Fit ``config``'s run, test its best checkpoint, record everything; returns the outcome.
 
-    ``start``: how the run starts, as ``run.runs.resolve_run`` planned it (read from
+    ``start``: how the run starts, as ``run.life.resolve_run`` planned it (read from
     ``config.resume`` or ``config.weights`` when not given); ``argv``: the flags, for the results.
 
     Raises ``UserError`` for problems found on the way (before any heavy work where they can be

@@ -80,7 +80,7 @@ def test_tutorial_training_dicts_load_as_course_state_dicts(files, model, key):
 
 
 def test_train_weights_accepts_a_tutorial_dict(files):
-    """train.py --weights: run.runs.resolve peeks at the network, run.build loads the weights."""
+    """train.py --weights: run.life.resolve peeks at the network, run.build loads the weights."""
     assert load_checkpoint(files["model_state_dict"], expected_model="vgg16", peek=True).model_name == "vgg16"
     backbone = build_backbone(load_checkpoint(files["model_state_dict"], expected_model="vgg16"), 10)
     assert isinstance(backbone, torch.nn.Module)

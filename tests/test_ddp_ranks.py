@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from run import runs
-from run.runs.folder import CONSOLE_ENV, RESUME_ENV, handed_down, inherited_resume
+from run import life
+from run.life.folder import CONSOLE_ENV, RESUME_ENV, handed_down, inherited_resume
 
 DDP = ["--model", "vgg16", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--workers", "0",
        "--batch-size", "10", "--val-size", "20", "--eval-batch-size", "50", "--log-every-n-steps", "1"]
@@ -47,14 +47,14 @@ def test_console_is_handed_down_and_never_chosen_per_srun_task(monkeypatch):
     for name in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    assert runs.console_kind() == "bar"
+    assert life.console_kind() == "bar"
     monkeypatch.setenv(CONSOLE_ENV, "lines")
-    assert runs.console_kind() == "lines"
+    assert life.console_kind() == "lines"
     monkeypatch.delenv(CONSOLE_ENV)
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    assert runs.console_kind() == "lines"
+    assert life.console_kind() == "lines"
 
 
 def test_handed_down_values_are_kept_by_a_worker_and_removed_by_who_set_them(monkeypatch, tmp_path):

@@ -383,7 +383,7 @@ def two_networks_runs(tmp_path) -> Path:
 @pytest.mark.slow
 def test_resume_last_with_a_model_means_that_networks_newest_run(two_networks_runs, tmp_path):
     """--model resnet50 (or a config naming it) with --resume last: the ResNet50 run, not the newer VGG16 one."""
-    from run.runs.folder import find_resume
+    from run.life.folder import find_resume
 
     assert find_resume("last", two_networks_runs, "resnet50", None) == two_networks_runs / "resnet50/version_0/checkpoints/last.ckpt"
     config = tmp_path / "mine.yaml"
@@ -482,7 +482,7 @@ def test_checkpoint_disk_use_is_announced_when_large_against_the_free_disk(tmp_p
 
     from base.errors import UserError
     from cli.train import parse_run_config
-    from run.runs.life import check_outputs
+    from run.life.session import check_outputs
 
     config = parse_run_config(["--accelerator", "cpu", "--output-dir", str(tmp_path / "runs")])
     usage = namedtuple("usage", "total used free")

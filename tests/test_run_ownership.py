@@ -21,7 +21,7 @@ from robustness import assert_one_line_error, record_runs
 
 from base.errors import UserError
 from cli.train import parse_run_config
-from run.runs.folder import LOCK_NAME, hold_run
+from run.life.folder import LOCK_NAME, hold_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--accelerator", "cpu"]
@@ -53,7 +53,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
 @contextmanager
 def trained_elsewhere(run: Path) -> Iterator[subprocess.Popen]:
     """Another process holding ``run`` the way a train.py that trains it does."""
-    holder = "import sys, time\nfrom pathlib import Path\nfrom run.runs.folder import hold_run\n" \
+    holder = "import sys, time\nfrom pathlib import Path\nfrom run.life.folder import hold_run\n" \
              "with hold_run(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(300)\n"
     child = subprocess.Popen([sys.executable, "-c", holder, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -280,7 +280,7 @@ def test_an_interrupted_start_leaves_no_empty_run_and_last_resumes_the_newest(cl
 
 def test_run_names_with_pattern_characters_are_taken_literally(tmp_path):
     """--run-name 'exp[1]' --resume last finds that run, not a glob pattern's matches."""
-    from run.runs.folder import find_resume
+    from run.life.folder import find_resume
 
     run = tmp_path / "runs" / "vgg16" / "exp[1]"
     (run / "checkpoints").mkdir(parents=True)

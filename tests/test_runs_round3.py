@@ -190,7 +190,7 @@ def test_rewind_without_resume_is_refused_before_torch(tmp_path):
 @pytest.mark.parametrize("scheduler", ["step", "onecycle"])
 def test_a_finished_run_resumed_says_so_and_how_to_extend_it(cli, tmp_path, scheduler):
     """A run trained and tested to its end, resumed without more epochs: one line, exit 0, nothing run or written."""
-    from run.runs.history import record_final_test
+    from run.life.history import record_final_test
 
     run = fake_run(tmp_path / "runs", {"best.ckpt": (2, 4), "last.ckpt": (3, 6)}, "--epochs", "3", "--scheduler", scheduler)
     record_final_test(run, 6, 3, str(run / "checkpoints" / "best.ckpt"), 2, {"acc/test": 0.5})
@@ -209,7 +209,7 @@ def test_a_finished_run_resumed_says_so_and_how_to_extend_it(cli, tmp_path, sche
 def test_a_finished_runs_resume_with_more_epochs_or_an_untested_one_goes_on(tmp_path):
     """More --epochs continue a finished run; a run whose final test did not end (no record, or an older one) is tested."""
     from cli.train import parse_run_config
-    from run.runs.history import record_final_test
+    from run.life.history import record_final_test
 
     run = fake_run(tmp_path / "runs", {"best.ckpt": (2, 4), "last.ckpt": (3, 6)}, "--epochs", "3")
     assert parse_run_config(["--resume", str(run), *CPU]).epochs == 3  # never tested: the final test again

@@ -26,7 +26,7 @@ from conftest import CPU, QUICK, QUICK_VGG, ROOT
 from base.errors import UserError
 from base.slurm import check_layout, requeue, slurm_task
 from callbacks.resume import ResumableRNG, capture_rng_state
-from run.runs import folder
+from run.life import folder
 
 JOB_ID = "4242"
 SLURM_VARIABLES = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NTASKS_PER_NODE",

@@ -27,10 +27,10 @@ from run.config import (
     settle,
 )
 from models.catalog import option_defaults
-from run.runs.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, check_resumable, find_resume, inherited_resume
+from run.life.folder import CONFIG_NAME, RESUMED_CONFIG_NAME, check_new_run_name, check_resumable, find_resume, inherited_resume
 from run.hardware import Machine, certainly_without_gpu
-from run.runs.history import check_resume
-from run.runs.start import NewRun, Start
+from run.life.history import check_resume
+from run.life.start import NewRun, Start
 from run.paths import (
     RUN_FOLDER_INSIDE,
     check_checkpoint_file,
@@ -48,7 +48,7 @@ def resolve_run_config(config_file: Mapping[str, Any], typed: Mapping[str, Any])
 
 def resolve_run(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> tuple[RunConfig, Start]:
     """The run that ``config_file``'s options and the ``typed`` flags ask for, resolved and checked,
-    and how it starts (``run.runs.start``: new, from weights, resume; the file of either read here, once).
+    and how it starts (``run.life.start``: new, from weights, resume; the file of either read here, once).
 
     A resume continues the run it names with that run's saved options, overlaid by the config
     file and the flags; options that may not change mid-run are refused in one line. A new run
@@ -83,7 +83,7 @@ def resolve_run(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> tup
         _check_outputs(settle({**values, **option_defaults()}), model_known=model is not None)
         weights = check_checkpoint_file(absolute_path(asked["weights"]), safetensors=True)
         # torch loads here: the file is read once, for its network and the weights the module starts from.
-        from run.runs.start import read_weights
+        from run.life.start import read_weights
 
         start = read_weights(weights, expected_model=model)
         return build_config(values, start.weights.model_name, start.weights.model_options), start
@@ -106,7 +106,7 @@ def resolve_run(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> tup
     _refuse_changes(run_dir, resume, changed_fixed_options(saved, settled, cpu_only))
     _check_outputs(settled)
     # torch loads here, and the checkpoint is read, the one time it is.
-    from run.runs.start import read_resume
+    from run.life.start import read_resume
 
     start = read_resume(resume)
     trained = start.point.epochs_done

@@ -23,7 +23,7 @@ from typing import Any
 
 from base.errors import UserError
 from base.files import atomic_write_text
-from run.runs.folder import CONFIG_NAME, LAST_NAME, RESUMED_CONFIG_NAME
+from run.life.folder import CONFIG_NAME, LAST_NAME, RESUMED_CONFIG_NAME
 from run.paths import check_runs_data
 
 FINAL_TEST_NAME = "final_test.json"

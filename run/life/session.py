@@ -4,11 +4,11 @@ or its final test recorded.
 Every process of a run opens it: rank 0 (or the only process) opens the run's folder (a new one, or
 a resumed run's own) and holds it; a DDP worker started by Lightning inherits the folder from rank 0
 (``RUN_DIR_ENV``); a SLURM task other than 0 waits for the folder its job's task 0 announces
-(``run.runs.folder.join_run_dir``). What rank 0 decides once (the checkpoint a resume continues,
+(``run.life.folder.join_run_dir``). What rank 0 decides once (the checkpoint a resume continues,
 the console display) is handed down to the workers the same way.
 
 Nothing here loads torch at import: the Lightning and callback classes a run needs are imported
-where they are used, so that ``run.runs`` stays cheap for the commands' flag checks.
+where they are used, so that ``run.life`` stays cheap for the commands' flag checks.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from base.slurm import DEFAULT_REQUEUE_SIGNAL, check_layout, process_rank, slurm
 from run.config import RunConfig, write_config
 from run.loggers import check_loggers, remember_mlflow_run
 from run.paths import existing_ancestor
-from run.runs.folder import (
+from run.life.folder import (
     CONFIG_NAME,
     CONSOLE_ENV,
     RESUME_ENV,
@@ -43,8 +43,8 @@ from run.runs.folder import (
     joins_run,
     withdraw_announcement,
 )
-from run.runs.history import check_resumed_data, record_final_test, rewind
-from run.runs.start import Resume, Start, plan_start
+from run.life.history import check_resumed_data, record_final_test, rewind
+from run.life.start import Resume, Start, plan_start
 
 if TYPE_CHECKING:  # torch and Lightning load where they are used
     import lightning as L
@@ -62,7 +62,7 @@ def check_outputs(config: RunConfig, module: LightningModule) -> None:
 
     Those are best, last and one every ``--checkpoint-every`` epochs, each with the optimiser's
     state, plus one temporary file while saving. (Whether the paths can be written at all was
-    checked with the flags, by ``run.runs.resolve``.)
+    checked with the flags, by ``run.life.resolve``.)
     """
     if config.fast_dev_run:
         return
@@ -183,7 +183,7 @@ class Run:
                     metrics: dict[str, float]) -> None:
         """Record, on rank 0 and last (once the dashboards and the results hold it), that the training up
         to ``last_step`` was tested: a resume of this run, finished, says so instead of testing it again
-        (``run.runs.history``). Nothing for a run without a best checkpoint or a test, or a fast dev run."""
+        (``run.life.history``). Nothing for a run without a best checkpoint or a test, or a fast dev run."""
         if best and metrics and not self.config.fast_dev_run:
             record_final_test(self.open(), last_step, epochs, best, best_epoch, metrics)
 

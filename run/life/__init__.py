@@ -3,7 +3,7 @@
 - :func:`resolve_run` (``resolve.py``): the flags and config file made into one checked
   ``RunConfig`` and the plan of how the run starts (:data:`Start`, ``start.py``: new, from weights,
   resumed; a resumed checkpoint read once). Flag mistakes are refused before torch loads.
-- :func:`open_run` (``life.py``): within the block, the :class:`Run` as this process trains it: its
+- :func:`open_run` (``session.py``): within the block, the :class:`Run` as this process trains it: its
   folder (new or the resumed run's own; ``folder.py``) opened, locked, announced to the job's
   other SLURM tasks and handed down to the DDP workers; a ``--rewind`` carried out and the final
   test recorded (``history.py``); the folder removed if the run stopped before its first checkpoint.
@@ -11,12 +11,12 @@
 - Run folders for the other commands (``test.py --log-to-run``): :func:`run_dir_of`, :func:`require_run_dir`.
 - The names of the files and environment variables a run shares (:data:`CONFIG_NAME`...).
 
-Importing this package loads neither torch nor Lightning. Modules outside ``run.runs`` import
+Importing this package loads neither torch nor Lightning. Modules outside ``run.life`` import
 this package only, never its modules (``lint-imports`` checks it).
 """
 from __future__ import annotations
 
-from run.runs.folder import (
+from run.life.folder import (
     CONFIG_NAME,
     CONSOLE_ENV,
     RESUME_ENV,
@@ -26,10 +26,10 @@ from run.runs.folder import (
     require_run_dir,
     run_dir_of,
 )
-from run.runs.history import RunFinished
-from run.runs.life import Run, RangeTestFolder, open_range_test, open_run
-from run.runs.resolve import resolve_run, resolve_run_config
-from run.runs.start import FromWeights, NewRun, Resume, Start, plan_start
+from run.life.history import RunFinished
+from run.life.session import Run, RangeTestFolder, open_range_test, open_run
+from run.life.resolve import resolve_run, resolve_run_config
+from run.life.start import FromWeights, NewRun, Resume, Start, plan_start
 
 __all__ = [
     "CONFIG_NAME",

@@ -8,8 +8,8 @@
   once, here, checked, and handed to Lightning as read (:class:`callbacks.checkpoints.AtomicCheckpointIO`
   ``preloaded``), so that its counters, its data fingerprint and its weights are those of one read.
 
-``run.runs.resolve`` makes the plan while resolving the options (it needs the network and the epochs
-trained); ``run.runs.open_run`` and ``run.training.train`` carry it out.
+``run.life.resolve`` makes the plan while resolving the options (it needs the network and the epochs
+trained); ``run.life.open_run`` and ``run.training.train`` carry it out.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from base.errors import UserError
-from run.runs.history import Point, progress_of
+from run.life.history import Point, progress_of
 
 if TYPE_CHECKING:  # importing run.checkpoints loads torch; the flags are checked before that
     from run.checkpoints import CheckpointContents
@@ -83,7 +83,7 @@ def read_resume(path: Path) -> Resume:
 
 def plan_start(config: Any) -> Start:
     """The plan of a resolved ``run.config.RunConfig``, read from its ``resume`` or ``weights``
-    (for callers of ``run.runs.open_run`` that resolved only the options)."""
+    (for callers of ``run.life.open_run`` that resolved only the options)."""
     if config.resume is not None:
         return read_resume(config.resume)
     if config.weights is not None:

@@ -60,7 +60,7 @@ def console_kind() -> str:
 
     The two run different collectives at an epoch's end (the lines read the synced epoch metrics on
     every rank), so the ranks must not choose by their own terminals: DDP workers started by
-    Lightning's launcher take rank 0's choice (:data:`CONSOLE_ENV`, handed down by ``run.runs.open_run``).
+    Lightning's launcher take rank 0's choice (:data:`CONSOLE_ENV`, handed down by ``run.life.open_run``).
     Tasks that SLURM starts (several per job) cannot be told, and under ``srun --pty`` only task 0
     has a terminal: they all print lines. Otherwise a bar where standard output is a terminal.
     """
@@ -243,7 +243,7 @@ def check_not_in_use(run_dir: Path) -> None:
 def check_resumable(checkpoint: Path) -> Path:
     """``checkpoint``, resolved, if it is a checkpoint file inside a run folder; a one-line UserError otherwise.
 
-    Only the file's first bytes are read: ``run.runs.start.read_resume`` checks
+    Only the file's first bytes are read: ``run.life.start.read_resume`` checks
     that it holds a training state.
     """
     check_checkpoint_file(checkpoint)
