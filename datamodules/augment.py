@@ -60,6 +60,17 @@ class Augmentation:
 
 
 @dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where and for whom batches are built: on ``device``, as process ``rank`` of ``world_size``
+    (0 of 1 without DDP), gathered in ``channels_last`` memory format or not."""
+
+    device: torch.device | str = "cpu"
+    rank: int = 0
+    world_size: int = 1
+    channels_last: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Draws:
     """The random choices for n images, each (n,): crop offsets ``dy``, ``dx`` into the padded image
     (0 .. 2 * translate), ``flip`` (bool), and the Cutout square's top-left corner ``top``, ``left``
@@ -183,18 +194,15 @@ class TrainBatchBuilder:
         seed: int,
         mean: Sequence[float],
         std: Sequence[float],
-        device: torch.device | str = "cpu",
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = False,
+        placement: Placement = Placement(),
     ) -> None:
         self.height, self.width = images.shape[-2:]
         augmentation.check_size(self.height, self.width)
         self.augmentation = augmentation
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size = seed, placement.rank, placement.world_size
         self.size = len(images)
-        self.device = torch.device(device)
-        self.channels_last = channels_last
+        self.device = torch.device(placement.device)
+        self.channels_last = placement.channels_last
         self.padded = pad(images, augmentation.translate, augmentation.padding).to(self.device)
         self.labels = labels.to(self.device)
         self.normalize = Normalize(mean, std, self.device)
@@ -313,7 +321,8 @@ class TrainBatches:
 
     ``images`` is a uint8 (N, C, H, W) tensor, ``labels`` int64 (N,). Each epoch yields this
     rank's ``len(sampler)`` images in batches of ``batch_size``, the last one partial, augmented
-    as ``augmentation`` says. ``channels_last`` gathers straight into that memory format.
+    as ``augmentation`` says, on ``placement``'s device and shard; ``channels_last`` gathers straight
+    into that memory format.
 
     Resumable mid-epoch (Lightning's ``state_dict`` / ``load_state_dict`` interface of stateful
     loaders): the state is the epoch and how many of its batches were served; the epoch's draw
@@ -330,17 +339,13 @@ class TrainBatches:
         mean: Sequence[float],
         std: Sequence[float],
         augmentation: Augmentation = Augmentation(),
-        device: torch.device | str = "cpu",
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = False,
+        placement: Placement = Placement(),
     ) -> None:
         _check_arrays(images, labels)
         self.batch_size = batch_size
-        self.sampler = ShuffledShard(len(images), rank, world_size)
+        self.sampler = ShuffledShard(len(images), placement.rank, placement.world_size)
         self.builder = TrainBatchBuilder(
-            images, labels, augmentation=augmentation, seed=seed, mean=mean, std=std, device=device,
-            rank=rank, world_size=world_size, channels_last=channels_last,
+            images, labels, augmentation=augmentation, seed=seed, mean=mean, std=std, placement=placement
         )
         self.progress = EpochProgress()
 
@@ -377,16 +382,13 @@ class EvalBatches:
         *,
         mean: Sequence[float],
         std: Sequence[float],
-        device: torch.device | str = "cpu",
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = False,
+        placement: Placement = Placement(),
     ) -> None:
         _check_arrays(images, labels)
-        batches = EvalShard(len(images), batch_size, rank, world_size).batches()
+        batches = EvalShard(len(images), batch_size, placement.rank, placement.world_size).batches()
         self.num_batches = len(batches)
-        self.device = torch.device(device)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.device = torch.device(placement.device)
+        memory_format = torch.channels_last if placement.channels_last else torch.contiguous_format
         self.images = images.to(self.device).contiguous(memory_format=memory_format)
         self.labels = labels.to(self.device)
         self.bounds = [(int(batch[0]), int(batch[-1]) + 1) for batch in batches]

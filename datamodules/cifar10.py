@@ -30,6 +30,7 @@ from datamodules.augment import (
     EpochProgress,
     EvalBatches,
     EvalShard,
+    Placement,
     ShuffledShard,
     TrainBatchBuilder,
     TrainBatches,
@@ -340,32 +341,24 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader | TrainBatches:
         train_set = self._ready(self.train_set, "fit")
-        device, rank, world_size = self._placement()
+        placement = self._placement()
         info, augmentation = self.dataset_info, self.augmentation
-        if resolve_data_path(self.data_path, device) == "device":
+        if resolve_data_path(self.data_path, placement.device) == "device":
             return TrainBatches(
-                train_set.images,
-                train_set.labels,
-                self.batch_size,
-                seed=self.seed,
-                mean=info.mean,
-                std=info.std,
-                augmentation=augmentation,
-                device=device,
-                rank=rank,
-                world_size=world_size,
-                channels_last=self.channels_last,
+                train_set.images, train_set.labels, self.batch_size,
+                seed=self.seed, mean=info.mean, std=info.std, augmentation=augmentation, placement=placement,
             )
+        # The loader path builds its batches in CPU worker processes; Lightning moves them over.
         builder = TrainBatchBuilder(
             train_set.images, train_set.labels, augmentation=augmentation, seed=self.seed, mean=info.mean,
-            std=info.std, rank=rank, world_size=world_size, channels_last=self.channels_last,
+            std=info.std, placement=dataclasses.replace(placement, device="cpu"),
         )
         return ResumableLoader(
             PlannedBatches(builder),
             batch_size=None,
-            sampler=BatchKeys(ShuffledShard(len(train_set), rank, world_size), self.batch_size),
+            sampler=BatchKeys(ShuffledShard(len(train_set), placement.rank, placement.world_size), self.batch_size),
             num_workers=self.num_workers,
-            pin_memory=self._pins(device),
+            pin_memory=self._pins(placement.device),
             persistent_workers=self.num_workers > 0,
             # DataLoader draws its workers' base seed at every iter(), from the global RNG unless it
             # has a generator of its own: that draw would shift dropout's stream after a resume.
@@ -398,24 +391,17 @@ class ImageDataModule(L.LightningDataModule):
         return len(EvalShard(len(dataset), self.eval_batch_size, 0, world_size))
 
     def _eval_loader(self, dataset: TransformedTensorDataset) -> DataLoader | EvalBatches:
-        device, rank, world_size = self._placement()
-        if resolve_data_path(self.data_path, device) == "device":
+        placement = self._placement()
+        if resolve_data_path(self.data_path, placement.device) == "device":
+            info = self.dataset_info
             return EvalBatches(
-                dataset.images,
-                dataset.labels,
-                self.eval_batch_size,
-                mean=self.dataset_info.mean,
-                std=self.dataset_info.std,
-                device=device,
-                rank=rank,
-                world_size=world_size,
-                channels_last=self.channels_last,
+                dataset.images, dataset.labels, self.eval_batch_size, mean=info.mean, std=info.std, placement=placement
             )
         return DataLoader(
             dataset,
-            batch_sampler=EvalShard(len(dataset), self.eval_batch_size, rank, world_size),
+            batch_sampler=EvalShard(len(dataset), self.eval_batch_size, placement.rank, placement.world_size),
             num_workers=self.num_workers,
-            pin_memory=self._pins(device),
+            pin_memory=self._pins(placement.device),
             persistent_workers=self.num_workers > 0,
             # Not from the global RNG (see train_dataloader): a resumed run starts its workers at
             # another point of the run than an uninterrupted one, and must not shift dropout's stream.
@@ -426,11 +412,12 @@ class ImageDataModule(L.LightningDataModule):
         """Whether the loader path's batches go through pinned memory on their way to ``device``."""
         return device.type == "cuda" if self.pin_memory is None else self.pin_memory
 
-    def _placement(self) -> tuple[torch.device, int, int]:
-        """(device, global rank, world size) that batches are built for: the Trainer's, when attached."""
+    def _placement(self) -> Placement:
+        """The device, global rank and world size that batches are built for: the Trainer's, when attached."""
         if self.trainer is None:
-            return torch.device(self.device or "cpu"), 0, 1
-        return self.trainer.strategy.root_device, self.trainer.global_rank, self.trainer.world_size
+            return Placement(torch.device(self.device or "cpu"), channels_last=self.channels_last)
+        strategy = self.trainer.strategy
+        return Placement(strategy.root_device, self.trainer.global_rank, self.trainer.world_size, self.channels_last)
 
     @staticmethod
     def _ready(dataset: TransformedTensorDataset | None, stage: str) -> TransformedTensorDataset:

@@ -14,7 +14,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from fakedata import make_image_folder
 from torch import nn
 from torch.utils.data import DataLoader
@@ -22,7 +21,7 @@ from torchvision.transforms import v2
 
 from base.errors import UserError
 from datamodules import MEAN, STD, CIFAR10DataModule
-from datamodules.augment import Augmentation, TrainBatchBuilder
+from datamodules.augment import Augmentation, Placement, TrainBatchBuilder
 from datamodules.cifar10 import BatchKeys, PlannedBatches, ResumableLoader, TransformedTensorDataset, eval_transform
 from datamodules.augment import EvalBatches, ShuffledShard, TrainBatches, resolve_data_path
 
@@ -70,7 +69,7 @@ def loader_path(images: torch.Tensor, labels: torch.Tensor, batch_size: int, see
                 augmentation: Augmentation = Augmentation(), rank: int = 0, world_size: int = 1) -> ResumableLoader:
     """The training DataLoader the DataModule makes for --data-path loader."""
     builder = TrainBatchBuilder(images, labels, augmentation=augmentation, seed=seed, mean=MEAN, std=STD,
-                                rank=rank, world_size=world_size)
+                                placement=Placement(rank=rank, world_size=world_size))
     return ResumableLoader(PlannedBatches(builder), batch_size=None, num_workers=workers,
                            sampler=BatchKeys(ShuffledShard(len(images), rank, world_size), batch_size))
 
@@ -161,7 +160,7 @@ def test_eval_batches_are_normalised_as_the_loader_path(channels_last: bool) -> 
     images = torch.randint(0, 256, (53, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
     labels = torch.arange(53) % 10
     loader = DataLoader(TransformedTensorDataset(images, labels, eval_transform()), batch_size=10)
-    device = EvalBatches(images, labels, 10, mean=MEAN, std=STD, channels_last=channels_last)
+    device = EvalBatches(images, labels, 10, mean=MEAN, std=STD, placement=Placement(channels_last=channels_last))
     assert len(device) == len(loader) == 6
     device_images = [x for x, _ in device]
     assert all(x.is_contiguous(memory_format=torch.channels_last) == channels_last for x in device_images)
@@ -174,7 +173,8 @@ def test_channels_last_train_batches_hold_the_same_values(augmentation: Augmenta
     images = torch.randint(0, 256, (30, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     labels = torch.arange(30)
     plain = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD, augmentation=augmentation)
-    nhwc = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD, channels_last=True, augmentation=augmentation)
+    nhwc = TrainBatches(images, labels, 8, seed=5, mean=MEAN, std=STD, placement=Placement(channels_last=True),
+                   augmentation=augmentation)
     for (x, y), (x_nhwc, y_nhwc) in zip(plain, nhwc, strict=True):
         assert x_nhwc.is_contiguous(memory_format=torch.channels_last) and x.is_contiguous()
         assert torch.equal(x, x_nhwc) and torch.equal(y, y_nhwc)
@@ -209,8 +209,8 @@ def test_processes_take_disjoint_equal_shards_of_the_same_draw() -> None:
              zip(order, draws.dy, draws.dx, draws.flip, draws.top, draws.left)}
     seen: list[int] = []
     for rank in range(world):
-        shard = TrainBatches(images, labels, 4, seed=7, mean=MEAN, std=STD, rank=rank, world_size=world,
-                             augmentation=Augmentation(cutout=5))
+        shard = TrainBatches(images, labels, 4, seed=7, mean=MEAN, std=STD, augmentation=Augmentation(cutout=5),
+                             placement=Placement(rank=rank, world_size=world))
         assert len(shard) == math.ceil(16 / 4)  # 50 // 3 images each; the 2 left over skip this epoch
         mine = epoch_order(shard, 2)
         assert len(mine) == 16
@@ -225,18 +225,18 @@ def test_processes_take_disjoint_equal_shards_of_the_same_draw() -> None:
 def test_eval_shards_cover_every_image_once_in_equal_batch_counts() -> None:
     n, world = 53, 4
     images, labels = marker_images(n), torch.arange(n)
-    shards = [EvalBatches(images, labels, 5, mean=MEAN, std=STD, rank=r, world_size=world) for r in range(world)]
+    shards = [EvalBatches(images, labels, 5, mean=MEAN, std=STD, placement=Placement(rank=r, world_size=world)) for r in range(world)]
     assert {len(shard) for shard in shards} == {3}  # ranks must run the same number of steps
     seen = [y for shard in shards for _, batch in shard for y in batch.tolist()]
     assert sorted(seen) == list(range(n))
     assert max(len(y) for shard in shards for _, y in shard) <= 5
     with pytest.raises(UserError, match="fewer images than batches"):
-        EvalBatches(images[:3], labels[:3], 1, mean=MEAN, std=STD, rank=0, world_size=2)
+        EvalBatches(images[:3], labels[:3], 1, mean=MEAN, std=STD, placement=Placement(rank=0, world_size=2))
 
 
 def test_too_few_training_images_for_the_processes() -> None:
     with pytest.raises(UserError, match="cannot be shared by 4 processes"):
-        TrainBatches(marker_images(3), torch.arange(3), 2, seed=0, mean=MEAN, std=STD, rank=0, world_size=4)
+        TrainBatches(marker_images(3), torch.arange(3), 2, seed=0, mean=MEAN, std=STD, placement=Placement(rank=0, world_size=4))
 
 
 class _Recorder(L.LightningModule):

@@ -3,7 +3,6 @@ validation confusion matrix throttled for runs whose epochs take seconds."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 

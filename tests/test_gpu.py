@@ -240,7 +240,7 @@ def test_training_speed_floor_over_50_steps():
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from datamodules.augment import TrainBatches
+    from datamodules.augment import Placement, TrainBatches
     from lit_modules import ImageClassifier
     from models import prepare_backbone
 
@@ -256,8 +256,8 @@ def test_training_speed_floor_over_50_steps():
 
     images = torch.randint(0, 256, (60 * 512, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (60 * 512,))
-    batches = TrainBatches(images, labels, 512, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3, device="cuda",
-                           channels_last=True)
+    batches = TrainBatches(images, labels, 512, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3,
+                           placement=Placement(device="cuda", channels_last=True))
     module = ImageClassifier("vgg16", OptimOptions(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="none"))
     prepare_backbone(module.backbone, channels_last=True, compile=False)
     clock = _Clock()
