@@ -14,7 +14,7 @@ from models import prepare_backbone
 from run.build import build_datamodule, build_trainer
 from run.checkpoints import build_backbone, checkpoint_dataset, load_any_checkpoint, records_dataset
 from run.config import build_config
-from run.life import require_run_dir
+from run.life import console_kind, require_run_dir
 from run.hardware import worker_failures_explained
 from run.loggers import recorded_loggers
 from run.tensorboard import run_dashboards
@@ -56,7 +56,9 @@ def evaluate(args: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     )
     # --log-to-run: through the loggers the run itself logs to, as its config records them.
     dashboards = [run_dashboards(run_dir, contents, dataset, recorded_loggers(run_dir))] if run_dir else []
-    trainer = build_trainer(config, logger=False, callbacks=[RichProgressBar(), *dashboards])
+    # A live bar only in a terminal: piped or in a log file its frames would be the output's first line.
+    bar = [RichProgressBar()] if console_kind() == "bar" else []
+    trainer = build_trainer(config, logger=False, callbacks=[*bar, *dashboards], progress_bar=bool(bar))
     with ctrl_c_raises("stopped by Ctrl-C; nothing was written"), worker_failures_explained(config.workers):
         metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     per_class_prefix = "acc_per_class/test/"

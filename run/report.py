@@ -69,7 +69,7 @@ def describe(config: RunConfig) -> str:
     schedule = f"{config.scheduler} schedule" if config.scheduler != "none" else "constant lr"
     parts = [
         config.described_model,
-        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}",
+        _length(config),
         f"batch {config.batch_size}",
         f"{config.optimizer} lr {config.lr:g}",
         schedule,
@@ -79,6 +79,13 @@ def describe(config: RunConfig) -> str:
         + (f" ({config.precision_reason})" if config.precision_reason and config.precision_reason != "asked for" else ""),
     ]
     return ", ".join(parts)
+
+
+def _length(config: RunConfig) -> str:
+    """How long the run trains: its epochs, or the batches of a fast dev run (which replaces them)."""
+    if config.fast_dev_run:
+        return f"{config.fast_dev_run} batch{'es' if config.fast_dev_run != 1 else ''} of each stage"
+    return f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
 
 
 def _recipe_extras(config: RunConfig) -> list[str]:

@@ -72,6 +72,7 @@ def test_test_py_reports_every_test_image_and_each_class(cli, trained: Path, tin
     assert data["images"] == 50 and data["model"] == "vgg16" and data["checkpoint_kind"] == "lightning"
     assert len(data["per_class_accuracy"]) == 10 and 0.0 <= data["accuracy"] <= 1.0
     assert "all (top-1)" in result.out and "airplane" in result.out
+    assert "Testing ━" not in result.out and "it/s" not in result.out  # no progress bar: output is not a terminal
 
 
 @pytest.mark.slow

@@ -135,10 +135,13 @@ def test_the_least_fractions_train_and_test_as_lightning_counts(cli, tiny_data, 
 
 
 @pytest.mark.slow
-def test_fast_dev_run_replaces_the_limits(cli, tiny_data, tmp_path):
+def test_fast_dev_run_replaces_the_limits_and_keeps_nothing(cli, tiny_data, tmp_path):
     result = cli("train", *VGG, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "runs"),
-                 "--fast-dev-run", "1", "--limit-test-batches", "0.01")
+                 "--fast-dev-run", "2", "--limit-test-batches", "0.01")
     assert result.code == 0, result.err
+    # Its first line says what it runs (not the recipe's epochs, which it replaces) and that nothing stays.
+    assert result.out.splitlines()[0].startswith("fast dev run (nothing is kept): vgg16, 2 batches of each stage, batch")
+    assert not any(path.is_file() for path in (tmp_path / "runs").rglob("*"))
 
 
 def test_the_range_test_bar_is_hidden_off_a_terminal_and_put_back():

@@ -437,11 +437,12 @@ def test_every_rank_restores_its_own_rng_state_and_old_checkpoints_still_load():
 
 def test_loader_path_pins_memory_only_for_a_gpu(tiny_data, monkeypatch):
     from datamodules import CIFAR10DataModule
+    from datamodules.augment import Placement
 
     datamodule = CIFAR10DataModule(tiny_data, batch_size=20, eval_batch_size=50, val_size=20, data_path="loader")
     datamodule.setup()
     for device, pinned in (("cpu", False), ("cuda", True)):
-        monkeypatch.setattr(datamodule, "_placement", lambda d=device: (torch.device(d), 0, 1))
+        monkeypatch.setattr(datamodule, "_placement", lambda d=device: Placement(torch.device(d)))
         loaders = datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()
         assert [loader.pin_memory for loader in loaders] == [pinned] * 3
     datamodule.pin_memory = False

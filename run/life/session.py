@@ -155,7 +155,12 @@ class Run:
         remember_mlflow_run(trainer.loggers, run_dir)
         if not config.fast_dev_run:
             write_config(config.to_dict(), run_dir / (RESUMED_CONFIG_NAME if config.resume else CONFIG_NAME))
-        verb = f"resuming {run_dir} from {config.resume.name}" if config.resume else f"new run {run_dir}"
+        if config.fast_dev_run:
+            verb = "fast dev run (nothing is kept)"
+        elif config.resume:
+            verb = f"resuming {run_dir} from {config.resume.name}"
+        else:
+            verb = f"new run {run_dir}"
         print(f"{verb}: {description}", flush=True)
         if config.rewind and config.resume is not None:
             rewind(run_dir, config.resume, self.start.point if isinstance(self.start, Resume) else None)
@@ -187,6 +192,11 @@ class Run:
         if best and metrics and not self.config.fast_dev_run:
             record_final_test(self.open(), last_step, epochs, best, best_epoch, metrics)
 
+    def _discard_dev_run(self) -> None:
+        # Lightning writes nothing in a fast dev run; its folder, made to hold the run's lock, goes too.
+        if self.created and self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
     def _discard_if_unfinished(self) -> None:
         if self.created and not self._fitted and not self._stopped and self.dir is not None \
                 and discard_if_unfinished(self.dir):
@@ -203,9 +213,10 @@ def open_run(config: RunConfig, start: Start | None = None) -> Iterator[Run]:
     against what is installed (before the data is read). Within it: what rank 0 decides is handed
     down to the DDP workers, a resumed run is held (refused at once when another process trains
     it) and its data folder checked; the run's folder is opened by :meth:`Run.open`. After it: a
-    folder this process created is removed when the run stopped before writing any checkpoint, and
-    a ``UserError`` is passed on to the job's other SLURM tasks, which may be waiting for task 0 to
-    name the run folder (they stop with it rather than at their timeout).
+    folder this process created is removed when the run stopped before writing any checkpoint or was
+    a fast dev run (which keeps nothing), and a ``UserError`` is passed on to the job's other SLURM
+    tasks, which may be waiting for task 0 to name the run folder (they stop with it rather than at
+    their timeout).
     """
     check_layout(config.hardware.device_count, config.num_nodes)
     # A logger whose library is missing (--logger mlflow without MLflow): refused before the data
@@ -233,6 +244,8 @@ def open_run(config: RunConfig, start: Start | None = None) -> Iterator[Run]:
             except BaseException:
                 run._discard_if_unfinished()
                 raise
+            if config.fast_dev_run:
+                run._discard_dev_run()
     except UserError as exc:
         # Nothing to do in any process but a SLURM job's task 0.
         announce_run_dir(config.output_dir, error=str(exc))
