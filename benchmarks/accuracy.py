@@ -18,8 +18,8 @@ batch that was stopped; ``--budget-s`` starts no run that would likely end after
 seconds (the longest run so far is the estimate), for machines lent by the minute.
 
     python -m benchmarks.accuracy --configs configs/vgg16_fast.yaml configs/resnet50_fast.yaml \\
-        --seeds 0 1 2 --data-dir ../shared/data/cifar10-jpeg.tar.gz --out benchmarks/results/accuracy-h100
-    python -m benchmarks.accuracy --out benchmarks/results/accuracy-h100     # only summarise again
+        --seeds 0 1 2 --data-dir ~/data/cifar10-jpeg.tar.gz --out benchmarks/results/accuracy-gpu
+    python -m benchmarks.accuracy --out benchmarks/results/accuracy-gpu     # only summarise again
 
 (from the repository root; ``python benchmarks/accuracy.py`` works too once the project is
 pip-installed).

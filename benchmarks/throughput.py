@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Training throughput of our pipeline against the course's plain loop (../shared/bench/seed_loop.py).
+"""Training throughput of our pipeline against the course's plain loop (its script, seed_loop.py).
 
 For each model it times N training steps after W warm-up steps, on one device, in three ways:
 
-* ``seed_loop``: the yardstick, ``../shared/bench/seed_loop.py`` unmodified (PIL augmentation per
-  image, a DataLoader, fp32);
+* ``seed_loop``: the yardstick, the course's script unmodified (``--seed-loop``, default
+  ``.data/seed_loop.py``: PIL augmentation per image, a DataLoader, fp32);
 * ``lightning``: our pipeline through Lightning, as train.py builds it (data path, precision,
   channels_last, optional compile, our progress bar, logger and loss guard; no checkpoints,
   which are written at epoch ends only);
@@ -76,8 +76,8 @@ except ModuleNotFoundError as exc:
 
 MODELS = ("vgg16", "resnet50")
 VARIANTS = ("seed_loop", "lightning", "bare")
-SEED_LOOP = ROOT.parent / "shared" / "bench" / "seed_loop.py"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SEED_LOOP = ROOT / ".data" / "seed_loop.py"  # as scripts/gpu_proof.py: copies kept out of git
+DEFAULT_DATA = ROOT / ".data" / "cifar10-jpeg.tar.gz"
 # The bare loop runs training_step without a Trainer, where self.log only warns and returns.
 _NO_TRAINER_LOG = r".*self\.log\(\)` but the `self\.trainer` reference is not registered.*"
 

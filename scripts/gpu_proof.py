@@ -77,7 +77,7 @@ class Sizes:
     bench_models: tuple[str, ...]  # timed by benchmarks/throughput.py
     bench: tuple[str, ...]  # its flags
     repeats: int
-    train_flags: tuple[str, ...]  # every train.py run
+    train_flags: tuple[str, ...]  # every train.py run, beside --epochs (below)
     seeds: dict[str, tuple[int, ...]]  # per model
     # Groups of screening candidates (benchmarks/screening/*.yaml), each group trained at once on
     # the one device, and the train.py flags of the group beyond train_flags.
@@ -121,7 +121,7 @@ DRY = Sizes(
     bench_models=("vgg16",),
     bench=("--steps", "2", "--warmup", "1", "--batch-size", "20", "--workers", "0"),
     repeats=1,
-    train_flags=("--epochs", "1", "--train-limit", "40", "--val-size", "20", "--batch-size", "20",
+    train_flags=("--train-limit", "40", "--val-size", "20", "--batch-size", "20",
                  "--eval-batch-size", "50", "--workers", "0", "--time-to-accuracy", TARGET, "--accelerator", "cpu"),
     # One run of each part: CI's time is short, and the planner's choices have unit tests.
     seeds={"vgg16_bn": (0,), "vgg16": (0,), "resnet50": (0,)},
@@ -234,7 +234,9 @@ def build_items(parts: Sequence[str], sizes: Sizes, paths: dict[str, Path], seed
                    "--runs-dir", str(runs / folder), "--out", str(results / folder)]
         if len(configs) > 1:
             command += ["--parallel", str(len(configs))]
-        return command + (["--tag", tag] if tag else []) + ["--", *sizes.train_flags, *flags]
+        # --epochs always: the screening candidates hold no epoch count of their own (the screening
+        # gives it), and the estimates assume sizes.epochs.
+        return command + (["--tag", tag] if tag else []) + ["--", "--epochs", str(sizes.epochs), *sizes.train_flags, *flags]
 
     def seed_run(model: str, seed: int) -> Item:
         run = Run(model, CONFIGS[model], seed)

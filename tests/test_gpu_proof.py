@@ -70,6 +70,10 @@ def test_items_come_most_valuable_first_and_import_the_checkout(tmp_path):
     assert all((ROOT / config).is_file() for item in items if item.part == "recipe-sweep" for config in
                item.command[item.command.index("--configs") + 1:item.command.index("--seeds")])
     assert group[group.index("--parallel") + 1] == "3"
+    # Every run trains the epochs its estimate assumes, the candidates too (they hold no epoch count).
+    for item in items[2:]:
+        flags = item.command[item.command.index("--") + 1:]
+        assert flags[flags.index("--epochs") + 1] == str(proof.GPU.epochs) == "40"
     assert "seed_loop" not in items_for(tmp_path, seed_loop=False)[1].command
 
 

@@ -1,4 +1,4 @@
-"""Inputs people really bring, round three: data trees with sub-folders and links, YAML 1.1
+"""Inputs people really bring: data trees with sub-folders and links, YAML 1.1
 surprises, checkpoints measured with --tta flip, names with rich markup, mistyped flags, course
 state dicts that PyTorch loads, and the supply chain of the install."""
 from __future__ import annotations

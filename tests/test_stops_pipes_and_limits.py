@@ -1,4 +1,4 @@
-"""Real inputs, round four: stops, pipes, crashes and limits that users of similar tools reported.
+"""Real inputs: stops, pipes, crashes and limits that users of similar tools reported.
 
 Each test replays one kind of fault: a hang-up of the terminal, a crash and its resume in the
 curves, Ctrl-C in every phase, numbers beyond what a library takes, a reader that closes the pipe,
