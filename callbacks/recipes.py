@@ -139,7 +139,9 @@ class TimeToAccuracy(Callback):
     evaluations. They include validation and checkpoint writing, which a real run pays too. The
     first epoch also pays one-off costs (``torch.compile``, cuDNN's autotuning, memory
     allocation); ``warmup_s`` estimates them as the first epoch's time minus the median of the
-    others. One uninterrupted fit: after ``--resume`` the clock restarts.
+    others. A resumed run continues the clock and the curve: both are saved in every checkpoint
+    (:meth:`state_dict`), and the time between a stop and its resume does not count (``resumes``
+    says how many there were; ``startup_s`` is the first start's).
     """
 
     def __init__(self, target: float) -> None:
@@ -151,14 +153,18 @@ class TimeToAccuracy(Callback):
         self._metric: MulticlassAccuracy | None = None
         self._loader: Any = None
         self._setup_at = 0.0
-        self._start = 0.0
+        self._start: float | None = None
         self._excluded = 0.0
+        self._device = torch.device("cpu")
+        self._saved: dict[str, Any] | None = None  # what a resumed run's checkpoint recorded
         self.startup_s: float | None = None
+        self.resumes = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._setup_at = time.perf_counter()
+        self._device = trainer.strategy.root_device
         names = [type(callback).__name__ for callback in trainer.callbacks]
         mine = trainer.callbacks.index(self)
         late = [names[i] for i, cb in enumerate(trainer.callbacks) if isinstance(cb, WeightAveraging) and i < mine]
@@ -167,18 +173,35 @@ class TimeToAccuracy(Callback):
         self._metric = MulticlassAccuracy(pl_module.dataset.num_classes, average="micro").to(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epochs, self.reached = [], None
+        now = self._now()
         self._excluded = 0.0
-        self._start = self._now(trainer)
-        self.startup_s = self._start - self._setup_at
+        saved, self._saved = self._saved, None
+        if saved is None:
+            self.epochs, self.reached, self.resumes = [], None, 0
+            self.startup_s = now - self._setup_at
+            self._start = now
+            return
+        self.epochs, self.reached = list(saved["epochs"]), saved["reached"]
+        self.startup_s, self.resumes = saved["startup_s"], saved["resumes"] + 1
+        self._start = now - saved["train_s"]
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved with every checkpoint; a resumed run continues from it (on_train_start).
+        return {"epochs": list(self.epochs), "reached": self.reached, "train_s": self._elapsed(self._now()),
+                "startup_s": self.startup_s, "resumes": self.resumes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Kept until the fit starts: trainer.test also loads the state of the checkpoint it tests,
+        # which must not replace the finished run's record.
+        self._saved = dict(state_dict)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        now = self._now(trainer)
-        elapsed = now - self._start - self._excluded
+        now = self._now()
+        elapsed = self._elapsed(now)
         accuracy = self._evaluate(trainer, pl_module)
-        self._excluded += self._now(trainer) - now
+        self._excluded += self._now() - now
         record = {"epoch": trainer.current_epoch + 1, "train_s": elapsed, "test_acc": accuracy}
         self.epochs.append(record)
         if self.reached is None and accuracy >= self.target:
@@ -202,11 +225,14 @@ class TimeToAccuracy(Callback):
         # compute() sums the counts of every process under DDP.
         return float(self._metric.compute())
 
-    @staticmethod
-    def _now(trainer: L.Trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
+    def _now(self) -> float:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
         return time.perf_counter()
+
+    def _elapsed(self, now: float) -> float:
+        """Training seconds at ``now`` (0 before the fit starts), these test evaluations excluded."""
+        return 0.0 if self._start is None else now - self._start - self._excluded
 
     def report(self) -> dict[str, Any]:
         """What the run's results JSON records (see ``run/report.py``)."""
@@ -215,6 +241,7 @@ class TimeToAccuracy(Callback):
         return {
             "target": self.target,
             "startup_s": self.startup_s,
+            "resumes": self.resumes,
             "reached": self.reached is not None,
             "epoch": self.reached["epoch"] if self.reached else None,
             "train_s": self.reached["train_s"] if self.reached else None,

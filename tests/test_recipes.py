@@ -157,16 +157,25 @@ def test_ema_decay_out_of_range_is_one_line(cli, tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_resume_with_ema_is_exact(cli, tiny_data, tmp_path):
-    """With EMA on, 1 epoch then resumed to 2 equals 2 straight: averaged and raw weights, average state, optimiser."""
+    """With EMA on, 1 epoch then resumed to 2 equals 2 straight: averaged and raw weights, average state, optimiser;
+    --time-to-accuracy's curve and clock continue across the resume."""
     # A step schedule, whose rates do not depend on the run length, so that 1 epoch then 2 is
     # the same recipe as 2 straight (a one-cycle schedule is fixed by the --epochs it started with).
     recipe = [*QUICK, "--data-dir", str(tiny_data), "--ema-decay", "0.7", "--optimizer", "sgd", "--lr", "0.01",
-              "--nesterov", "--step-size", "1", "--gamma", "0.5"]
+              "--nesterov", "--step-size", "1", "--gamma", "0.5", "--time-to-accuracy", "0.99"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cli("train", *recipe, "--epochs", "2", "--output-dir", str(straight)).code == 0
+    assert cli("train", *recipe, "--epochs", "2", "--output-dir", str(straight),
+               "--results-json", str(tmp_path / "straight.json")).code == 0
     assert cli("train", *recipe, "--epochs", "1", "--output-dir", str(split)).code == 0
-    resumed = cli("train", *recipe, "--epochs", "2", "--output-dir", str(split), "--resume", "last")
+    resumed = cli("train", *recipe, "--epochs", "2", "--output-dir", str(split), "--resume", "last",
+                  "--results-json", str(tmp_path / "split.json"))
     assert resumed.code == 0, resumed.err
+    clocks = [json.loads((tmp_path / f"{name}.json").read_text())["time_to_accuracy"] for name in ("straight", "split")]
+    assert [clock["resumes"] for clock in clocks] == [0, 1]
+    for clock in clocks:
+        assert [epoch["epoch"] for epoch in clock["epochs"]] == [1, 2]
+        assert 0 < clock["epochs"][0]["train_s"] < clock["epochs"][1]["train_s"]
+    assert [e["test_acc"] for e in clocks[0]["epochs"]] == [e["test_acc"] for e in clocks[1]["epochs"]]
 
     a = load(straight / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")
     b = load(split / "vgg16" / "version_0" / "checkpoints" / "last.ckpt")
