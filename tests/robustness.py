@@ -151,7 +151,7 @@ def write_report(path: Path, command: str, descriptions: Mapping[str, str]) -> N
         row["corrupted"] += check.corrupted
     for run in RUN_CHECKS:
         row = groups.setdefault(_group(run.test), dict.fromkeys(columns, 0))
-        row["runs"] += run.life
+        row["runs"] += run.runs
         row["lost"] += run.lost
     totals = {key: sum(row[key] for row in groups.values()) for key in columns}
 
@@ -221,6 +221,6 @@ def write_report(path: Path, command: str, descriptions: Mapping[str, str]) -> N
             "| --- | --- | ---: | ---: |",
         ]
         for run in RUN_CHECKS:
-            out.append(f"| `{_cell(run.test)}` | {_cell(run.what)} | {run.life} | {run.lost} |")
+            out.append(f"| `{_cell(run.test)}` | {_cell(run.what)} | {run.runs} | {run.lost} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out) + "\n")
