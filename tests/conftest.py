@@ -157,21 +157,33 @@ class _SigtermAt(Callback):
 
 
 @pytest.fixture
-def sigterm_at(monkeypatch):
-    """``sigterm_at(step=n)`` or ``sigterm_at(epoch=n)``: the next train.py run in this process is
-    preempted there; ``sigterm_at()`` runs the next one undisturbed. ``sigterm_at(epoch=n,
-    during="validation")`` and the other ``during`` values of ``_SigtermAt`` stop it elsewhere."""
+def extra_callback(monkeypatch):
+    """``extra_callback(make)``: every later train.py run in this test also gets the callback
+    ``make()``, a new one each time a run builds its callbacks; ``first=True`` puts it before the
+    project's own. Calls add up."""
     from run import build as run_build
 
-    real = run_build.build_callbacks
+    def add(make, first: bool = False) -> None:
+        real = run_build.build_callbacks
 
-    def arm(step: int | None = None, epoch: int | None = None, during: str | None = None) -> None:
         def build_callbacks(*args, **kwargs):
             callbacks = real(*args, **kwargs)
-            callbacks.all.append(_SigtermAt(step, epoch, during))
+            callbacks.all.insert(0 if first else len(callbacks.all), make())
             return callbacks
 
         monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+
+    return add
+
+
+@pytest.fixture
+def sigterm_at(extra_callback):
+    """``sigterm_at(step=n)`` or ``sigterm_at(epoch=n)``: the next train.py run in this process is
+    preempted there; ``sigterm_at()`` runs the next one undisturbed. ``sigterm_at(epoch=n,
+    during="validation")`` and the other ``during`` values of ``_SigtermAt`` stop it elsewhere."""
+
+    def arm(step: int | None = None, epoch: int | None = None, during: str | None = None) -> None:
+        extra_callback(lambda: _SigtermAt(step, epoch, during))
 
     return arm
 

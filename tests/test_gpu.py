@@ -78,13 +78,12 @@ def _check_fast_recipe(report, output) -> dict:
 
 
 @NEEDS_CUDA
-def test_fast_recipe_training_steps_never_sync_with_the_host(cli, gpu_data, tmp_path, monkeypatch):
+def test_fast_recipe_training_steps_never_sync_with_the_host(cli, gpu_data, tmp_path, extra_callback):
     """CUDA's sync detector set to "error" from the third training step on: no step (EMA update, loss
     guard, metrics, batches) waits for the GPU. Logging steps are out of this window (--log-every-n-steps 50).
     (On the CPU, tests/test_host_syncs.py counts the same reads.)"""
     from lightning.pytorch.callbacks import Callback
 
-    from run import build as run_build
 
     checked = []
 
@@ -102,15 +101,8 @@ def test_fast_recipe_training_steps_never_sync_with_the_host(cli, gpu_data, tmp_
         def on_exception(self, trainer, pl_module, exception):
             torch.cuda.set_sync_debug_mode("default")
 
-    real = run_build.build_callbacks
-
-    def build_callbacks(*args, **kwargs):
-        callbacks = real(*args, **kwargs)
-        callbacks.all.insert(0, _SyncsAreErrors())
-        callbacks.all.append(_Back())
-        return callbacks
-
-    monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+    extra_callback(_SyncsAreErrors, first=True)
+    extra_callback(_Back)
     try:
         result = cli("train", *FAST, *on("cuda"), "--epochs", "1", "--batch-size", "32", "--log-every-n-steps", "50",
                      "--data-dir", str(gpu_data), "--output-dir", str(tmp_path))
@@ -172,12 +164,11 @@ def test_device_data_path_builds_batches_on_the_device(tiny_data, where):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ema_average_lives_on_the_training_device(gpu_data, monkeypatch, cli, tmp_path, device):
+def test_ema_average_lives_on_the_training_device(gpu_data, extra_callback, cli, tmp_path, device):
     """After the strategy moved the module to the device, the EMA's average is there too."""
     from lightning.pytorch.callbacks import Callback
 
     from callbacks.recipes import WeightEMA
-    from run import build as run_build
 
     seen = {}
 
@@ -187,9 +178,7 @@ def test_ema_average_lives_on_the_training_device(gpu_data, monkeypatch, cli, tm
             seen["average"] = {p.device.type for p in ema._average_model.parameters()}
             seen["module"] = {p.device.type for p in pl_module.parameters()}
 
-    real = run_build.build_callbacks
-    monkeypatch.setattr(run_build, "build_callbacks",
-                        lambda *a, **k: (c := real(*a, **k)).all.append(_Where()) or c)
+    extra_callback(_Where)
     result = cli("train", *FAST, *on(device), "--epochs", "1", "--data-dir", str(gpu_data), "--output-dir", str(tmp_path))
     assert result.code == 0, result.err
     assert seen == {"average": {device}, "module": {device}}

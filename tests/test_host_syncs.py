@@ -52,9 +52,8 @@ class _HostReads(Callback):
 
 
 @pytest.fixture
-def count_host_reads(monkeypatch):
+def count_host_reads(monkeypatch, extra_callback):
     """Every train.py run in this test counts its host reads in the returned counter callback."""
-    from run import build as run_build
 
     counter = _HostReads()
     for name in READS:
@@ -68,14 +67,7 @@ def count_host_reads(monkeypatch):
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    real_build = run_build.build_callbacks
-
-    def build_callbacks(*args, **kwargs):
-        callbacks = real_build(*args, **kwargs)
-        callbacks.all.insert(0, counter)
-        return callbacks
-
-    monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+    extra_callback(lambda: counter, first=True)
     return counter
 
 

@@ -192,19 +192,11 @@ class _SignalAt(Callback):
 
 
 @pytest.fixture
-def signal_at(monkeypatch):
+def signal_at(extra_callback):
     """``signal_at(signum, step=n)``: the next train.py run in this process gets ``signum`` there."""
-    from run import build as run_build
-
-    real = run_build.build_callbacks
 
     def arm(signum: int, step: int | None = None, sanity: bool = False) -> None:
-        def build_callbacks(*args, **kwargs):
-            callbacks = real(*args, **kwargs)
-            callbacks.all.append(_SignalAt(signum, step, sanity))
-            return callbacks
-
-        monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)
+        extra_callback(lambda: _SignalAt(signum, step, sanity))
 
     return arm
 
