@@ -158,17 +158,18 @@ class _SigtermAt(Callback):
 
 @pytest.fixture
 def extra_callback(monkeypatch):
-    """``extra_callback(make)``: every later train.py run in this test also gets the callback
-    ``make()``, a new one each time a run builds its callbacks; ``first=True`` puts it before the
-    project's own. Calls add up."""
+    """``extra_callback(make, ...)``: every later train.py run in this test also gets the callbacks
+    ``make()``, new ones each time a run builds its callbacks, after the project's own (those given
+    as ``first=[make, ...]`` before them). A later call replaces what an earlier one added."""
     from run import build as run_build
 
-    def add(make, first: bool = False) -> None:
-        real = run_build.build_callbacks
+    real = run_build.build_callbacks
 
+    def add(*last, first=()) -> None:
         def build_callbacks(*args, **kwargs):
             callbacks = real(*args, **kwargs)
-            callbacks.all.insert(0 if first else len(callbacks.all), make())
+            callbacks.all[:0] = [make() for make in first]
+            callbacks.all.extend(make() for make in last)
             return callbacks
 
         monkeypatch.setattr(run_build, "build_callbacks", build_callbacks)

@@ -101,8 +101,7 @@ def test_fast_recipe_training_steps_never_sync_with_the_host(cli, gpu_data, tmp_
         def on_exception(self, trainer, pl_module, exception):
             torch.cuda.set_sync_debug_mode("default")
 
-    extra_callback(_SyncsAreErrors, first=True)
-    extra_callback(_Back)
+    extra_callback(_Back, first=[_SyncsAreErrors])
     try:
         result = cli("train", *FAST, *on("cuda"), "--epochs", "1", "--batch-size", "32", "--log-every-n-steps", "50",
                      "--data-dir", str(gpu_data), "--output-dir", str(tmp_path))

@@ -67,7 +67,7 @@ def count_host_reads(monkeypatch, extra_callback):
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    extra_callback(lambda: counter, first=True)
+    extra_callback(first=[lambda: counter])
     return counter
 
 
