@@ -84,7 +84,6 @@ def test_fast_recipe_training_steps_never_sync_with_the_host(cli, gpu_data, tmp_
     (On the CPU, tests/test_host_syncs.py counts the same reads.)"""
     from lightning.pytorch.callbacks import Callback
 
-
     checked = []
 
     class _SyncsAreErrors(Callback):

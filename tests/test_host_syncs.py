@@ -54,7 +54,6 @@ class _HostReads(Callback):
 @pytest.fixture
 def count_host_reads(monkeypatch, extra_callback):
     """Every train.py run in this test counts its host reads in the returned counter callback."""
-
     counter = _HostReads()
     for name in READS:
         real = getattr(torch.Tensor, name)
