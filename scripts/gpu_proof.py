@@ -105,9 +105,8 @@ GPU = Sizes(
     repeats=2,
     train_flags=("--time-to-accuracy", TARGET, "--accelerator", "gpu"),
     seeds={"vgg16_bn": (0, 1, 2), "vgg16": (0, 1, 2), "resnet50": (0, 1, 2)},
-    # The choices the 10-epoch CPU screening left open at 40 epochs, most promising first; not the
-    # ones it settled (resnet50-b512-lr0.05, 12.7 points behind) or whole CPU runs measured
-    # (vgg16-b512-lr0.05: 87.85 %). docs/results.md has the screening.
+    # The choices the CPU left open at 40 epochs, most promising first; none that its screening
+    # settled or that a whole CPU run measured (docs/results.md).
     sweep=(
         (("vgg16_bn-b128-lr0.1-cutout8", "vgg16_bn-b256-lr0.2-cutout8", "vgg16_bn-b512-lr0.2-cutout8"), ()),
         (("vgg16-b128-lr0.05-cutout8", "vgg16-b128-lr0.1", "resnet50-b128-lr0.1-cutout8"), ()),

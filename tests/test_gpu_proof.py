@@ -190,10 +190,9 @@ ACCURACY_FAILED = (f"    {SWEPT}-seed0 FAILED (exit code 2, 31 s); end of recipe
 
 def test_a_diverged_candidate_is_a_result_other_failures_are_not(tmp_path):
     items = {item.name: item for item in items_for(tmp_path)}
-    swept = f"benchmarks/screening/{SWEPT}.yaml"
-    sweep = next(item for item in items.values() if any(run.config == swept for run in item.runs))
-    seed = items["vgg16-seed0"]
+    sweep, seed = items[SWEPT_GROUP], items["vgg16-seed0"]
     logs = {run.config: "" for run in sweep.runs}
+    swept = f"benchmarks/screening/{SWEPT}.yaml"
     assert proof.classify(sweep, 1, False, ACCURACY_FAILED, {**logs, swept: DIVERGED}) == (
         f"diverged: {SWEPT} (the loss became NaN or infinite at step 2 (epoch 0))")
     # A fast recipe diverging is a failure of the recipe, not a sweep result.
