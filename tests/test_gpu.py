@@ -46,8 +46,8 @@ FAST = ["--config", "configs/vgg16_bn_fast.yaml", "--time-to-accuracy", "0.5", "
 
 @pytest.fixture(scope="module")
 def gpu_data(tmp_path_factory):
-    """A python-archive CIFAR-10 of 600 training images: at batch 512 after 50 held out, one full batch
-    and a short last one of 38."""
+    """A python-archive CIFAR-10 of 600 training images: at batch 128 after 50 held out, four full
+    batches and a short last one of 38."""
     from fakedata import make_python_archive
 
     return make_python_archive(tmp_path_factory.mktemp("gpu-data"), 600, 100)
@@ -55,7 +55,7 @@ def gpu_data(tmp_path_factory):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_recipe_with_a_short_last_batch(cli, gpu_data, tmp_path, device):
-    """configs/vgg16_bn_fast.yaml (batch 512, Cutout, reflected shifts, EMA, flip-translate TTA, one-cycle)
+    """configs/vgg16_bn_fast.yaml (batch 128, Cutout, reflected shifts, EMA, flip-translate TTA, one-cycle)
     with time to accuracy: trains,
     tests, and its results record the averaged model and the time-to-accuracy epochs."""
     report = tmp_path / "results.json"
