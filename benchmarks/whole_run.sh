@@ -5,8 +5,9 @@
 #   bash benchmarks/whole_run.sh CONFIG DATA [--resume] [train.py flags ...]
 #   nohup bash benchmarks/whole_run.sh configs/vgg16_fast.yaml ~/data/cifar10-jpeg.tar.gz > vgg16.log 2>&1 &
 # --time-to-accuracy 0.93 adds the test set after every epoch (for the time to 93 %); on 2 CPU
-# cores that evaluation adds about a quarter to each epoch, so only the batch-512 vgg16_bn run had it. The test results and timings go to runs/whole/NAME-seed0.json (train.py
-# --results-json); copy it, the log and the curves (python benchmarks/curves.py RUN_FOLDER) into
+# cores that evaluation adds about a quarter to each epoch, so only the batch-512 vgg16_bn run had
+# it. The test results and timings go to runs/whole/NAME-seed0.json (train.py --results-json);
+# copy it, the log and the curves (python benchmarks/curves.py RUN_FOLDER) into
 # benchmarks/results/whole-cpu/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
