@@ -105,8 +105,8 @@ GPU = Sizes(
     repeats=2,
     train_flags=("--time-to-accuracy", TARGET, "--accelerator", "gpu"),
     seeds={"vgg16_bn": (0, 1, 2), "vgg16": (0, 1, 2), "resnet50": (0, 1, 2)},
-    # The choices the CPU left open at 40 epochs, most promising first; none that its screening
-    # settled or that a whole CPU run measured (docs/results.md).
+    # The choices the CPU left open at 40 epochs, most promising first; none that its screening or
+    # a whole CPU run settled (docs/results.md).
     sweep=(
         (("vgg16_bn-b256-lr0.2-cutout8", "vgg16_bn-b128-lr0.1-cutout8-ls0.1", "vgg16_bn-b128-lr0.1-cutout12"), ()),
         (("vgg16-b128-lr0.05-cutout8", "vgg16-b128-lr0.1", "resnet50-b128-lr0.1-cutout8"), ()),
