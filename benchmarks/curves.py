@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -28,7 +29,12 @@ def epoch_curves(run_dir: Path) -> dict[int, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder of train.py (runs/MODEL/version_N)")
-    curves = epoch_curves(parser.parse_args().run_dir)
+    run_dir = parser.parse_args().run_dir
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        print(f"curves.py: error: {run_dir} holds no TensorBoard events; give a run folder of train.py "
+              "(the one that holds its config.yaml)", file=sys.stderr)
+        sys.exit(2)
+    curves = epoch_curves(run_dir)
     print("\t".join(("epoch", *TAGS)))
     for epoch, values in sorted(curves.items()):
         print("\t".join((str(epoch), *(f"{values[tag]:.4f}" if tag in values else "" for tag in TAGS))))

@@ -276,3 +276,16 @@ def test_curves_script_reads_one_row_per_epoch(run: tuple[Path, str]) -> None:
     acc_val = [event.value for event in read_events(run[0]).Scalars("acc/val")]
     assert [curves[epoch]["acc/val"] for epoch in sorted(curves)] == acc_val
     assert all(set(values) == set(TAGS) for values in curves.values())
+
+
+def test_curves_script_names_a_folder_without_events(tmp_path: Path) -> None:
+    """A folder that is not a run (a typo, the checkpoints folder): one error line, exit code 2."""
+    import subprocess
+
+    (tmp_path / "checkpoints").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "checkpoints"):
+        result = subprocess.run([sys.executable, "benchmarks/curves.py", str(folder)], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+        assert result.returncode == 2 and result.stdout == "", result
+        assert result.stderr.startswith("curves.py: error:") and len(result.stderr.splitlines()) == 1, result.stderr
+        assert str(folder) in result.stderr and "no TensorBoard events" in result.stderr
