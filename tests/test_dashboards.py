@@ -9,6 +9,7 @@ import contextlib
 import io
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -280,8 +281,6 @@ def test_curves_script_reads_one_row_per_epoch(run: tuple[Path, str]) -> None:
 
 def test_curves_script_names_a_folder_without_events(tmp_path: Path) -> None:
     """A folder that is not a run (a typo, the checkpoints folder): one error line, exit code 2."""
-    import subprocess
-
     (tmp_path / "checkpoints").mkdir()
     for folder in (tmp_path / "missing", tmp_path / "checkpoints"):
         result = subprocess.run([sys.executable, "benchmarks/curves.py", str(folder)], capture_output=True, text=True,
