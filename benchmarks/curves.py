@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -31,9 +30,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a run folder of train.py (runs/MODEL/version_N)")
     run_dir = parser.parse_args().run_dir
     if not any(run_dir.glob("events.out.tfevents.*")):
-        print(f"curves.py: error: {run_dir} holds no TensorBoard events; give a run folder of train.py "
-              "(the one that holds its config.yaml)", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"{parser.prog}: error: {run_dir} holds no TensorBoard events; give a run folder of "
+                       "train.py (the one that holds its config.yaml)\n")
     curves = epoch_curves(run_dir)
     print("\t".join(("epoch", *TAGS)))
     for epoch, values in sorted(curves.items()):
