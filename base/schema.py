@@ -298,6 +298,12 @@ class OptimOptions:
     scheduler: str = option("step", "step: per epoch; cosine, onecycle: per step", choices=SCHEDULERS, fixed=SCHEDULE)
     step_size: int = option(20, "step scheduler: epochs between decays", parse=positive_int, fixed=SCHEDULE)
     gamma: float = option(1 / 3, "step scheduler: decay factor", parse=positive_float, fixed=SCHEDULE)
+    gradient_clip_val: float | None = option(
+        None,
+        "before each optimiser step, scale the gradients down to this global L2 norm where it is larger "
+        "(Lightning's gradient_clip_val; the norm before clipping is logged as grad_norm/train; default: off)",
+        parse=positive_float, metavar="NORM", fixed=TRAINING,
+    )
     ema_decay: float | None = option(
         None,
         "keep an exponential moving average of the weights, updated every step with decay min(DECAY, "

@@ -495,8 +495,13 @@ class LossReading:
 
 
 class FiniteLossGuard(Callback):
-    """Logs ``loss/train_step`` and stops training with a UserError when the loss is NaN or infinite,
-    reading the device once per ``trainer.log_every_n_steps`` steps for both.
+    """Logs ``loss/train_step`` and ``grad_norm/train`` and stops training with a UserError when the
+    loss is NaN or infinite, reading the device once per ``trainer.log_every_n_steps`` steps for all.
+
+    ``grad_norm/train`` is the global L2 norm of all gradients, taken in ``on_before_optimizer_step``
+    of the logging steps: Lightning calls it after the backward pass (and after unscaling under
+    ``16-mixed``) and before it clips (``--gradient-clip-val``), so it is the norm clipping compares
+    with its limit. The norm stays on the device until the step's one read.
 
     Reading a tensor's value on the host (``.item()``) waits for every queued kernel, so the GPU
     runs dry while the host queues the next step. Logged with ``self.log``, the step loss would be
@@ -520,11 +525,22 @@ class FiniteLossGuard(Callback):
 
     def __init__(self) -> None:
         self._first_bad_step: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
         self.reading: LossReading | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_bad_step = None
+        self._grad_norm = None
         self.reading = None
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # The step about to be taken is a logging step when the count after it is (on_train_batch_end).
+        every = trainer.log_every_n_steps
+        if every and (trainer.global_step + 1) % every == 0:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads).float().reshape(1) if grads else None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -539,15 +555,19 @@ class FiniteLossGuard(Callback):
         first_seen = self._first_bad_step.lt(0) & ~torch.isfinite(loss)
         self._first_bad_step = torch.where(first_seen, step, self._first_bad_step)
         if trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
-            # The loss's float32 bits ride in the same int64 tensor as the step: one read, and no
-            # float64, which some devices (MPS) lack.
-            bits = loss.view(torch.int32).long().reshape(1)
-            value_bits, first_bad = torch.cat([bits, self._reduced_first_bad(trainer).reshape(1)]).tolist()
-            self.reading = LossReading(struct.unpack("<f", struct.pack("<i", value_bits))[0], step - 1, time.monotonic())
+            # The float32 bits of the loss and the gradient norm ride in the same int64 tensor as
+            # the step: one read, and no float64, which some devices (MPS) lack.
+            values = [loss.reshape(1)] + ([] if self._grad_norm is None else [self._grad_norm.to(loss.device)])
+            bits = torch.cat(values).view(torch.int32).long()
+            *value_bits, first_bad = torch.cat([bits, self._reduced_first_bad(trainer).reshape(1)]).tolist()
+            loss_value, *grad_norm = (struct.unpack("<f", struct.pack("<i", b))[0] for b in value_bits)
+            self._grad_norm = None
+            self.reading = LossReading(loss_value, step - 1, time.monotonic())
             if trainer.is_global_zero:
+                metrics = {"loss/train_step": loss_value, **({"grad_norm/train": grad_norm[0]} if grad_norm else {})}
                 # Lightning logs a step's values at the step count before it (its _batches_that_stepped).
                 for logger in trainer.loggers:
-                    logger.log_metrics({"loss/train_step": self.reading.loss}, step=self.reading.step)
+                    logger.log_metrics(metrics, step=self.reading.step)
             self._raise_if_bad(trainer, pl_module, first_bad)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -259,6 +259,8 @@ def build_trainer(
         strategy=config.strategy,
         precision=config.precision,
         max_epochs=config.epochs,
+        gradient_clip_val=config.gradient_clip_val,
+        gradient_clip_algorithm="norm",
         logger=logger,
         callbacks=callbacks,
         plugins=[BackgroundCheckpointIO(writer) if background_saves else writer, *cluster],

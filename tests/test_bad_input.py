@@ -77,6 +77,7 @@ class Payload:
         (["--label-smoothing", "-0.1"], "--label-smoothing: must be at least 0 and below 1"),
         (["--momentum", "2"], "--momentum: must be at least 0 and below 1"),
         (["--weight-decay=-1e-4"], "--weight-decay: must be >= 0"),
+        (["--gradient-clip-val", "0"], "--gradient-clip-val: must be a positive (finite) number"),
         (["--strategy", "fsdp"], "invalid choice: 'fsdp'"),
         (["--limit-train-batches", "1.5"], "a fraction must be in (0, 1]"),
         (["--devices", "two"], "--devices 'two'"),

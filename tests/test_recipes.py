@@ -1,6 +1,7 @@
 """The fast recipes: EMA of the weights, test-time augmentation, the *_fast configs, the accuracy runner."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import statistics
@@ -10,13 +11,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import ROOT, load_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from robustness import assert_one_line_error
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_modules import ImageClassifier
+from callbacks.checkpoints import FiniteLossGuard
 from callbacks.recipes import TimeToAccuracy, WeightEMA
 from models import build_model
 
@@ -189,6 +193,69 @@ def test_resume_with_ema_is_exact(cli, tiny_data, tmp_path):
     for index in state_a:
         assert all(torch.equal(state_a[index][name], state_b[index][name]) for name in state_a[index])
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+# --- gradient clipping and the gradient norm's curve ------------------------------------------
+
+
+class _SteepNet(L.LightningModule):
+    """A linear layer under a steep loss: every gradient's norm is far above 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return 100 * nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_grad_norm_is_the_norm_before_clipping_and_clipping_bounds_the_step(tmp_path, clip):
+    """grad_norm/train at each logging step is the gradients' global L2 norm before clipping: plain
+    SGD moves the weights by lr times that norm, or by lr times the clipping limit under it."""
+    torch.manual_seed(0)
+    module, record = _SteepNet(), _RecordWeights()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    data = DataLoader(TensorDataset(torch.randn(24, 4), 10 * torch.randn(24, 3)), batch_size=6)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""),
+                        log_every_n_steps=2, gradient_clip_val=clip, callbacks=[record, FiniteLossGuard()],
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    trainer.fit(module, train_dataloaders=data)
+
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("grad_norm/train")]
+    norms = {int(row["step"]): float(row["grad_norm/train"]) for row in rows}
+    assert sorted(norms) == [1, 3]  # the 2nd and 4th of 4 steps, at the count before each, as Lightning logs
+    weights = [before, *record.steps]
+    for step, norm in norms.items():
+        moved = torch.cat([(weights[step + 1][k] - weights[step][k]).flatten() for k in before])
+        assert norm > 5
+        assert float(moved.norm()) / 0.1 == pytest.approx(norm if clip is None else clip, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_gradient_clip_val_reaches_the_trainer_the_records_and_the_resume_check(cli, tiny_data, tmp_path):
+    """--gradient-clip-val under bf16-mixed (where Lightning refuses to clip for a fused optimiser): the
+    run trains, logs grad_norm/train, records the limit in config.yaml and the checkpoint's
+    hyper-parameters, and a resume that would change it is refused."""
+    common = [*QUICK, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--optimizer", "sgd",
+              "--lr", "0.01", "--precision", "bf16-mixed", "--logger", "csv", "--epochs", "1"]
+    result = cli("train", *common, "--gradient-clip-val", "0.5")
+    assert result.code == 0, result.err
+    run = tmp_path / "vgg16" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["gradient_clip_val"] == 0.5
+    last = load(run / "checkpoints" / "last.ckpt")
+    assert last["hyper_parameters"]["optim"]["gradient_clip_val"] == 0.5
+    assert last["optimizer_states"][0]["param_groups"][0]["fused"] is False
+    metrics = next(run.glob("csv/*/metrics.csv")).read_text()
+    assert "grad_norm/train" in metrics.splitlines()[0]
+
+    refused = cli("train", *common, "--epochs", "2", "--resume", str(run), "--gradient-clip-val", "1")
+    assert_one_line_error(refused, "--gradient-clip-val")
 
 
 # --- flip test-time augmentation -------------------------------------------------------------
