@@ -279,6 +279,21 @@ def test_curves_script_reads_one_row_per_epoch(run: tuple[Path, str]) -> None:
     assert all(set(values) == set(TAGS) for values in curves.values())
 
 
+def test_curves_script_reads_one_row_per_logging_step(run: tuple[Path, str]) -> None:
+    """--steps: the batch loss and the gradient norm at every logging step, as logged."""
+    from benchmarks.curves import STEP_TAGS, step_curves
+
+    curves = step_curves(run[0])
+    events = read_events(run[0])
+    losses = events.Scalars("loss/train_step")
+    assert sorted(curves) == [event.step for event in losses] and len(losses) > 1
+    # lr too where the run logs it per step (a per-step schedule; this course run's is per epoch).
+    assert all({"loss/train_step", "grad_norm/train"} <= set(values) <= set(STEP_TAGS) for values in curves.values())
+    assert [curves[event.step]["grad_norm/train"] for event in events.Scalars("grad_norm/train")] == [
+        event.value for event in events.Scalars("grad_norm/train")]
+    assert all(values["grad_norm/train"] > 0 for values in curves.values())
+
+
 def test_curves_script_names_a_folder_without_events(tmp_path: Path) -> None:
     """A folder that is not a run (a typo, the checkpoints folder): one error line, exit code 2."""
     (tmp_path / "checkpoints").mkdir()
