@@ -89,12 +89,13 @@ def _length(config: RunConfig) -> str:
 
 
 def _recipe_extras(config: RunConfig) -> list[str]:
-    """What a recipe adds to the course's (label smoothing, augmentation, EMA, TTA), so that the
-    first line shows a config was applied; nothing for the course's own recipe."""
+    """What a recipe adds to the course's (label smoothing, augmentation, clipping, EMA, TTA), so
+    that the first line shows a config was applied; nothing for the course's own recipe."""
     extras = [f"label smoothing {config.label_smoothing:g}"] if config.label_smoothing else []
     if (config.translate, config.translate_padding) != (4, "zeros"):
         extras.append(f"shifts of {config.translate} ({config.translate_padding})")
     extras += [f"cutout {config.cutout}"] if config.cutout else []
+    extras += [f"gradient norm clipped to {config.gradient_clip_val:g}"] if config.gradient_clip_val else []
     extras += [f"EMA {config.ema_decay:g}"] if config.ema_decay else []
     extras += [f"TTA {config.tta}"] if config.tta != "none" else []
     return extras
@@ -216,6 +217,7 @@ def run_results(
         "test_loss": test_metrics.get("loss/test"),
         "tta": config.get("tta"),
         "ema_decay": config.get("ema_decay"),
+        "gradient_clip_val": config.get("gradient_clip_val"),
         "best_checkpoint": outcome.get("best"),
         "best_val_accuracy": outcome.get("best_score"),
         "best_epoch": outcome.get("best_epoch"),

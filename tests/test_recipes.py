@@ -240,12 +240,14 @@ def test_grad_norm_is_the_norm_before_clipping_and_clipping_bounds_the_step(tmp_
 @pytest.mark.slow
 def test_gradient_clip_val_reaches_the_trainer_the_records_and_the_resume_check(cli, tiny_data, tmp_path):
     """--gradient-clip-val under bf16-mixed (where Lightning refuses to clip for a fused optimiser): the
-    run trains, logs grad_norm/train, records the limit in config.yaml and the checkpoint's
-    hyper-parameters, and a resume that would change it is refused."""
+    run trains, logs grad_norm/train, states the limit on its first line and records it in config.yaml,
+    the results JSON and the checkpoint's hyper-parameters; a resume that would change it is refused."""
     common = [*QUICK, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--optimizer", "sgd",
               "--lr", "0.01", "--precision", "bf16-mixed", "--logger", "csv", "--epochs", "1"]
-    result = cli("train", *common, "--gradient-clip-val", "0.5")
+    result = cli("train", *common, "--gradient-clip-val", "0.5", "--results-json", str(tmp_path / "results.json"))
     assert result.code == 0, result.err
+    assert "gradient norm clipped to 0.5" in result.out.splitlines()[0]
+    assert json.loads((tmp_path / "results.json").read_text())["gradient_clip_val"] == 0.5
     run = tmp_path / "vgg16" / "version_0"
     assert yaml.safe_load((run / "config.yaml").read_text())["gradient_clip_val"] == 0.5
     last = load(run / "checkpoints" / "last.ckpt")
