@@ -31,13 +31,16 @@ def epoch_curves(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def step_curves(run_dir: Path) -> dict[int, dict[str, float]]:
-    """{step as logged: {tag: value}} of :data:`STEP_TAGS`; a tag the run did not log is left out
-    (runs before grad_norm/train was logged have none)."""
+    """{step as logged: {tag: value}} of :data:`STEP_TAGS`, at the logging steps (those of
+    ``loss/train_step``); a tag not logged at a step is left out (``lr`` of a per-epoch schedule,
+    logged at each epoch's start; ``grad_norm/train`` of runs from before it was logged)."""
     events = _events(run_dir)
-    curves: dict[int, dict[str, float]] = {}
-    for tag in STEP_TAGS:
-        for event in events.Scalars(tag) if tag in events.Tags()["scalars"] else ():
-            curves.setdefault(event.step, {})[tag] = event.value
+    logged = events.Tags()["scalars"]
+    curves = {event.step: {STEP_TAGS[0]: event.value} for event in events.Scalars(STEP_TAGS[0])}
+    for tag in STEP_TAGS[1:]:
+        for event in events.Scalars(tag) if tag in logged else ():
+            if event.step in curves:
+                curves[event.step][tag] = event.value
     return curves
 
 

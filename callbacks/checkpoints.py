@@ -499,9 +499,9 @@ class FiniteLossGuard(Callback):
     loss is NaN or infinite, reading the device once per ``trainer.log_every_n_steps`` steps for all.
 
     ``grad_norm/train`` is the global L2 norm of all gradients, taken in ``on_before_optimizer_step``
-    of the logging steps: Lightning calls it after the backward pass (and after unscaling under
-    ``16-mixed``) and before it clips (``--gradient-clip-val``), so it is the norm clipping compares
-    with its limit. The norm stays on the device until the step's one read.
+    of the logging steps: Lightning calls it after the backward pass and before it clips
+    (``--gradient-clip-val``), so it is the norm clipping compares with its limit (under ``16-mixed``
+    without the loss scale). The norm stays on the device until the step's one read.
 
     Reading a tensor's value on the host (``.item()``) waits for every queued kernel, so the GPU
     runs dry while the host queues the next step. Logged with ``self.log``, the step loss would be
@@ -538,9 +538,21 @@ class FiniteLossGuard(Callback):
     ) -> None:
         # The step about to be taken is a logging step when the count after it is (on_train_batch_end).
         every = trainer.log_every_n_steps
-        if every and (trainer.global_step + 1) % every == 0:
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            self._grad_norm = torch.nn.utils.get_total_norm(grads).float().reshape(1) if grads else None
+        if not every or (trainer.global_step + 1) % every:
+            return
+        # The optimiser's parameters: those Lightning clips. Low-precision gradients (bf16-true) are
+        # measured in float32, as a bf16 norm would keep only about three significant digits.
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            self._grad_norm = None
+            return
+        norm = torch.nn.utils.get_total_norm([g if g.dtype == torch.float32 else g.float() for g in grads]).float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Under 16-mixed a fused optimiser unscales inside its step, so Lightning hands this hook
+            # gradients still multiplied by the loss scale: divided here, on the device.
+            norm = norm / scaler._scale.to(norm.device)
+        self._grad_norm = norm.reshape(1)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

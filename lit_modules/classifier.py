@@ -233,7 +233,8 @@ class ImageClassifier(L.LightningModule):
         # One fused kernel for the whole update instead of several per parameter: a few percent of
         # a CPU step, more on GPUs. PyTorch has fused kernels for CPU and CUDA tensors only. Lightning
         # 2.6 refuses to clip the gradients of a fused optimiser under mixed precision (even bf16,
-        # which has no loss scale to undo), so a run that clips steps unfused.
+        # which has no loss scale to undo), so a run that clips steps unfused, whatever its
+        # precision: a resume may change the precision, and the restored optimiser keeps its kind.
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and hp.gradient_clip_val is None
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(

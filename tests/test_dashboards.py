@@ -294,6 +294,25 @@ def test_curves_script_reads_one_row_per_logging_step(run: tuple[Path, str]) -> 
     assert all(values["grad_norm/train"] > 0 for values in curves.values())
 
 
+def test_curves_script_steps_are_the_logging_steps_only(tmp_path: Path) -> None:
+    """--steps: one row per loss/train_step point, however the other tags were logged (a per-epoch
+    rate at each epoch's start; a run without gradient norms)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path) as writer:
+        for step, loss, norm in ((4, 2.5, 9.0), (9, 2.0, None), (14, 1.5, 3.0)):
+            writer.add_scalar("loss/train_step", loss, step)
+            if norm is not None:
+                writer.add_scalar("grad_norm/train", norm, step)
+        for step in (0, 9, 10):
+            writer.add_scalar("lr", 0.1, step)
+    result = subprocess.run([sys.executable, "benchmarks/curves.py", "--steps", str(tmp_path)], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["step\tloss/train_step\tgrad_norm/train\tlr", "4\t2.5\t9\t", "9\t2\t\t0.1",
+                                          "14\t1.5\t3\t"]
+
+
 def test_curves_script_names_a_folder_without_events(tmp_path: Path) -> None:
     """A folder that is not a run (a typo, the checkpoints folder): one error line, exit code 2."""
     (tmp_path / "checkpoints").mkdir()

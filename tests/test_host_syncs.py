@@ -76,11 +76,13 @@ def count_host_reads(monkeypatch, extra_callback):
     [
         pytest.param([], id="course"),
         pytest.param(["--config", "configs/vgg16_fast.yaml", "--time-to-accuracy", "0.9"], id="fast-ema-tta"),
+        pytest.param(["--optimizer", "sgd", "--lr", "0.01", "--gradient-clip-val", "1"], id="clipped"),
     ],
 )
 def test_training_steps_read_the_device_once_per_logging_interval(cli, tiny_data, tmp_path, count_host_reads, recipe):
-    """At most one host read of a tensor value per --log-every-n-steps training steps (loss logging and
-    the divergence check share it), with the course recipe and with the fast one (EMA, TTA, one-cycle)."""
+    """At most one host read of a tensor value per --log-every-n-steps training steps (loss and gradient
+    norm logging and the divergence check share it), with the course recipe, the fast one (EMA, TTA,
+    one-cycle) and a clipped one."""
     result = cli("train", *recipe, *STEPS_FLAGS, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path))
     assert result.code == 0, result.err
     counter = count_host_reads

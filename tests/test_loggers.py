@@ -95,6 +95,7 @@ def test_every_logger_gets_the_curves_the_results_and_its_pictures(run: Path, tm
     assert same_points(csv_column(metrics_csv, "acc/val"), acc_val)
     assert same_points(csv_column(metrics_csv, "loss/train_epoch"), scalars(run, "loss/train_epoch"))
     assert same_points(csv_column(metrics_csv, "loss/train_step"), scalars(run, "loss/train_step"))
+    assert same_points(csv_column(metrics_csv, "grad_norm/train"), scalars(run, "grad_norm/train"))
     assert csv_column(metrics_csv, "hp/test_acc")[0][1] == pytest.approx(scalars(run, "acc/test")[0][1])
     assert yaml.safe_load((metrics_csv.parent / "hparams.yaml").read_text())["model"] == "vgg16"
 

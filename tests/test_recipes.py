@@ -237,6 +237,42 @@ def test_grad_norm_is_the_norm_before_clipping_and_clipping_bounds_the_step(tmp_
         assert float(moved.norm()) / 0.1 == pytest.approx(norm if clip is None else clip, rel=1e-3)
 
 
+class _ScaledLossNet(_SteepNet):
+    """A gentler loss (no overflow in float16 at a loss scale of 1024) and a fused optimiser, which
+    unscales the gradients inside its own step."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, fused=True)
+
+
+def test_grad_norm_of_a_fused_optimiser_under_a_loss_scale_is_the_unscaled_norm(tmp_path):
+    """16-mixed with a fused optimiser (a GPU's, here with a CPU GradScaler): Lightning hands the hook
+    gradients still multiplied by the loss scale; the logged norm is without it."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module, record = _ScaledLossNet(), _RecordWeights()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    data = DataLoader(TensorDataset(torch.randn(24, 4), 10 * torch.randn(24, 3)), batch_size=6)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""),
+                        plugins=[scaled], log_every_n_steps=2, callbacks=[record, FiniteLossGuard()],
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    trainer.fit(module, train_dataloaders=data)
+
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        norms = {int(row["step"]): float(row["grad_norm/train"]) for row in csv.DictReader(file) if row.get("grad_norm/train")}
+    assert sorted(norms) == [1, 3] and float(scaled.scaler.get_scale()) == 1024.0  # no step was skipped
+    weights = [before, *record.steps]
+    for step, norm in norms.items():
+        moved = torch.cat([(weights[step + 1][k] - weights[step][k]).flatten() for k in before])
+        assert float(moved.norm()) / 0.1 == pytest.approx(norm, rel=1e-3)
+
+
 @pytest.mark.slow
 def test_gradient_clip_val_reaches_the_trainer_the_records_and_the_resume_check(cli, tiny_data, tmp_path):
     """--gradient-clip-val under bf16-mixed (where Lightning refuses to clip for a fused optimiser): the

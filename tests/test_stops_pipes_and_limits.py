@@ -662,5 +662,5 @@ def test_a_resume_after_a_stop_keeps_every_point_of_the_curves(cli, registered, 
     assert cli("train", *CPU, "--resume", "last", "--output-dir", str(tmp_path / "runs")).code == 0
     expected = _curves(tmp_path / "straight/tiny_cnn/version_0")
     got = _curves(tmp_path / "runs/tiny_cnn/version_0")
-    for tag in ("acc/val", "loss/val", "acc/train", "loss/train_epoch", "loss/train_step", "lr", "acc/test"):
+    for tag in ("acc/val", "loss/val", "acc/train", "loss/train_epoch", "loss/train_step", "grad_norm/train", "lr", "acc/test"):
         assert [step for step, _ in got[tag]] == [step for step, _ in expected[tag]], (tag, got[tag], expected[tag])
