@@ -213,28 +213,32 @@ class _SteepNet(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def _norms_and_steps(tmp_path: Path, network: type[L.LightningModule], **trainer_options) -> list[tuple[float, float]]:
+    """Trains a seeded ``network()`` (SGD at lr 0.1, no momentum) 4 steps, logging every 2nd: for each
+    logged step, the grad_norm/train logged and the norm of the step the weights took over the rate."""
+    torch.manual_seed(0)
+    module, record = network(), _RecordWeights()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    data = DataLoader(TensorDataset(torch.randn(24, 4), 10 * torch.randn(24, 3)), batch_size=6)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""),
+                        log_every_n_steps=2, callbacks=[record, FiniteLossGuard()], enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, **trainer_options)
+    trainer.fit(module, train_dataloaders=data)
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        norms = {int(row["step"]): float(row["grad_norm/train"]) for row in csv.DictReader(file) if row.get("grad_norm/train")}
+    assert sorted(norms) == [1, 3]  # the 2nd and 4th of 4 steps, at the count before each, as Lightning logs
+    weights = [before, *record.steps]
+    steps = [torch.cat([(weights[step + 1][k] - weights[step][k]).flatten() for k in before]) for step in sorted(norms)]
+    return [(norms[step], float(moved.norm()) / 0.1) for step, moved in zip(sorted(norms), steps)]
+
+
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_grad_norm_is_the_norm_before_clipping_and_clipping_bounds_the_step(tmp_path, clip):
     """grad_norm/train at each logging step is the gradients' global L2 norm before clipping: plain
     SGD moves the weights by lr times that norm, or by lr times the clipping limit under it."""
-    torch.manual_seed(0)
-    module, record = _SteepNet(), _RecordWeights()
-    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    data = DataLoader(TensorDataset(torch.randn(24, 4), 10 * torch.randn(24, 3)), batch_size=6)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""),
-                        log_every_n_steps=2, gradient_clip_val=clip, callbacks=[record, FiniteLossGuard()],
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    trainer.fit(module, train_dataloaders=data)
-
-    with open(tmp_path / "metrics.csv", newline="") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("grad_norm/train")]
-    norms = {int(row["step"]): float(row["grad_norm/train"]) for row in rows}
-    assert sorted(norms) == [1, 3]  # the 2nd and 4th of 4 steps, at the count before each, as Lightning logs
-    weights = [before, *record.steps]
-    for step, norm in norms.items():
-        moved = torch.cat([(weights[step + 1][k] - weights[step][k]).flatten() for k in before])
+    for norm, step in _norms_and_steps(tmp_path, _SteepNet, gradient_clip_val=clip):
         assert norm > 5
-        assert float(moved.norm()) / 0.1 == pytest.approx(norm if clip is None else clip, rel=1e-3)
+        assert step == pytest.approx(norm if clip is None else clip, rel=1e-3)
 
 
 class _ScaledLossNet(_SteepNet):
@@ -254,23 +258,10 @@ def test_grad_norm_of_a_fused_optimiser_under_a_loss_scale_is_the_unscaled_norm(
     gradients still multiplied by the loss scale; the logged norm is without it."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    torch.manual_seed(0)
-    module, record = _ScaledLossNet(), _RecordWeights()
-    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
-    data = DataLoader(TensorDataset(torch.randn(24, 4), 10 * torch.randn(24, 3)), batch_size=6)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""),
-                        plugins=[scaled], log_every_n_steps=2, callbacks=[record, FiniteLossGuard()],
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    trainer.fit(module, train_dataloaders=data)
-
-    with open(tmp_path / "metrics.csv", newline="") as file:
-        norms = {int(row["step"]): float(row["grad_norm/train"]) for row in csv.DictReader(file) if row.get("grad_norm/train")}
-    assert sorted(norms) == [1, 3] and float(scaled.scaler.get_scale()) == 1024.0  # no step was skipped
-    weights = [before, *record.steps]
-    for step, norm in norms.items():
-        moved = torch.cat([(weights[step + 1][k] - weights[step][k]).flatten() for k in before])
-        assert float(moved.norm()) / 0.1 == pytest.approx(norm, rel=1e-3)
+    for norm, step in _norms_and_steps(tmp_path, _ScaledLossNet, plugins=[scaled]):
+        assert step == pytest.approx(norm, rel=1e-3)
+    assert float(scaled.scaler.get_scale()) == 1024.0  # no step was skipped
 
 
 @pytest.mark.slow
