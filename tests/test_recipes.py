@@ -266,9 +266,11 @@ def test_grad_norm_of_a_fused_optimiser_under_a_loss_scale_is_the_unscaled_norm(
 
 @pytest.mark.slow
 def test_gradient_clip_val_reaches_the_trainer_the_records_and_the_resume_check(cli, tiny_data, tmp_path):
-    """--gradient-clip-val under bf16-mixed (where Lightning refuses to clip for a fused optimiser): the
-    run trains, logs grad_norm/train, states the limit on its first line and records it in config.yaml,
-    the results JSON and the checkpoint's hyper-parameters; a resume that would change it is refused."""
+    """--gradient-clip-val reaches the run's records; a resume that would change it is refused.
+
+    Under bf16-mixed, where Lightning refuses to clip for a fused optimiser: the run trains, logs
+    grad_norm/train, states the limit on its first line and records it in config.yaml, the results
+    JSON and the checkpoint's hyper-parameters."""
     common = [*QUICK, "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--optimizer", "sgd",
               "--lr", "0.01", "--precision", "bf16-mixed", "--logger", "csv", "--epochs", "1"]
     result = cli("train", *common, "--gradient-clip-val", "0.5", "--results-json", str(tmp_path / "results.json"))
