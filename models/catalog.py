@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from base.errors import UserError
 from base.registry import Registry
-from base.schema import TRAINING, Option, flag_of, set_network_options
+from base.schema import TRAINING, Option, flag_of, set_network_options, unit_fraction
 
 if TYPE_CHECKING:
     from torch import nn
@@ -67,8 +67,9 @@ class ModelOption:
     config and a hyper-parameter of its checkpoints; a resume may not change it. ``type`` is
     ``bool``, ``int``, ``float`` or ``str``; ``help`` says what it does (``--help`` puts the names
     of the networks that take it in front); ``summary`` is how the run's one-line description
-    names a bool option that is on (default: ``NAME=VALUE``, as for the others). Entries declaring the same name
-    must agree on its type and default.
+    names a bool option that is on (default: ``NAME=VALUE``, as for the others). ``parse`` is the
+    value's parser from ``base.schema`` (``unit_fraction``), where the type's own would accept
+    values the factory refuses. Entries declaring the same name must agree on its type and default.
     """
 
     name: str
@@ -77,6 +78,7 @@ class ModelOption:
     help: str
     choices: tuple[str, ...] | None = None
     summary: str | None = None
+    parse: Callable[[str], Any] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -85,8 +87,9 @@ class ModelOption:
             raise ValueError(f"model option {self.name!r}: type bool, int, float or str, and a default of it")
 
     def schema_option(self, takers: Sequence[str]) -> Option:
-        """Its ``base.schema.Option``: parser (argparse's own for int and float), help and resume rule."""
-        return Option(f"{', '.join(takers)}: {self.help}", parse=self.type if self.type in (int, float) else None,
+        """Its ``base.schema.Option``: parser (its own, else argparse's for int and float), help and resume rule."""
+        parse = self.parse or (self.type if self.type in (int, float) else None)
+        return Option(f"{', '.join(takers)}: {self.help}", parse=parse,
                       choices=self.choices, switch=self.type is bool, fixed=TRAINING)
 
 
@@ -148,6 +151,14 @@ def _resnet_options(keys: Collection[str]) -> dict[str, Any]:
     return {"identity_shortcut": True} if blocks - with_shortcut else {}
 
 
+# The classifier's two Dropout layers, whose probability the course fixed at 0.5: the BatchNorm
+# recipes that reach 94 % in 24 epochs have none, and weights load whatever it is.
+_VGG_DROPOUT = ModelOption(
+    "dropout", float, 0.5,
+    "probability of the classifier's two Dropout layers (the course's 0.5); 0 turns them off",
+    parse=unit_fraction,
+)
+
 # VGG16's Grad-CAM layer is the last ReLU of ``features``, before its final max-pool: 2x2 x 512 on
 # 32x32 inputs (after the pool it is 1x1, which locates nothing). Without BatchNorm ``features`` has
 # 13 x (conv, relu) + 5 pools = 31 modules, with it 13 x 3 + 5 = 44; the ReLU is second to last.
@@ -158,6 +169,7 @@ _BUILT_IN = (
         course_epochs=250,
         signature=Signature(("features.0.weight",), "classifier.5.weight", 512, absent=("features.1.running_mean",)),
         cam_layer="features.29",
+        options=(_VGG_DROPOUT,),
         description="the course's VGG16 (no BatchNorm2d), 14,983,498 parameters for 10 classes",
     ),
     ModelEntry(
@@ -166,6 +178,7 @@ _BUILT_IN = (
         course_epochs=250,
         signature=Signature(("features.0.weight", "features.1.running_mean"), "classifier.5.weight", 512),
         cam_layer="features.42",
+        options=(_VGG_DROPOUT,),
         description="VGG16 with a BatchNorm2d after every convolution",
     ),
     ModelEntry(

@@ -22,21 +22,31 @@ CFG_VGG16: list[int | str] = [
 
 
 class VGG(nn.Module):
-    """VGG built from a cfg list: an int is a 3x3 conv of that width, ``'M'`` a 2x2 max-pool."""
+    """VGG built from a cfg list: an int is a 3x3 conv of that width, ``'M'`` a 2x2 max-pool.
+
+    Takes (N, 3, 32, 32) images and returns (N, ``num_classes``) logits. ``dropout`` is the
+    probability of both Dropout layers of the classifier (0 to below 1; ValueError from
+    ``nn.Dropout`` otherwise).
+    """
 
     def __init__(
-        self, cfg: Sequence[int | str], num_classes: int = 10, batch_norm: bool = False
+        self,
+        cfg: Sequence[int | str],
+        num_classes: int = 10,
+        batch_norm: bool = False,
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
         self.features = self._make_features(cfg, batch_norm)
         # Five pools take 32x32 down to 1x1, hence 512 inputs; BatchNorm1d sits at index 2
-        # because the course checkpoints store it there.
+        # because the course checkpoints store it there. The two Dropout layers hold no weights,
+        # so their probability (the course's 0.5 by default) leaves the state dict unchanged.
         self.classifier = nn.Sequential(
-            nn.Dropout(),
+            nn.Dropout(dropout),
             nn.Linear(512, 512),
             nn.BatchNorm1d(512),
             nn.ReLU(True),
-            nn.Dropout(),
+            nn.Dropout(dropout),
             nn.Linear(512, num_classes),
         )
         self._init_weights()
@@ -71,11 +81,11 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-def vgg16(num_classes: int = 10) -> VGG:
+def vgg16(num_classes: int = 10, dropout: float = 0.5) -> VGG:
     """The course's VGG16 (no BatchNorm2d in ``features``): 14,983,498 parameters for 10 classes."""
-    return VGG(CFG_VGG16, num_classes=num_classes, batch_norm=False)
+    return VGG(CFG_VGG16, num_classes=num_classes, batch_norm=False, dropout=dropout)
 
 
-def vgg16_bn(num_classes: int = 10) -> VGG:
+def vgg16_bn(num_classes: int = 10, dropout: float = 0.5) -> VGG:
     """VGG16 with a BatchNorm2d after every conv; its ``features`` indices differ from ``vgg16``."""
-    return VGG(CFG_VGG16, num_classes=num_classes, batch_norm=True)
+    return VGG(CFG_VGG16, num_classes=num_classes, batch_norm=True, dropout=dropout)

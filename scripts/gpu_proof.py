@@ -108,7 +108,7 @@ GPU = Sizes(
     # The choices the CPU left open at 40 epochs, most promising first; none that its screening or
     # a whole CPU run settled (docs/results.md).
     sweep=(
-        (("vgg16_bn-b256-lr0.2-cutout8", "vgg16_bn-b128-lr0.1-cutout8-ls0.1", "vgg16_bn-b128-lr0.1-cutout12"), ()),
+        (("vgg16_bn-b128-lr0.1-cutout8-dropout0", "vgg16_bn-b256-lr0.2-cutout8", "vgg16_bn-b128-lr0.1-cutout12"), ()),
         (("vgg16-b128-lr0.05-cutout8", "vgg16-b128-lr0.1", "resnet50-b128-lr0.1-cutout8"), ()),
         (("vgg16_bn-b512-lr0.2-cutout8", "vgg16_bn-b512-lr0.8-cutout8"), ()),
     ),

@@ -83,6 +83,9 @@ class Payload:
         (["--devices", "two"], "--devices 'two'"),
         (["--config", "no/such.yaml"], "config file not found: no/such.yaml"),
         (["--identity-shortcut"], "--identity-shortcut applies to resnet50 only"),
+        (["--dropout", "1"], "--dropout: must be at least 0 and below 1"),
+        (["--dropout", "-0.5"], "--dropout: must be at least 0 and below 1"),
+        (["--model", "resnet50", "--dropout", "0"], "--dropout applies to vgg16, vgg16_bn only, not resnet50"),
     ],
 )
 def test_train_refuses_bad_flags(cli, tiny_data, args, fragment):

@@ -215,17 +215,40 @@ def test_a_networks_option_is_a_flag_a_key_a_field_and_a_hyper_parameter():
     from run.config import FIXED_ON_RESUME, RunConfig
 
     assert [option.name for option in entry("resnet50").options] == ["identity_shortcut"]
-    assert not entry("vgg16").options
+    assert [option.name for option in entry("vgg16").options] == ["dropout"]
     flag = {action.dest: action for action in build_train_parser()._actions}["identity_shortcut"]
     assert flag.option_strings == ["--identity-shortcut", "--no-identity-shortcut"]
     assert option_of("identity_shortcut").help.startswith("resnet50: identity shortcut")
     assert GROUP_OF["identity_shortcut"] == "network" and DEFAULTS["identity_shortcut"] is False
     assert RunConfig().identity_shortcut is False and "identity_shortcut" in FIXED_ON_RESUME
     network = NetworkOptions(model="resnet50", identity_shortcut=True)
-    assert network.identity_shortcut and network.options == {"identity_shortcut": True}
-    assert list(ImageClassifier(network).hparams["network"]) == ["model", "identity_shortcut", "label_smoothing", "tta"]
+    assert network.identity_shortcut and network.options == {"dropout": 0.5, "identity_shortcut": True}
+    assert list(ImageClassifier(network).hparams["network"]) == ["model", "dropout", "identity_shortcut", "label_smoothing", "tta"]
     with pytest.raises(TypeError, match="no option"):
         NetworkOptions(model="vgg16", width=3)
+
+
+def test_vgg_dropout_is_an_option_of_both_vggs_that_reaches_the_network_and_its_hparams():
+    """--dropout: both VGGs take it, ResNet50 refuses it, and it is what the built classifier and the
+    checkpoint's hyper-parameters hold; the course's 0.5 builds the network exactly as before."""
+    from torch import nn
+
+    from base.schema import DEFAULTS, NetworkOptions, option_of
+    from lit_modules import ImageClassifier
+    from run.config import FIXED_ON_RESUME
+
+    assert option_of("dropout").help.startswith("vgg16, vgg16_bn: probability")
+    assert DEFAULTS["dropout"] == 0.5 and "dropout" in FIXED_ON_RESUME
+    assert catalog.chosen_options({"dropout": 0.5}, "vgg16") == {}
+    assert catalog.chosen_options({"dropout": 0.0}, "vgg16_bn") == {"dropout": 0.0}
+    module = ImageClassifier(NetworkOptions(model="vgg16_bn", dropout=0.1))
+    assert module.hparams["network"]["dropout"] == 0.1
+    assert [m.p for m in module.backbone.classifier if isinstance(m, nn.Dropout)] == [0.1, 0.1]
+    course = build_model("vgg16")
+    assert [m.p for m in course.classifier if isinstance(m, nn.Dropout)] == [0.5, 0.5]
+    assert list(build_model("vgg16", dropout=0.0).state_dict()) == list(course.state_dict())
+    with pytest.raises(UserError, match="^--dropout applies to vgg16, vgg16_bn only, not resnet50$"):
+        catalog.check_options("resnet50", {"dropout": 0.2})
 
 
 def test_a_registered_network_shares_the_catalogs_options_but_brings_no_new_one():
