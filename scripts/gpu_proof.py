@@ -15,7 +15,7 @@ needs only the standard library itself. In order:
    both course models against the course loop), then ``train.py`` runs through
    ``benchmarks/accuracy.py``: the fast recipes' seed 0 (vgg16_bn, vgg16, resnet50), then the
    recipe sweep (the screening candidates of ``benchmarks/screening/`` that the CPU could not
-   settle: batch size, peak rate, label smoothing, Cutout size; several runs at once on the one
+   settle: batch size, peak rate, classifier dropout, Cutout size; several runs at once on the one
    GPU), then seeds 1 and 2 of each recipe. The estimates come from what was measured: the
    throughput part's images/s on this GPU, then each finished run's own seconds (``--costs``
    starts from an earlier proof's ``costs.json``). A swept candidate that diverges (train.py's
