@@ -69,7 +69,11 @@ class ModelOption:
     of the networks that take it in front); ``summary`` is how the run's one-line description
     names a bool option that is on (default: ``NAME=VALUE``, as for the others). ``parse`` is the
     value's parser from ``base.schema`` (``unit_fraction``), where the type's own would accept
-    values the factory refuses. Entries declaring the same name must agree on its type and default.
+    values the factory refuses. ``in_state_dict`` says whether the option shows in the network's
+    state dict (its keys or shapes, as ``identity_shortcut``): a run started from weights then takes
+    it from them; one that holds no weight (``dropout``) comes from the flags, the config and the
+    defaults, like the training options. Entries declaring the same name must agree on its type and
+    default.
     """
 
     name: str
@@ -79,6 +83,7 @@ class ModelOption:
     choices: tuple[str, ...] | None = None
     summary: str | None = None
     parse: Callable[[str], Any] | None = None
+    in_state_dict: bool = True
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -156,7 +161,7 @@ def _resnet_options(keys: Collection[str]) -> dict[str, Any]:
 _VGG_DROPOUT = ModelOption(
     "dropout", float, 0.5,
     "probability of the classifier's two Dropout layers (the course's 0.5); 0 turns them off",
-    parse=unit_fraction,
+    parse=unit_fraction, in_state_dict=False,
 )
 
 # VGG16's Grad-CAM layer is the last ReLU of ``features``, before its final max-pool: 2x2 x 512 on
@@ -300,9 +305,11 @@ def unregister(name: str) -> None:
     _publish()
 
 
-def option_defaults() -> dict[str, Any]:
-    """Each network option the catalog declares, at its default."""
-    return {name: option.default for name, (option, _) in _declared(_ENTRIES.values()).items()}
+def option_defaults(in_state_dict: bool | None = None) -> dict[str, Any]:
+    """Each network option the catalog declares, at its default; with ``in_state_dict``, only those
+    whose :attr:`ModelOption.in_state_dict` is that."""
+    return {name: option.default for name, (option, _) in _declared(_ENTRIES.values()).items()
+            if in_state_dict is None or option.in_state_dict == in_state_dict}
 
 
 def chosen_options(values: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from datamodules import ImageDataModule
 from datamodules.augment import resolve_data_path
 from lit_modules import ImageClassifier
 from models import prepare_backbone
+from models.catalog import chosen_options
 from run.checkpoints import build_backbone
 from run.config import RunConfig
 from run.hardware import check_shared_memory, worker_failures_explained
@@ -146,9 +147,14 @@ def least_fraction(batches: int) -> str:
 
 def build_module(config: RunConfig, dataset: DatasetInfo, start: Start | None = None) -> ImageClassifier:
     """The LightningModule of ``config`` for ``dataset``'s classes; started from weights (``start``,
-    ``run.life.FromWeights``), its network has them."""
-    backbone = build_backbone(start.weights, dataset.num_classes) if isinstance(start, FromWeights) else None
-    module = ImageClassifier(config.group(NetworkOptions), config.group(OptimOptions), dataset, backbone=backbone)
+    ``run.life.FromWeights``), its network has them, built with the run's options (the weights'
+    own where they show in the weights: ``run.config.settle``)."""
+    network = config.group(NetworkOptions)
+    backbone = None
+    if isinstance(start, FromWeights):
+        options = chosen_options(network.options, network.model)
+        backbone = build_backbone(start.weights, dataset.num_classes, options=options)
+    module = ImageClassifier(network, config.group(OptimOptions), dataset, backbone=backbone)
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
     if config.compile:
         module.example_input_array = None  # the summary's forward would compile one more shape

@@ -210,13 +210,16 @@ def _described_by(saved: dict[str, Any]) -> dict[str, Any]:
             "hparams": {key: value for key, value in flat.items() if value is not None}}
 
 
-def build_backbone(contents: CheckpointContents, num_classes: int | None = None) -> nn.Module:
-    """The backbone of ``contents`` with its weights loaded (strictly, legacy ``layer5`` aside)."""
+def build_backbone(contents: CheckpointContents, num_classes: int | None = None,
+                   options: dict[str, Any] | None = None) -> nn.Module:
+    """The backbone of ``contents`` with its weights loaded (strictly, legacy ``layer5`` aside),
+    built with the factory ``options`` where given (a run from weights: its own), else the file's."""
     if num_classes is not None and num_classes != contents.num_classes:
         raise UserError(
             f"{contents.path} has a {contents.num_classes}-class output layer, the data has {num_classes} classes"
         )
-    model = build_model(contents.model_name, contents.num_classes, **contents.model_options)
+    model = build_model(contents.model_name, contents.num_classes,
+                        **(contents.model_options if options is None else options))
     load_weights(model, contents.state_dict, source=str(contents.path))
     return model
 

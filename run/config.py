@@ -142,14 +142,16 @@ def settle(values: Mapping[str, Any], model: str | None = None, model_options: M
     the network and run length known, the run name, the hardware request and the data's place checked.
 
     ``model`` and ``model_options``, when given, are the network of the checkpoint the run starts
-    from, with its own options (the others at their defaults), whatever ``values`` say.
+    from, with its options that show in its weights (the others of them at their defaults), whatever
+    ``values`` say; its options that hold no weight (``dropout``) are ``values``'.
     """
     values = dict(values)
     for name in FIELDS:
         if option_of(name).path and values.get(name) is not None:
             values[name] = absolute_path(values[name])
     if model is not None:
-        values.update(option_defaults(), **(model_options or {}), model=model)
+        shaping = option_defaults(in_state_dict=True)
+        values.update(shaping, **{k: v for k, v in (model_options or {}).items() if k in shaping}, model=model)
     network = entry(values["model"])  # an unknown name (a config file's) is refused with the choices
     check_options(network.name, values)  # --identity-shortcut with --model vgg16
     values["epochs"] = values["epochs"] or network.course_epochs

@@ -97,6 +97,42 @@ def test_train_weights_takes_an_exported_safetensors(files, tmp_path):
     assert config.model == "vgg16" and config.weights == files["safetensors"]
 
 
+def test_a_run_from_weights_takes_its_dropout_from_the_flags_and_its_structure_from_the_file(model, tmp_path):
+    """A ResNet's identity_shortcut shows in its weights, so a run from them takes it from the file;
+    a VGG's dropout holds no weight, so it is the run's own, like label smoothing, and the network
+    built is the one recorded."""
+    from torch import nn
+
+    from cli.train import parse_run_config
+    from base.datasets import CIFAR10
+    from run.build import build_module
+    from run.life.start import plan_start
+
+    exported = tmp_path / "no-dropout.safetensors"  # a checkpoint of a run with --dropout 0
+    with exported.open("wb") as file:
+        export_safetensors(model, file, {**export_metadata(load_checkpoint(_bare(model, tmp_path)), list(CLASSES)),
+                                         "model_options": json.dumps({"dropout": 0.0})})
+    shortcut = tmp_path / "identity.pt"
+    torch.save(build_model("resnet50", identity_shortcut=True).state_dict(), shortcut)
+    common = ["--accelerator", "cpu", "--data-dir", str(tmp_path / "no-data"), "--output-dir", str(tmp_path / "runs")]
+    for flags, dropout in (([], 0.5), (["--dropout", "0.2"], 0.2)):
+        config = parse_run_config(["--weights", str(exported), *flags, *common])
+        assert config.model == "vgg16" and config.dropout == dropout
+        module = build_module(config, CIFAR10, plan_start(config))
+        assert [m.p for m in module.backbone.classifier if isinstance(m, nn.Dropout)] == [dropout, dropout]
+        assert module.hparams["network"]["dropout"] == dropout
+    config = parse_run_config(["--weights", str(shortcut), "--no-identity-shortcut", *common])
+    assert config.model == "resnet50" and config.identity_shortcut is True
+    with pytest.raises(UserError, match="^--dropout applies to vgg16, vgg16_bn only, not resnet50$"):
+        parse_run_config(["--weights", str(shortcut), "--dropout", "0.2", *common])
+
+
+def _bare(model: torch.nn.Module, folder: Path) -> Path:
+    path = folder / "bare.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
 @pytest.mark.slow
 def test_train_weights_runs_from_a_tutorial_dict(cli, tiny_data, files, tmp_path):
     """train.py --weights with a tutorial dict, one batch end to end."""

@@ -71,6 +71,7 @@ CASES = [
     ("train", ["--resume", "{p}/runs/vgg16/version_0", "--batch-size", "50"], "--batch-size 50"),
     ("train", ["--resume", "{p}/runs/vgg16/version_0", "--find-lr"], "--find-lr"),
     ("train", ["--resume", "{p}/runs/vgg16/version_0", "--model", "resnet50"], "--model resnet50"),
+    ("train", ["--resume", "{p}/runs/vgg16/version_0", "--dropout", "0"], "--dropout 0"),
     ("train", ["--resume", "{p}/runs/vgg16/version_0", "--weights", "{p}/loose.ckpt"], "--weights with --resume"),
     ("train", ["--resume", "{p}/runs/vgg16/version_0", "--run-name", "other"], "--run-name other"),
     ("train", ["--resume", "{p}/runs/vgg16/version_0", "--limit-val-batches", "2"], "--limit-val-batches 2"),

@@ -71,6 +71,9 @@ def test_hyperparameters_are_plain_values_enough_to_rebuild_the_backbone():
     # The identity shortcut has fewer weights than the course's projection everywhere.
     assert set(rebuilt.backbone.state_dict()) == set(module.backbone.state_dict())
     assert len(module.backbone.state_dict()) < len(build_model("resnet50").state_dict())
+    # A VGG's dropout holds no weight: the rebuilt classifier has it from the hyper-parameters.
+    vgg = ImageClassifier(**dict(ImageClassifier(NetworkOptions(model="vgg16", dropout=0.0)).hparams))
+    assert vgg.network.options["dropout"] == 0.0 and vgg.backbone.classifier[0].p == 0.0
 
 
 def test_flat_hyperparameters_of_checkpoints_before_the_groups_still_build_the_module():
