@@ -18,6 +18,7 @@ outside the project (a plugin, a test), ``register(ModelEntry(...))``.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import re
@@ -91,6 +92,18 @@ class ModelOption:
         if self.type not in (bool, int, float, str) or not isinstance(self.default, self.type):
             raise ValueError(f"model option {self.name!r}: type bool, int, float or str, and a default of it")
 
+    def check(self, value: Any, model: str) -> None:
+        """UserError where ``value`` (read from a checkpoint, a saved config) is not of this option's
+        type or not one its parser takes."""
+        number = self.type is float and isinstance(value, int)
+        if isinstance(value, bool) != (self.type is bool) or not (isinstance(value, self.type) or number):
+            raise UserError(f"model '{model}': {self.name} must be a {self.type.__name__}, got {value!r}")
+        if self.parse is not None:
+            try:
+                self.parse(str(value))
+            except argparse.ArgumentTypeError as exc:
+                raise UserError(f"model '{model}': {self.name} {exc}") from None
+
     def schema_option(self, takers: Sequence[str]) -> Option:
         """Its ``base.schema.Option``: parser (its own, else argparse's for int and float), help and resume rule."""
         parse = self.parse or (self.type if self.type in (int, float) else None)
@@ -160,7 +173,7 @@ def _resnet_options(keys: Collection[str]) -> dict[str, Any]:
 # recipes that reach 94 % in 24 epochs have none, and weights load whatever it is.
 _VGG_DROPOUT = ModelOption(
     "dropout", float, 0.5,
-    "probability of the classifier's two Dropout layers (the course's 0.5); 0 turns them off",
+    "probability of the classifier's two Dropout layers, the course's by default; 0 turns them off",
     parse=unit_fraction, in_state_dict=False,
 )
 
@@ -210,11 +223,16 @@ def _declared(entries: Iterable[ModelEntry]) -> dict[str, tuple[ModelOption, lis
     for each in entries:
         for option in each.options:
             first, takers = found.setdefault(option.name, (option, []))
-            if (first.type, first.default) != (option.type, option.default):
+            if _rule(first) != _rule(option):
                 raise ValueError(f"model entry {each.name!r}: option {option.name!r} is declared by "
-                                 f"{', '.join(takers)} with another type or default")
+                                 f"{', '.join(takers)} with another type, default, parser or in_state_dict")
             takers.append(each.name)
     return found
+
+
+def _rule(option: ModelOption) -> tuple[Any, ...]:
+    """What entries sharing an option must agree on (its help and summary are each entry's words)."""
+    return option.type, option.default, option.choices, option.parse, option.in_state_dict
 
 
 def _publish() -> None:
@@ -369,6 +387,9 @@ def build_model(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
     if unknown:
         offered = ", ".join(sorted(found.option_names)) or "none"
         raise UserError(f"model '{name}' has no option {', '.join(unknown)} (its options: {offered})")
+    declared = {option.name: option for option in found.options}
+    for key, value in options.items():
+        declared[key].check(value, name)
     return found.load_factory()(num_classes=num_classes, **options)
 
 

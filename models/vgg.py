@@ -25,8 +25,8 @@ class VGG(nn.Module):
     """VGG built from a cfg list: an int is a 3x3 conv of that width, ``'M'`` a 2x2 max-pool.
 
     Takes (N, 3, 32, 32) images and returns (N, ``num_classes``) logits. ``dropout`` is the
-    probability of both Dropout layers of the classifier (0 to below 1; ValueError from
-    ``nn.Dropout`` otherwise).
+    probability of both Dropout layers of the classifier, from 0 to 1 (``nn.Dropout`` raises
+    ValueError outside; ``models.build_model`` also refuses 1, which would zero every feature).
     """
 
     def __init__(

@@ -40,8 +40,7 @@ from datamodules import ImageDataModule
 from datamodules.augment import resolve_data_path
 from lit_modules import ImageClassifier
 from models import prepare_backbone
-from models.catalog import chosen_options
-from run.checkpoints import build_backbone
+from run.checkpoints import load_backbone_weights
 from run.config import RunConfig
 from run.hardware import check_shared_memory, worker_failures_explained
 from run.loggers import build_loggers
@@ -149,12 +148,9 @@ def build_module(config: RunConfig, dataset: DatasetInfo, start: Start | None = 
     """The LightningModule of ``config`` for ``dataset``'s classes; started from weights (``start``,
     ``run.life.FromWeights``), its network has them, built with the run's options (the weights'
     own where they show in the weights: ``run.config.settle``)."""
-    network = config.group(NetworkOptions)
-    backbone = None
+    module = ImageClassifier(config.group(NetworkOptions), config.group(OptimOptions), dataset)
     if isinstance(start, FromWeights):
-        options = chosen_options(network.options, network.model)
-        backbone = build_backbone(start.weights, dataset.num_classes, options=options)
-    module = ImageClassifier(network, config.group(OptimOptions), dataset, backbone=backbone)
+        load_backbone_weights(module.backbone, start.weights, dataset.num_classes)
     prepare_backbone(module.backbone, channels_last=config.channels_last, compile=config.compile)
     if config.compile:
         module.example_input_array = None  # the summary's forward would compile one more shape

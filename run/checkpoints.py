@@ -210,18 +210,26 @@ def _described_by(saved: dict[str, Any]) -> dict[str, Any]:
             "hparams": {key: value for key, value in flat.items() if value is not None}}
 
 
-def build_backbone(contents: CheckpointContents, num_classes: int | None = None,
-                   options: dict[str, Any] | None = None) -> nn.Module:
-    """The backbone of ``contents`` with its weights loaded (strictly, legacy ``layer5`` aside),
-    built with the factory ``options`` where given (a run from weights: its own), else the file's."""
+def build_backbone(contents: CheckpointContents, num_classes: int | None = None) -> nn.Module:
+    """The backbone of ``contents`` with its weights loaded (strictly, legacy ``layer5`` aside)."""
+    _check_classes(contents, num_classes)
+    model = build_model(contents.model_name, contents.num_classes, **contents.model_options)
+    load_weights(model, contents.state_dict, source=str(contents.path))
+    return model
+
+
+def load_backbone_weights(model: nn.Module, contents: CheckpointContents, num_classes: int) -> None:
+    """The weights of ``contents`` into ``model``, a network built with a run's own options (those
+    that show in the weights are the file's: ``run.config.settle``), as :func:`build_backbone` loads them."""
+    _check_classes(contents, num_classes)
+    load_weights(model, contents.state_dict, source=str(contents.path))
+
+
+def _check_classes(contents: CheckpointContents, num_classes: int | None) -> None:
     if num_classes is not None and num_classes != contents.num_classes:
         raise UserError(
             f"{contents.path} has a {contents.num_classes}-class output layer, the data has {num_classes} classes"
         )
-    model = build_model(contents.model_name, contents.num_classes,
-                        **(contents.model_options if options is None else options))
-    load_weights(model, contents.state_dict, source=str(contents.path))
-    return model
 
 
 def read_safetensors(path: str | Path) -> CheckpointContents:

@@ -108,9 +108,10 @@ def test_a_run_from_weights_takes_its_dropout_from_the_flags_and_its_structure_f
     from run.build import build_module
     from run.life.start import plan_start
 
-    exported = tmp_path / "no-dropout.safetensors"  # a checkpoint of a run with --dropout 0
+    bare, exported = tmp_path / "bare.pt", tmp_path / "no-dropout.safetensors"  # the latter: of a run with --dropout 0
+    torch.save(model.state_dict(), bare)
     with exported.open("wb") as file:
-        export_safetensors(model, file, {**export_metadata(load_checkpoint(_bare(model, tmp_path)), list(CLASSES)),
+        export_safetensors(model, file, {**export_metadata(load_checkpoint(bare), list(CLASSES)),
                                          "model_options": json.dumps({"dropout": 0.0})})
     shortcut = tmp_path / "identity.pt"
     torch.save(build_model("resnet50", identity_shortcut=True).state_dict(), shortcut)
@@ -126,11 +127,6 @@ def test_a_run_from_weights_takes_its_dropout_from_the_flags_and_its_structure_f
     with pytest.raises(UserError, match="^--dropout applies to vgg16, vgg16_bn only, not resnet50$"):
         parse_run_config(["--weights", str(shortcut), "--dropout", "0.2", *common])
 
-
-def _bare(model: torch.nn.Module, folder: Path) -> Path:
-    path = folder / "bare.pt"
-    torch.save(model.state_dict(), path)
-    return path
 
 
 @pytest.mark.slow

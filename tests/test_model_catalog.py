@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,6 +250,14 @@ def test_vgg_dropout_is_an_option_of_both_vggs_that_reaches_the_network_and_its_
     assert list(build_model("vgg16", dropout=0.0).state_dict()) == list(course.state_dict())
     with pytest.raises(UserError, match="^--dropout applies to vgg16, vgg16_bn only, not resnet50$"):
         catalog.check_options("resnet50", {"dropout": 0.2})
+    # The factories' own default is the catalog's, which a network built with none of its options gets.
+    for name in ("vgg16", "vgg16_bn"):
+        assert inspect.signature(entry(name).load_factory()).parameters["dropout"].default == 0.5
+    # A value read from a file (a checkpoint's hyper-parameters, a saved config) is checked as a flag's.
+    for bad, words in ((1.0, "must be at least 0 and below 1, got 1.0"), (float("nan"), "below 1, got nan"),
+                       ("abc", "must be a float, got 'abc'"), (True, "must be a float, got True")):
+        with pytest.raises(UserError, match=f"^model 'vgg16': dropout .*{re.escape(words)}"):
+            build_model("vgg16", dropout=bad)
 
 
 def test_a_registered_network_shares_the_catalogs_options_but_brings_no_new_one():
@@ -269,10 +278,13 @@ def test_a_registered_network_shares_the_catalogs_options_but_brings_no_new_one(
     with pytest.raises(ValueError, match="width are not in the catalog"):
         catalog.register(ModelEntry("tiny_width", TINY_CNN.factory, 1, TINY_CNN.signature,
                                     options=(ModelOption("width", int, 8, "channels"),)))
-    with pytest.raises(ValueError, match="another type or default"):
+    with pytest.raises(ValueError, match="another type, default, parser or in_state_dict"):
         catalog.register(ModelEntry("tiny_other", TINY_CNN.factory, 1, TINY_CNN.signature,
                                     options=(ModelOption("identity_shortcut", bool, True, "on by default"),)))
-    assert "tiny_width" not in CATALOG and "tiny_other" not in CATALOG
+    with pytest.raises(ValueError, match="another type, default, parser or in_state_dict"):
+        catalog.register(ModelEntry("tiny_dropout", TINY_CNN.factory, 1, TINY_CNN.signature,
+                                    options=(ModelOption("dropout", float, 0.5, "its own, from the file"),)))
+    assert not {"tiny_width", "tiny_other", "tiny_dropout"} & set(CATALOG)
     with pytest.raises(ValueError, match="lower-case identifier"):
         ModelOption("Width", int, 8, "channels")
 

@@ -79,8 +79,8 @@ def resolve_run(config_file: Mapping[str, Any], typed: Mapping[str, Any]) -> tup
             settled = settle(values)
             _check_outputs(settled, model_known=True)
             return complete(settled), NewRun()
-        # The network comes from the checkpoint, with its own options, whatever the flags say.
-        _check_outputs(settle({**values, **option_defaults()}), model_known=model is not None)
+        # The network comes from the checkpoint, with the options its weights show, whatever the flags say.
+        _check_outputs(settle({**values, **option_defaults(in_state_dict=True)}), model_known=model is not None)
         weights = check_checkpoint_file(absolute_path(asked["weights"]), safetensors=True)
         # torch loads here: the file is read once, for its network and the weights the module starts from.
         from run.life.start import read_weights
