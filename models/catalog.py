@@ -73,8 +73,8 @@ class ModelOption:
     values the factory refuses. ``in_state_dict`` says whether the option shows in the network's
     state dict (its keys or shapes, as ``identity_shortcut``): a run started from weights then takes
     it from them; one that holds no weight (``dropout``) comes from the flags, the config and the
-    defaults, like the training options. Entries declaring the same name must agree on its type and
-    default.
+    defaults, like the training options. Entries declaring the same name must agree on all of it but
+    its help and summary.
     """
 
     name: str
