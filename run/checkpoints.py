@@ -212,24 +212,19 @@ def _described_by(saved: dict[str, Any]) -> dict[str, Any]:
 
 def build_backbone(contents: CheckpointContents, num_classes: int | None = None) -> nn.Module:
     """The backbone of ``contents`` with its weights loaded (strictly, legacy ``layer5`` aside)."""
-    _check_classes(contents, num_classes)
     model = build_model(contents.model_name, contents.num_classes, **contents.model_options)
-    load_weights(model, contents.state_dict, source=str(contents.path))
+    load_backbone_weights(model, contents, num_classes)
     return model
 
 
-def load_backbone_weights(model: nn.Module, contents: CheckpointContents, num_classes: int) -> None:
-    """The weights of ``contents`` into ``model``, a network built with a run's own options (those
-    that show in the weights are the file's: ``run.config.settle``), as :func:`build_backbone` loads them."""
-    _check_classes(contents, num_classes)
-    load_weights(model, contents.state_dict, source=str(contents.path))
-
-
-def _check_classes(contents: CheckpointContents, num_classes: int | None) -> None:
+def load_backbone_weights(model: nn.Module, contents: CheckpointContents, num_classes: int | None = None) -> None:
+    """The weights of ``contents`` into ``model``: the file's network, or one built with a run's own
+    options (those that show in the weights are the file's: ``run.config.settle``)."""
     if num_classes is not None and num_classes != contents.num_classes:
         raise UserError(
             f"{contents.path} has a {contents.num_classes}-class output layer, the data has {num_classes} classes"
         )
+    load_weights(model, contents.state_dict, source=str(contents.path))
 
 
 def read_safetensors(path: str | Path) -> CheckpointContents:

@@ -128,7 +128,6 @@ def test_a_run_from_weights_takes_its_dropout_from_the_flags_and_its_structure_f
         parse_run_config(["--weights", str(shortcut), "--dropout", "0.2", *common])
 
 
-
 @pytest.mark.slow
 def test_train_weights_runs_from_a_tutorial_dict(cli, tiny_data, files, tmp_path):
     """train.py --weights with a tutorial dict, one batch end to end."""
